@@ -1,0 +1,562 @@
+//! Allocation: slices of an account's grants handed to regions.
+//!
+//! Per region and account the target is what the recent burn rate spends over
+//! `allocation_horizon_ms`, within `[allocation_micros_min, allocation_micros_max]`. A region
+//! is refilled when the pool its usage stream reports falls under `low_water_percent` of the
+//! target, answered when it asks for a cold account, and emptied when idle.
+//!
+//! The invariant: for every grant, what the ledger says remains is at least what the regions
+//! hold of it or have spent without the ledger knowing yet (`installed − taken back − spent`,
+//! per region, from the authority's counters), and the overdraft room handed out never
+//! exceeds the account's limit less its debt. Counters move *before* credits are installed and
+//! *after* they are taken back, so a crash in between leaves the authority believing regions
+//! hold more than they do: it may under-allocate until the grant ends, never over-allocate.
+
+use std::collections::BTreeMap;
+
+use tollgate_core::{
+    burn_order, AccountId, Credits, FeatureKey, Grant, GrantState, RegionId, Timestamp,
+};
+use tollgate_ledger::{LedgerError, LedgerStore, PageRequest, PAGE_SIZE_MAX};
+use tollgate_region::{AccountSummary, RegionError, RegionStore, Segment, SegmentSpec};
+use tracing::{debug, warn};
+
+use crate::authority::Authority;
+use crate::error::{AuthorityError, Result};
+use crate::reconciler::derived_key;
+use crate::settings::{ALLOCATION_SEGMENTS_MAX, SWEEP_ACCOUNTS_PER_PASS_MAX};
+use crate::state::{AllocationRow, InstallIntent};
+
+/// Install intents one recovery pass settles at most.
+pub const RECOVER_INSTALLS_PER_PASS_MAX: u32 = 1_000;
+
+/// Open grants one allocation reads at most (the ledger caps open grants per account too).
+const ALLOCATION_GRANTS_MAX: usize = tollgate_ledger::OPEN_GRANTS_MAX;
+
+/// What a region holds for an account after an allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub account: AccountId,
+    pub region: RegionId,
+    pub segments: Vec<Segment>,
+    pub overdraft_room: Credits,
+    pub mode: tollgate_region::EnforcementMode,
+    pub generation: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllocationOutcome {
+    Allocated(Allocation),
+    /// The ledger does not know the account; the edge caches the answer for a short while.
+    UnknownAccount,
+}
+
+/// Why an allocation adds credits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reason {
+    /// The region asked (cold path): bring it to its target.
+    Requested,
+    /// The pool fell under the low-water mark.
+    Refill,
+}
+
+impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
+    /// Answers a region's request for an account it has no allocation for: installs slices up
+    /// to the target, publishes the account's summary there, and says what the region holds.
+    pub async fn request_allocation(
+        &self,
+        region: &RegionId,
+        account: &AccountId,
+        feature: Option<&FeatureKey>,
+    ) -> Result<AllocationOutcome> {
+        self.allocate(region, account, feature, Reason::Requested)
+            .await
+    }
+
+    /// Refills a region whose pool for the account fell under the low-water mark.
+    pub async fn refill_if_low(&self, region: &RegionId, account: &AccountId) -> Result<()> {
+        let Some(seen) = self.state.region_account(region, account).await? else {
+            return Ok(());
+        };
+        let target = self.target_micros(seen.burn_micros_per_s);
+        if seen.pool.saturating_mul(100) < target.saturating_mul(self.settings.low_water_percent) {
+            self.allocate(region, account, None, Reason::Refill).await?;
+        }
+        Ok(())
+    }
+
+    /// Tops up every region that holds an allocation for the account (after a new grant, a
+    /// settled debt or a raised limit), so new credits reach where they are spent.
+    pub async fn rebalance(&self, account: &AccountId) -> Result<()> {
+        let regions: Vec<RegionId> = self.regions.keys().cloned().collect();
+        for region in &regions {
+            if self.state.region_account(region, account).await?.is_some() {
+                self.allocate(region, account, None, Reason::Requested)
+                    .await?;
+            } else {
+                self.publish_summary(region, account).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn target_micros(&self, burn_micros_per_s: i64) -> i64 {
+        let horizon_s = (self.settings.allocation_horizon_ms / 1_000).max(1);
+        burn_micros_per_s.saturating_mul(horizon_s).clamp(
+            self.settings.allocation_micros_min,
+            self.settings.allocation_micros_max,
+        )
+    }
+
+    async fn allocate(
+        &self,
+        region: &RegionId,
+        account: &AccountId,
+        feature: Option<&FeatureKey>,
+        reason: Reason,
+    ) -> Result<AllocationOutcome> {
+        let lock = self.account_lock(account);
+        let _held = lock.lock().await;
+        let store = self.region(region)?;
+        let now = self.clock.now();
+        let snapshot = match self.ledger.account(account).await {
+            Ok(snapshot) => snapshot,
+            Err(LedgerError::UnknownAccount(_)) => return Ok(AllocationOutcome::UnknownAccount),
+            Err(other) => return Err(other.into()),
+        };
+        let view = store
+            .view(account, now)
+            .await
+            .map_err(|e| AuthorityError::region(region, e))?;
+        let burn = self
+            .state
+            .region_account(region, account)
+            .await?
+            .map_or(0, |seen| seen.burn_micros_per_s);
+        // Segments of grants that ended still show their remainder; they cannot be spent.
+        let pool: i64 = view
+            .segments
+            .iter()
+            .filter(|s| s.expires_at.is_none_or(|e| now < e))
+            .map(|s| s.remaining.micros())
+            .sum();
+        let need = self.target_micros(burn) - pool;
+        let generation = self.state.note_allocation(region, account, now).await?;
+        let rows = self.state.allocations(account).await?;
+        if need > 0 {
+            let grants = self.open_grants(account).await?;
+            let slices = cut_slices(&grants, &rows, feature, need, now);
+            for spec in &slices {
+                self.install(region, account, spec, generation, now).await?;
+            }
+            debug!(%region, %account, ?reason, slices = slices.len(), "allocated");
+        }
+        let room = self
+            .grant_overdraft(region, account, &snapshot, &view, &rows, now)
+            .await?;
+        self.publish_summary(region, account).await?;
+        let view = store
+            .view(account, now)
+            .await
+            .map_err(|e| AuthorityError::region(region, e))?;
+        let settings = self.state.account_settings(account).await?;
+        Ok(AllocationOutcome::Allocated(Allocation {
+            account: account.clone(),
+            region: region.clone(),
+            segments: view.segments,
+            overdraft_room: room,
+            mode: settings.mode,
+            generation,
+        }))
+    }
+
+    pub(crate) fn region(&self, region: &RegionId) -> Result<&std::sync::Arc<R>> {
+        self.regions
+            .get(region)
+            .ok_or_else(|| AuthorityError::NotFound(format!("region {region}")))
+    }
+
+    /// The account's open grants, every page.
+    pub(crate) async fn open_grants(&self, account: &AccountId) -> Result<Vec<Grant>> {
+        let mut grants = Vec::new();
+        let mut page = PageRequest {
+            size: PAGE_SIZE_MAX,
+            token: None,
+        };
+        loop {
+            let found = self.ledger.grants(account, true, page.clone()).await?;
+            grants.extend(found.items.into_iter().map(|r| r.grant));
+            match found.next_token {
+                Some(token) if grants.len() < ALLOCATION_GRANTS_MAX => page.token = Some(token),
+                _ => return Ok(grants),
+            }
+        }
+    }
+
+    async fn install(
+        &self,
+        region: &RegionId,
+        account: &AccountId,
+        spec: &SegmentSpec,
+        generation: u64,
+        now: Timestamp,
+    ) -> Result<()> {
+        let store = self.region(region)?;
+        // Unique per install (a region's allocation generation starts again after an idle
+        // take-back); the intent keeps the key, so a replay after a crash reuses it.
+        let mut nonce = [0_u8; 8];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| AuthorityError::Corrupt(format!("no randomness for a key: {e}")))?;
+        let key = derived_key(
+            "alloc",
+            &[
+                region.as_str(),
+                account.as_str(),
+                spec.grant_id.as_str(),
+                &generation.to_string(),
+                &hex::encode(nonce),
+            ],
+        )?;
+        // Counted first, with an intent: a crash before the region answers leaves the counter
+        // high (the safe side) until `recover_installs` replays or cancels the intent.
+        let intent = InstallIntent {
+            key,
+            region: region.clone(),
+            account: account.clone(),
+            spec: spec.clone(),
+            created_at: now,
+        };
+        self.state.begin_install(&intent).await?;
+        self.finish_install(store.as_ref(), &intent, now).await
+    }
+
+    /// Calls the region for an install whose intent is recorded, then settles the intent:
+    /// done when the region installed it (now or on an earlier try, the key makes it
+    /// idempotent), uncounted when the region refused it for good, left open on a fault.
+    async fn finish_install(
+        &self,
+        store: &R,
+        intent: &InstallIntent,
+        now: Timestamp,
+    ) -> Result<()> {
+        match store
+            .install_segment(&intent.account, &intent.key, &intent.spec, now)
+            .await
+        {
+            Ok(_) => self.state.finish_install(intent.key.as_str()).await,
+            Err(
+                error @ (RegionError::PoolFull { .. }
+                | RegionError::OutOfRange { .. }
+                | RegionError::IdempotencyConflict),
+            ) => {
+                self.state.cancel_install(intent, true).await?;
+                Err(AuthorityError::region(&intent.region, error))
+            }
+            Err(error) => Err(AuthorityError::region(&intent.region, error)),
+        }
+    }
+
+    /// Settles install intents a crash or a regional fault left open. An intent younger than
+    /// the region's idempotency retention is replayed with its key (a second install is
+    /// impossible); an older one cannot be told apart from a done install, so its counter is
+    /// kept (the safe side: the region may be under-allocated, never over) and it is dropped.
+    /// Returns how many intents were settled.
+    pub async fn recover_installs(&self) -> Result<usize> {
+        let now = self.clock.now();
+        let mut settled = 0;
+        for intent in self
+            .state
+            .open_installs(RECOVER_INSTALLS_PER_PASS_MAX)
+            .await?
+        {
+            let Ok(store) = self.region(&intent.region) else {
+                // A region no longer configured: nothing can be installed there any more.
+                self.state.cancel_install(&intent, false).await?;
+                settled += 1;
+                continue;
+            };
+            let lock = self.account_lock(&intent.account);
+            let _held = lock.lock().await;
+            let age = now.millis() - intent.created_at.millis();
+            if age >= store.retain_ms() {
+                warn!(region = %intent.region, account = %intent.account, key = %intent.key,
+                    "install intent older than the region's idempotency retention; counter kept");
+                self.state.cancel_install(&intent, false).await?;
+                settled += 1;
+                continue;
+            }
+            match self.finish_install(store.as_ref(), &intent, now).await {
+                Ok(()) => settled += 1,
+                Err(AuthorityError::Region { .. }) if self.state.install_open(&intent).await? => {
+                    // Still unreachable: the next pass tries again.
+                }
+                Err(AuthorityError::Region { .. }) => settled += 1,
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(settled)
+    }
+
+    /// Gives the region overdraft room up to an equal share of the account's limit less its
+    /// debt, within what the other regions do not already hold. Returns the region's room.
+    async fn grant_overdraft(
+        &self,
+        region: &RegionId,
+        account: &AccountId,
+        snapshot: &tollgate_ledger::AccountSnapshot,
+        view: &tollgate_region::AccountView,
+        rows: &[AllocationRow],
+        now: Timestamp,
+    ) -> Result<Credits> {
+        let room_now = view
+            .overdraft_limit
+            .saturating_sub_floor_zero(view.overdraft_used);
+        let outstanding: i64 = rows
+            .iter()
+            .filter(|r| r.grant_id.is_empty())
+            .map(|r| r.outstanding().max(0))
+            .sum();
+        let free = snapshot.overdraft_limit.micros() - snapshot.debt.micros() - outstanding;
+        let regions = i64::try_from(self.regions.len()).unwrap_or(i64::MAX).max(1);
+        let share = snapshot.overdraft_limit.micros() / regions;
+        if room_now.micros() > share {
+            // The limit was lowered: give back the room above the region's new share.
+            let limit = Credits::from_micros(view.overdraft_used.micros() + share);
+            self.region(region)?
+                .set_overdraft_limit(account, limit, now)
+                .await
+                .map_err(|e| AuthorityError::region(region, e))?;
+            self.state
+                .add_taken_back(region, account, "", room_now.micros() - share)
+                .await?;
+            return Ok(Credits::from_micros(share));
+        }
+        let add = free.min(share - room_now.micros()).max(0);
+        if add == 0 {
+            return Ok(room_now);
+        }
+        self.state.add_installed(region, account, "", add).await?;
+        let limit = Credits::from_micros(view.overdraft_limit.micros() + add);
+        self.region(region)?
+            .set_overdraft_limit(account, limit, now)
+            .await
+            .map_err(|e| AuthorityError::region(region, e))?;
+        Ok(Credits::from_micros(room_now.micros() + add))
+    }
+
+    /// Publishes the account's summary (plan, mode, balance, overdraft limit) to one region.
+    pub async fn publish_summary(&self, region: &RegionId, account: &AccountId) -> Result<()> {
+        let snapshot = self.ledger.account(account).await?;
+        let settings = self.state.account_settings(account).await?;
+        let summary = AccountSummary {
+            account: account.clone(),
+            created_at: snapshot.created_at,
+            plan: settings.plan,
+            mode: settings.mode,
+            contracts: self.state.contracts(account).await?,
+            balance: snapshot.balance,
+            overdraft_limit: snapshot.overdraft_limit,
+            rate_limited: Default::default(),
+            published_at: self.clock.now(),
+        };
+        self.region(region)?
+            .publish_account(&summary)
+            .await
+            .map_err(|e| AuthorityError::region(region, e))
+    }
+
+    /// Publishes the account's summary to every region.
+    pub async fn publish_summary_everywhere(&self, account: &AccountId) -> Result<()> {
+        let regions: Vec<RegionId> = self.regions.keys().cloned().collect();
+        for region in &regions {
+            self.publish_summary(region, account).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes back what a region holds of one grant (all of it), counting it given back.
+    pub(crate) async fn take_back_grant(
+        &self,
+        region: &RegionId,
+        account: &AccountId,
+        grant: &tollgate_core::GrantId,
+        now: Timestamp,
+    ) -> Result<Credits> {
+        let key = derived_key(
+            "takeback",
+            &[
+                region.as_str(),
+                account.as_str(),
+                grant.as_str(),
+                &now.millis().to_string(),
+            ],
+        )?;
+        let taken = self
+            .region(region)?
+            .take_back(
+                account,
+                &key,
+                grant,
+                Credits::from_micros(tollgate_region::REGION_MICROS_MAX),
+                now,
+            )
+            .await
+            .map_err(|e| AuthorityError::region(region, e))?;
+        if taken.taken.is_positive() {
+            self.state
+                .add_taken_back(region, account, grant.as_str(), taken.taken.micros())
+                .await?;
+        }
+        Ok(taken.taken)
+    }
+
+    /// Takes back every allocation a region has not used for `idle_ms`: the region asks again
+    /// (cold path) when the account comes back.
+    pub async fn take_back_idle(&self) -> Result<usize> {
+        let now = self.clock.now();
+        let idle_before = now.millis() - self.settings.idle_ms;
+        let mut emptied = 0;
+        for seen in self
+            .state
+            .region_accounts(SWEEP_ACCOUNTS_PER_PASS_MAX)
+            .await?
+        {
+            if seen.last_usage_ms >= idle_before || seen.last_allocation_ms >= idle_before {
+                continue;
+            }
+            let lock = self.account_lock(&seen.account);
+            let _held = lock.lock().await;
+            let Ok(store) = self.region(&seen.region) else {
+                continue;
+            };
+            let view = store
+                .view(&seen.account, now)
+                .await
+                .map_err(|e| AuthorityError::region(&seen.region, e))?;
+            for segment in &view.segments {
+                self.take_back_grant(&seen.region, &seen.account, &segment.grant_id, now)
+                    .await?;
+            }
+            let room = view
+                .overdraft_limit
+                .saturating_sub_floor_zero(view.overdraft_used);
+            if room.is_positive() {
+                store
+                    .set_overdraft_limit(&seen.account, view.overdraft_used, now)
+                    .await
+                    .map_err(|e| AuthorityError::region(&seen.region, e))?;
+                self.state
+                    .add_taken_back(&seen.region, &seen.account, "", room.micros())
+                    .await?;
+            }
+            self.state
+                .forget_region_account(&seen.region, &seen.account)
+                .await?;
+            emptied += 1;
+        }
+        Ok(emptied)
+    }
+}
+
+/// Slices for `need` micro-credits from the grants' free credits, in burn-down order, grants
+/// covering `feature` first. Free = what the ledger says remains less what regions hold.
+pub fn cut_slices(
+    grants: &[Grant],
+    rows: &[AllocationRow],
+    feature: Option<&FeatureKey>,
+    need: i64,
+    now: Timestamp,
+) -> Vec<SegmentSpec> {
+    let mut outstanding: BTreeMap<&str, i64> = BTreeMap::new();
+    for row in rows {
+        *outstanding.entry(row.grant_id.as_str()).or_default() += row.outstanding().max(0);
+    }
+    let mut eligible: Vec<&Grant> = grants
+        .iter()
+        .filter(|g| g.state == GrantState::Open && g.expires_at.is_none_or(|e| now < e))
+        .collect();
+    eligible.sort_by(|a, b| {
+        let covers = |g: &Grant| feature.is_some_and(|f| !g.scope.covers(f));
+        covers(a).cmp(&covers(b)).then_with(|| burn_order(a, b))
+    });
+    let mut left = need;
+    let mut slices = Vec::new();
+    for grant in eligible {
+        if left <= 0 || slices.len() >= ALLOCATION_SEGMENTS_MAX {
+            break;
+        }
+        let held = outstanding.get(grant.id.as_str()).copied().unwrap_or(0);
+        let free = grant.remaining.micros() - held;
+        let take = free.min(left).min(tollgate_region::REGION_MICROS_MAX);
+        if take <= 0 {
+            continue;
+        }
+        left -= take;
+        slices.push(SegmentSpec {
+            grant_id: grant.id.clone(),
+            amount: Credits::from_micros(take),
+            priority: grant.priority,
+            effective_at: grant.effective_at,
+            expires_at: grant.expires_at,
+            scope: grant.scope.clone(),
+        });
+    }
+    slices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::{GrantId, GrantSource, Scope};
+
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_millis(ms).unwrap()
+    }
+
+    fn grant(id: &str, amount: i64, source: GrantSource) -> Grant {
+        Grant::new(
+            GrantId::new(id).unwrap(),
+            Credits::from_micros(amount),
+            source,
+            at(0),
+        )
+    }
+
+    #[test]
+    fn slices_follow_burn_order_and_never_exceed_what_is_free() {
+        let grants = vec![
+            grant("purchase", 1_000, GrantSource::Purchase),
+            grant("sub", 500, GrantSource::Subscription),
+        ];
+        let rows = vec![AllocationRow {
+            region: RegionId::new("eu").unwrap(),
+            grant_id: "sub".into(),
+            installed: 450,
+            taken_back: 0,
+            spent: 50,
+        }];
+        let slices = cut_slices(&grants, &rows, None, 800, at(1));
+        let cut: Vec<(String, i64)> = slices
+            .iter()
+            .map(|s| (s.grant_id.to_string(), s.amount.micros()))
+            .collect();
+        // The subscription burns first; 400 of it is still out in a region.
+        assert_eq!(cut, [("sub".to_owned(), 100), ("purchase".to_owned(), 700)]);
+        let everything = cut_slices(&grants, &rows, None, 10_000, at(1));
+        let total: i64 = everything.iter().map(|s| s.amount.micros()).sum();
+        assert_eq!(total, 1_500 - 400);
+    }
+
+    #[test]
+    fn grants_covering_the_feature_come_first_and_expired_ones_never() {
+        let feature = FeatureKey::new("sms").unwrap();
+        let scoped = grant("scoped", 100, GrantSource::Purchase)
+            .with_scope(Scope::Features([feature.clone()].into()));
+        let expired = grant("old", 100, GrantSource::Subscription).with_expiry(at(5));
+        let other = grant("other", 100, GrantSource::Subscription)
+            .with_scope(Scope::Features([FeatureKey::new("mail").unwrap()].into()));
+        let slices = cut_slices(&[other, scoped, expired], &[], Some(&feature), 150, at(10));
+        let ids: Vec<&str> = slices.iter().map(|s| s.grant_id.as_str()).collect();
+        assert_eq!(ids, ["scoped", "other"]);
+    }
+}

@@ -1,0 +1,97 @@
+//! The authority: the stores it drives, its clock and settings, shared by every part.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, Mutex};
+use tollgate_core::{AccountId, RegionId};
+use tollgate_ledger::LedgerStore;
+use tollgate_region::RegionStore;
+
+use crate::clock::Clock;
+use crate::events::Event;
+use crate::http::HttpClient;
+use crate::settings::{AuthoritySettings, WATCH_CHANNEL_CAPACITY};
+use crate::state::StateStore;
+
+/// Accounts whose allocation lock is kept; beyond this the map is cleared of idle locks.
+const ACCOUNT_LOCKS_MAX: usize = 100_000;
+
+pub struct Authority<L: LedgerStore + ?Sized, R: RegionStore> {
+    pub(crate) ledger: Arc<L>,
+    pub(crate) state: StateStore,
+    pub(crate) regions: BTreeMap<RegionId, Arc<R>>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) settings: AuthoritySettings,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) http: HttpClient,
+    /// One allocation decision per account at a time: decisions read the allocation counters
+    /// and the regions' views, then change both.
+    account_locks: std::sync::Mutex<BTreeMap<AccountId, Arc<Mutex<()>>>>,
+    /// Accounts whose ledger changed since the notifier last looked.
+    pub(crate) dirty: std::sync::Mutex<crate::notifier::Dirty>,
+}
+
+impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
+    pub fn new(
+        ledger: Arc<L>,
+        state: StateStore,
+        regions: BTreeMap<RegionId, Arc<R>>,
+        clock: Arc<dyn Clock>,
+        settings: AuthoritySettings,
+    ) -> Self {
+        let (events, _) = broadcast::channel(WATCH_CHANNEL_CAPACITY);
+        let http = HttpClient::new(settings.http_timeout_ms);
+        Authority {
+            ledger,
+            state,
+            regions,
+            clock,
+            settings,
+            events,
+            http,
+            account_locks: std::sync::Mutex::new(BTreeMap::new()),
+            dirty: std::sync::Mutex::new(crate::notifier::Dirty::default()),
+        }
+    }
+
+    pub fn ledger(&self) -> &Arc<L> {
+        &self.ledger
+    }
+
+    pub fn state(&self) -> &StateStore {
+        &self.state
+    }
+
+    pub fn regions(&self) -> &BTreeMap<RegionId, Arc<R>> {
+        &self.regions
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn settings(&self) -> &AuthoritySettings {
+        &self.settings
+    }
+
+    pub(crate) fn endpoint_names(&self) -> Vec<String> {
+        self.settings
+            .webhooks
+            .iter()
+            .map(|w| w.name.clone())
+            .collect()
+    }
+
+    pub(crate) fn account_lock(&self, account: &AccountId) -> Arc<Mutex<()>> {
+        let mut locks = match self.account_locks.lock() {
+            Ok(locks) => locks,
+            // A panic elsewhere while holding the map cannot leave it inconsistent.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if locks.len() >= ACCOUNT_LOCKS_MAX {
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        Arc::clone(locks.entry(account.clone()).or_default())
+    }
+}

@@ -1,0 +1,376 @@
+//! Reconciliation: each region's usage stream into the ledger.
+//!
+//! One consumer group per region's stream. A batch of records is read, its debits applied to
+//! the ledger in one transaction, its reversals applied as refunds (each idempotent by a key
+//! derived from the record), the allocation counters updated once per record, and only then
+//! is the batch acknowledged. A record read but not acknowledged (the authority stopped) is
+//! delivered again; the ledger's uniqueness on the debit id makes it a no-op.
+//!
+//! The watermark of a region is the event time up to which everything is reconciled. Event
+//! times are not in stream order (captures carry their authorization's time, cached decisions
+//! arrive a flush later, callers may date an event in the past), so the watermark only moves
+//! when a read finds the stream drained: everything decided before that read started is in,
+//! except what may still arrive late, bounded by `watermark_lateness_ms`.
+
+use sha2::{Digest, Sha256};
+use tollgate_core::command::{Memo, Refund, UsageDebit};
+use tollgate_core::{AccountId, BurnPlan, DebitId, IdempotencyKey, RegionId, Timestamp};
+use tollgate_ledger::{LedgerError, LedgerStore, UsageOutcome};
+use tollgate_region::{RegionStore, UsageKind, UsageRecord};
+use tracing::{info, warn};
+
+use crate::authority::Authority;
+use crate::error::{AuthorityError, Result};
+use crate::settings::{USAGE_BATCH_RECORDS_MAX, USAGE_CONSUMER, USAGE_GROUP};
+use crate::state::UsageEffect;
+
+/// Hex digits of the key's digest kept in a debit id (192 bits).
+const DEBIT_ID_DIGEST_HEX: usize = 48;
+
+/// Records read from one region, not yet acknowledged.
+#[derive(Debug)]
+pub struct UsageBatch {
+    pub region: RegionId,
+    pub records: Vec<UsageRecord>,
+    /// When the read started: a drained read means everything decided before is in.
+    pub read_at: Timestamp,
+    /// The read found nothing pending and nothing new.
+    pub drained: bool,
+}
+
+/// What applying one batch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub records: usize,
+    pub applied: usize,
+    pub duplicates: usize,
+    pub reversed: usize,
+    pub parked: usize,
+    /// Accounts the batch touched (for refills and notifications).
+    pub accounts: Vec<AccountId>,
+}
+
+/// The ledger's debit id for a region's decision: the region and a digest of the decision's
+/// idempotency key (keys are unique per account and region, and may hold characters ids may
+/// not). A reversal names its debit by the same key, so it finds the same id.
+pub fn debit_id(region: &RegionId, key: &IdempotencyKey) -> Result<DebitId> {
+    let digest = hex::encode(Sha256::digest(key.as_str().as_bytes()));
+    DebitId::new(format!("{region}.{}", &digest[..DEBIT_ID_DIGEST_HEX]))
+        .map_err(|e| AuthorityError::invalid("debit_id", e))
+}
+
+/// A key for an operation the authority derives from its cause, short enough for any cause.
+pub(crate) fn derived_key(prefix: &str, parts: &[&str]) -> Result<IdempotencyKey> {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hex::encode(hasher.finalize());
+    IdempotencyKey::new(format!("{prefix}:{}", &digest[..DEBIT_ID_DIGEST_HEX]))
+        .map_err(|e| AuthorityError::invalid("idempotency_key", e))
+}
+
+fn usage_debit(region: &RegionId, record: &UsageRecord) -> Result<UsageDebit> {
+    Ok(UsageDebit {
+        debit_id: debit_id(region, &record.key)?,
+        idempotency_key: Some(record.key.clone()),
+        account: record.account.clone(),
+        feature: record.feature.clone(),
+        at: record.at,
+        plan: BurnPlan {
+            draws: record.draws.clone(),
+            overdraft: record.overdraft,
+        },
+        price_version: record.price.version,
+        price_rule: record.price.rule,
+        actor: record.actor.clone(),
+        region: Some(region.clone()),
+        hold: record.hold_id.clone(),
+    })
+}
+
+/// What a record did to the allocation counters: its draws spent (or, reversed, given back).
+fn effect_of(record: &UsageRecord, sign: i64) -> UsageEffect {
+    let mut spent: Vec<(String, i64)> = record
+        .draws
+        .iter()
+        .map(|d| (d.grant_id.to_string(), sign * d.amount.micros()))
+        .collect();
+    if record.overdraft.is_positive() {
+        spent.push((String::new(), sign * record.overdraft.micros()));
+    }
+    UsageEffect {
+        usage_id: record.id.0.clone(),
+        account: record.account.clone(),
+        spent,
+        pool: record.pool.micros(),
+        at: record.at,
+    }
+}
+
+fn describe(record: &UsageRecord) -> String {
+    format!(
+        "{:?} key={} account={} feature={} at={} cost={} draws={:?} overdraft={}",
+        record.kind,
+        record.key,
+        record.account,
+        record.feature,
+        record.at,
+        record.cost,
+        record
+            .draws
+            .iter()
+            .map(|d| format!("{}={}", d.grant_id, d.amount))
+            .collect::<Vec<_>>(),
+        record.overdraft
+    )
+}
+
+impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
+    fn region_store(&self, region: &RegionId) -> Result<&std::sync::Arc<R>> {
+        self.regions
+            .get(region)
+            .ok_or_else(|| AuthorityError::NotFound(format!("region {region}")))
+    }
+
+    /// Reads the next batch of a region's usage (records not acknowledged come first).
+    pub async fn read_usage(&self, region: &RegionId) -> Result<UsageBatch> {
+        let store = self.region_store(region)?;
+        let read_at = self.clock.now();
+        store
+            .create_usage_group(USAGE_GROUP)
+            .await
+            .map_err(|e| AuthorityError::region(region, e))?;
+        let records = store
+            .read_usage(USAGE_GROUP, USAGE_CONSUMER, USAGE_BATCH_RECORDS_MAX)
+            .await
+            .map_err(|e| AuthorityError::region(region, e))?;
+        // A read answers the records still pending before any new ones, so only an empty
+        // read proves the stream drained.
+        let drained = records.is_empty();
+        Ok(UsageBatch {
+            region: region.clone(),
+            records,
+            read_at,
+            drained,
+        })
+    }
+
+    /// Applies a batch to the ledger and to the allocation counters, in stream order: each run
+    /// of debits and captures in one transaction, each reversal between them as a refund.
+    /// Order matters: a reversal gives its draws back in the region, where a later debit may
+    /// spend them again; applying that debit before the refund would find the grant short.
+    /// Safe to repeat: every effect is idempotent.
+    pub async fn apply_usage(&self, batch: &UsageBatch) -> Result<ReconcileReport> {
+        let now = self.clock.now();
+        let region = &batch.region;
+        let mut report = ReconcileReport {
+            records: batch.records.len(),
+            ..ReconcileReport::default()
+        };
+        let mut effects = Vec::with_capacity(batch.records.len());
+        let mut rest = batch.records.as_slice();
+        while !rest.is_empty() {
+            let run = rest
+                .iter()
+                .position(|r| r.kind == UsageKind::Reverse)
+                .unwrap_or(rest.len());
+            let (debits, after) = rest.split_at(run);
+            self.apply_debits(region, debits, now, &mut report, &mut effects)
+                .await?;
+            let Some((reversal, after)) = after.split_first() else {
+                break;
+            };
+            if self.refund_reversal(region, reversal, now).await? {
+                report.reversed += 1;
+                effects.push(effect_of(reversal, -1));
+            } else {
+                report.parked += 1;
+            }
+            rest = after;
+        }
+        self.state
+            .record_usage_effects(region, &effects, now)
+            .await?;
+        let mut accounts: Vec<AccountId> =
+            batch.records.iter().map(|r| r.account.clone()).collect();
+        accounts.sort();
+        accounts.dedup();
+        report.accounts = accounts;
+        Ok(report)
+    }
+
+    /// Applies a run of debits and captures in one ledger transaction; a refused one is parked.
+    async fn apply_debits(
+        &self,
+        region: &RegionId,
+        debits: &[UsageRecord],
+        now: Timestamp,
+        report: &mut ReconcileReport,
+        effects: &mut Vec<UsageEffect>,
+    ) -> Result<()> {
+        if debits.is_empty() {
+            return Ok(());
+        }
+        let commands = debits
+            .iter()
+            .map(|r| usage_debit(region, r))
+            .collect::<Result<Vec<_>>>()?;
+        let outcomes = self.ledger.apply_usage(commands, now).await?;
+        for (record, outcome) in debits.iter().zip(outcomes) {
+            match outcome {
+                UsageOutcome::Applied { .. } => report.applied += 1,
+                UsageOutcome::Duplicate { .. } => report.duplicates += 1,
+                UsageOutcome::Refused { refusal, .. } => {
+                    self.park(region, record, &refusal.message, now).await?;
+                    report.parked += 1;
+                    continue;
+                }
+            }
+            effects.push(effect_of(record, 1));
+        }
+        Ok(())
+    }
+
+    /// A reversal undoes its debit in the ledger as a refund of the whole debit. Returns false
+    /// when the ledger cannot take it (the record is parked).
+    async fn refund_reversal(
+        &self,
+        region: &RegionId,
+        record: &UsageRecord,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let debit = debit_id(region, &record.key)?;
+        let key = derived_key(
+            "reverse",
+            &[
+                region.as_str(),
+                record.account.as_str(),
+                record.key.as_str(),
+            ],
+        )?;
+        let command = Refund {
+            key,
+            account: record.account.clone(),
+            debit,
+            amount: record.cost,
+            refund_grant_id: None,
+            refund_grant_expires_at: None,
+            memo: Memo::new(format!("reversed in region {region}"))
+                .map_err(|e| AuthorityError::invalid("memo", e))?,
+        };
+        let reason = match self.ledger.refund(command, now).await {
+            Ok(Ok(_receipt)) => return Ok(true),
+            Ok(Err(refusal)) => refusal.message,
+            Err(LedgerError::UnknownDebit { .. }) => "its debit is not in the ledger".to_owned(),
+            Err(LedgerError::UnknownAccount(_)) => "unknown account".to_owned(),
+            Err(other) => return Err(other.into()),
+        };
+        self.park(region, record, &reason, now).await?;
+        Ok(false)
+    }
+
+    async fn park(
+        &self,
+        region: &RegionId,
+        record: &UsageRecord,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<()> {
+        warn!(%region, account = %record.account, key = %record.key, reason, "usage parked");
+        self.state
+            .park_usage(
+                region,
+                &record.id.0,
+                &record.account,
+                reason,
+                &describe(record),
+                now,
+            )
+            .await
+    }
+
+    /// Acknowledges a batch whose effects are durable, and moves the watermark when the read
+    /// found the stream drained.
+    pub async fn acknowledge(&self, batch: UsageBatch) -> Result<()> {
+        let store = self.region_store(&batch.region)?;
+        let ids: Vec<_> = batch.records.iter().map(|r| r.id.clone()).collect();
+        if !ids.is_empty() {
+            store
+                .ack_usage(USAGE_GROUP, &ids)
+                .await
+                .map_err(|e| AuthorityError::region(&batch.region, e))?;
+            let ids: Vec<String> = ids.into_iter().map(|id| id.0).collect();
+            self.state.forget_usage(&batch.region, &ids).await?;
+        }
+        if batch.drained {
+            let lateness = self.settings.watermark_lateness_ms;
+            let mark = Timestamp::from_millis(batch.read_at.millis() - lateness)
+                .unwrap_or(Timestamp::EPOCH);
+            self.state.advance_watermark(&batch.region, mark).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads, applies and acknowledges one batch of a region, then refills the accounts whose
+    /// regional pool ran low.
+    pub async fn reconcile_once(&self, region: &RegionId) -> Result<ReconcileReport> {
+        let batch = self.read_usage(region).await?;
+        let report = self.apply_usage(&batch).await?;
+        self.acknowledge(batch).await?;
+        if report.records > 0 {
+            info!(
+                %region,
+                records = report.records,
+                applied = report.applied,
+                duplicates = report.duplicates,
+                reversed = report.reversed,
+                parked = report.parked,
+                "usage reconciled"
+            );
+        }
+        for account in &report.accounts {
+            self.mark_dirty(account);
+            if let Err(error) = self.refill_if_low(region, account).await {
+                warn!(%region, %account, %error, "refill failed");
+            }
+        }
+        Ok(report)
+    }
+
+    /// Reconciles every region until a read finds its stream drained (at most `passes_max`
+    /// reads per region).
+    pub async fn reconcile_all(&self, passes_max: usize) -> Result<ReconcileReport> {
+        let mut total = ReconcileReport::default();
+        let regions: Vec<RegionId> = self.regions.keys().cloned().collect();
+        for region in &regions {
+            for _ in 0..passes_max {
+                let report = self.reconcile_once(region).await?;
+                total.records += report.records;
+                total.applied += report.applied;
+                total.duplicates += report.duplicates;
+                total.reversed += report.reversed;
+                total.parked += report.parked;
+                if report.records == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// The event time up to which every region has reconciled: the least watermark, or
+    /// `None` while some region has never been drained.
+    pub async fn reconciled_through(&self) -> Result<Option<Timestamp>> {
+        let marks = self.state.watermarks().await?;
+        let mut least: Option<Timestamp> = None;
+        for region in self.regions.keys() {
+            let Some(mark) = marks.get(region).copied() else {
+                return Ok(None);
+            };
+            least = Some(least.map_or(mark, |l| l.min(mark)));
+        }
+        Ok(least)
+    }
+}

@@ -1,0 +1,672 @@
+//! The authority on the embedded stores (SQLite ledger and state, in-memory regions, a manual
+//! clock).
+//!
+//! The allocator: refills under the low-water mark, idle take-back, the overdraft split across
+//! regions (and its shrinking when the limit is lowered), and install intents that a crash
+//! left open. After every step, what the regions hold never exceeds what the ledger's grants
+//! hold plus the overdraft limit.
+//!
+//! Plans: an upgrade mid-period with proration, and the reinstatement of credits that expired
+//! just before an upgrade, checked entry by entry.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tollgate_authority::allocator::AllocationOutcome;
+use tollgate_authority::plans::{Plan, PlanChange, PlanChangeReport, PlanGrant, Proration};
+use tollgate_authority::state::InstallIntent;
+use tollgate_authority::{Authority, AuthoritySettings, Clock, ManualClock, StateStore};
+use tollgate_core::command::{
+    CreateAccount, GrantTerms, IssueGrant, Memo, Metadata, UpdateAccount,
+};
+use tollgate_core::{
+    AccountId, Credits, EntryKind, FeatureKey, GrantId, GrantSource, IdempotencyKey, PeriodUnit,
+    PlanId, PriceRule, Recurrence, RegionId, RolloverPolicy, Scope, Timestamp,
+};
+use tollgate_ledger::{EntryFilter, LedgerStore, PageRequest, SqliteLedger};
+use tollgate_region::{
+    DebitCommand, DebitOutcome, MemoryRegionStore, PriceTag, RegionStore, SegmentSpec,
+    RETAIN_MS_DEFAULT,
+};
+
+type Node = Authority<SqliteLedger, MemoryRegionStore>;
+
+const MICROS: i64 = 1_000_000;
+
+fn acct() -> AccountId {
+    AccountId::new("acme").unwrap()
+}
+
+fn region(name: &str) -> RegionId {
+    RegionId::new(name).unwrap()
+}
+
+fn key(text: &str) -> IdempotencyKey {
+    IdempotencyKey::new(text).unwrap()
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    node: Node,
+    ledger: Arc<SqliteLedger>,
+    regions: BTreeMap<RegionId, Arc<MemoryRegionStore>>,
+    clock: Arc<ManualClock>,
+}
+
+impl World {
+    /// An account with `overdraft` credits of overdraft and one grant of `granted` credits
+    /// (none when zero), on regions `names`, each targeted at `target` credits.
+    async fn start(names: &[&str], overdraft: i64, granted: i64, target: i64) -> World {
+        Self::start_at(names, overdraft, granted, target, "2027-05-01T00:00:00Z").await
+    }
+
+    async fn start_at(
+        names: &[&str],
+        overdraft: i64,
+        granted: i64,
+        target: i64,
+        at: &str,
+    ) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(
+            SqliteLedger::open(&dir.path().join("ledger.db"))
+                .await
+                .unwrap(),
+        );
+        let state_url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("state.db").display()
+        );
+        let state = StateStore::connect(&state_url).await.unwrap();
+        let clock = Arc::new(ManualClock::new(Timestamp::parse_rfc3339(at).unwrap()));
+        let regions: BTreeMap<RegionId, Arc<MemoryRegionStore>> = names
+            .iter()
+            .map(|n| {
+                (
+                    region(n),
+                    Arc::new(MemoryRegionStore::new(RETAIN_MS_DEFAULT)),
+                )
+            })
+            .collect();
+        let settings = AuthoritySettings {
+            allocation_micros_min: target * MICROS,
+            allocation_micros_max: target * MICROS,
+            low_water_percent: 50,
+            idle_ms: 60_000,
+            watermark_lateness_ms: 60_000,
+            ..AuthoritySettings::default()
+        };
+        let node = Authority::new(
+            Arc::clone(&ledger),
+            state,
+            regions.clone(),
+            clock.clone(),
+            settings,
+        );
+        ledger
+            .create_account(
+                CreateAccount {
+                    key: key("create"),
+                    account: acct(),
+                    overdraft_limit: Credits::from_micros(overdraft * MICROS),
+                    metadata: Metadata::default(),
+                },
+                clock.now(),
+            )
+            .await
+            .unwrap();
+        if granted > 0 {
+            let terms = GrantTerms {
+                id: GrantId::new("bought").unwrap(),
+                amount: Credits::from_micros(granted * MICROS),
+                source: GrantSource::Purchase,
+                priority: None,
+                effective_at: None,
+                expires_at: None,
+                scope: Scope::All,
+                cost_basis: None,
+                external_ref: None,
+            };
+            ledger
+                .issue_grant(
+                    IssueGrant {
+                        key: key("grant"),
+                        account: acct(),
+                        terms,
+                        metadata: Metadata::default(),
+                        memo: Memo::default(),
+                    },
+                    clock.now(),
+                )
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        World {
+            _dir: dir,
+            node,
+            ledger,
+            regions,
+            clock,
+        }
+    }
+
+    fn store(&self, name: &str) -> &MemoryRegionStore {
+        &self.regions[&region(name)]
+    }
+
+    async fn allocate(&self, name: &str) {
+        let outcome = self
+            .node
+            .request_allocation(&region(name), &acct(), None)
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, AllocationOutcome::Allocated(_)),
+            "{outcome:?}"
+        );
+    }
+
+    /// Spendable credits a region holds now (segments and overdraft room), in micros.
+    async fn held(&self, name: &str) -> (i64, i64) {
+        let view = self
+            .store(name)
+            .view(&acct(), self.clock.now())
+            .await
+            .unwrap();
+        let pool = view.segments.iter().map(|s| s.remaining.micros()).sum();
+        let room = view.overdraft_limit.micros() - view.overdraft_used.micros();
+        (pool, room.max(0))
+    }
+
+    async fn debit(&self, name: &str, id: &str, credits: i64) -> bool {
+        let outcome = self
+            .store(name)
+            .debit(&DebitCommand {
+                account: acct(),
+                key: key(id),
+                feature: FeatureKey::new("chat").unwrap(),
+                cost: Credits::from_micros(credits * MICROS),
+                now: self.clock.now(),
+                actor: None,
+                price: PriceTag {
+                    version: 1,
+                    rule: PriceRule::Default,
+                },
+            })
+            .await
+            .unwrap();
+        matches!(outcome, DebitOutcome::Allowed(_))
+    }
+
+    /// The invariant: every region's segments and overdraft room together never exceed what
+    /// the ledger's grants hold plus the limit less the debt.
+    async fn assert_never_over_allocated(&self) {
+        let snapshot = self.ledger.account(&acct()).await.unwrap();
+        let mut pools = 0;
+        let mut rooms = 0;
+        for name in self.regions.keys() {
+            let (pool, room) = self.held(name.as_str()).await;
+            pools += pool;
+            rooms += room;
+        }
+        let remaining = snapshot.balance.micros() + snapshot.debt.micros();
+        assert!(
+            pools <= remaining,
+            "regions hold {pools} of grants holding {remaining}"
+        );
+        assert!(
+            rooms <= snapshot.overdraft_limit.micros() - snapshot.debt.micros(),
+            "regions hold {rooms} of overdraft room, limit {} debt {}",
+            snapshot.overdraft_limit,
+            snapshot.debt
+        );
+    }
+
+    async fn installed_outstanding(&self, grant: &str) -> i64 {
+        self.node
+            .state()
+            .allocations(&acct())
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.grant_id == grant)
+            .map(|r| r.outstanding())
+            .sum()
+    }
+}
+
+#[tokio::test]
+async fn a_pool_under_its_low_water_mark_is_refilled_to_its_target() {
+    let world = World::start(&["eu"], 0, 100, 10).await;
+    world.allocate("eu").await;
+    assert_eq!(world.held("eu").await, (10 * MICROS, 0));
+    // Spending 4 leaves 6, above half the target: nothing moves.
+    assert!(world.debit("eu", "d1", 4).await);
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(world.held("eu").await.0, 6 * MICROS);
+    // Spending 2 more leaves 4, under half: the reconciler refills it back to 10.
+    assert!(world.debit("eu", "d2", 2).await);
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(world.held("eu").await.0, 10 * MICROS);
+    let snapshot = world.ledger.account(&acct()).await.unwrap();
+    assert_eq!(snapshot.balance.micros(), 94 * MICROS);
+    assert_eq!(world.installed_outstanding("bought").await, 10 * MICROS);
+    world.assert_never_over_allocated().await;
+}
+
+/// Found by the simulation (`tollgate-sim`, seed 18): a reversal gives its draws back in the
+/// region, a later debit spends them again, and both arrive in one batch. Applied in stream
+/// order the ledger has the credits back before the later debit needs them; applied debits
+/// first, the later debit found the grant short and was parked.
+#[tokio::test]
+async fn credits_a_reversal_gave_back_can_be_spent_again_in_the_same_batch() {
+    let world = World::start(&["eu"], 0, 10, 10).await;
+    world.allocate("eu").await;
+    assert!(world.debit("eu", "first", 10).await);
+    let reversed = world
+        .store("eu")
+        .reverse(&tollgate_region::ReverseCommand {
+            account: acct(),
+            key: key("undo-first"),
+            debit_key: key("first"),
+            now: world.clock.now(),
+            window_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(reversed, tollgate_region::ReverseOutcome::Reversed { .. }),
+        "{reversed:?}"
+    );
+    assert!(world.debit("eu", "second", 10).await);
+    let report = world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(
+        (report.applied, report.reversed, report.parked),
+        (2, 1, 0),
+        "{report:?}"
+    );
+    assert_eq!(world.node.state().parked_count().await.unwrap(), 0);
+    let snapshot = world.ledger.account(&acct()).await.unwrap();
+    assert_eq!(snapshot.balance.micros(), 0);
+    assert!(world.ledger.verify(None).await.unwrap().is_clean());
+}
+
+#[tokio::test]
+async fn two_regions_never_hold_more_than_the_grants_and_an_idle_one_gives_back() {
+    // A 15-credit grant, two regions targeted at 10 each: the second gets what is left.
+    let world = World::start(&["eu", "us"], 0, 15, 10).await;
+    world.allocate("eu").await;
+    world.allocate("us").await;
+    assert_eq!(world.held("eu").await.0, 10 * MICROS);
+    assert_eq!(world.held("us").await.0, 5 * MICROS);
+    world.assert_never_over_allocated().await;
+
+    // eu spends all it has; the refill finds nothing free (us still holds 5).
+    for n in 0..10 {
+        assert!(world.debit("eu", &format!("eu-{n}"), 1).await);
+    }
+    assert!(!world.debit("eu", "eu-over", 1).await);
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(world.held("eu").await.0, 0);
+    world.assert_never_over_allocated().await;
+
+    // us goes idle: the lifecycle takes its 5 back, and eu may have them.
+    world.clock.advance_ms(61_000);
+    let taken = world.node.take_back_idle().await.unwrap();
+    assert!(taken >= 1, "{taken}");
+    assert_eq!(world.held("us").await.0, 0);
+    assert_eq!(world.installed_outstanding("bought").await, 0);
+    world.allocate("eu").await;
+    assert_eq!(world.held("eu").await.0, 5 * MICROS);
+    world.assert_never_over_allocated().await;
+}
+
+#[tokio::test]
+async fn overdraft_room_is_split_between_regions_and_shrinks_with_the_limit() {
+    let world = World::start(&["eu", "us"], 10, 0, 10).await;
+    world.allocate("eu").await;
+    world.allocate("us").await;
+    assert_eq!(world.held("eu").await, (0, 5 * MICROS));
+    assert_eq!(world.held("us").await, (0, 5 * MICROS));
+    // Asking again adds nothing: each region has its share.
+    world.allocate("eu").await;
+    assert_eq!(world.held("eu").await.1, 5 * MICROS);
+    world.assert_never_over_allocated().await;
+
+    // eu spends 3 into the overdraft; the ledger records the debt when it reconciles.
+    assert!(world.debit("eu", "od-1", 3).await);
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(
+        world.ledger.account(&acct()).await.unwrap().debt.micros(),
+        3 * MICROS
+    );
+
+    // The limit drops to 4: each region's room shrinks to its share of 2 (eu has used 3
+    // already, so its room is what its share leaves above that).
+    world
+        .ledger
+        .update_account(
+            UpdateAccount {
+                key: key("lower"),
+                account: acct(),
+                overdraft_limit: Some(Credits::from_micros(4 * MICROS)),
+                metadata: Metadata::default(),
+                replace_metadata: false,
+            },
+            world.clock.now(),
+        )
+        .await
+        .unwrap();
+    world.node.rebalance(&acct()).await.unwrap();
+    assert_eq!(world.held("us").await.1, 2 * MICROS);
+    assert!(world.held("eu").await.1 <= 2 * MICROS);
+    // us can spend its 2, not 3.
+    assert!(!world.debit("us", "od-us-3", 3).await);
+    assert!(world.debit("us", "od-us-2", 2).await);
+}
+
+#[tokio::test]
+async fn install_intents_left_by_a_crash_are_replayed_once_or_kept_on_the_safe_side() {
+    let world = World::start(&["eu"], 0, 100, 10).await;
+    let spec = |amount: i64| SegmentSpec {
+        grant_id: GrantId::new("bought").unwrap(),
+        amount: Credits::from_micros(amount * MICROS),
+        priority: 0,
+        effective_at: world.clock.now(),
+        expires_at: None,
+        scope: Scope::All,
+    };
+    let intent = |id: &str, amount: i64, at: Timestamp| InstallIntent {
+        key: key(id),
+        region: region("eu"),
+        account: acct(),
+        spec: spec(amount),
+        created_at: at,
+    };
+    let state = world.node.state();
+
+    // Crashed before the region was called: the counter says 3, the region has nothing.
+    let never_sent = intent("alloc:never-sent", 3, world.clock.now());
+    state.begin_install(&never_sent).await.unwrap();
+    // Crashed after the region installed, before the intent was cleared.
+    let sent = intent("alloc:sent", 4, world.clock.now());
+    state.begin_install(&sent).await.unwrap();
+    world
+        .store("eu")
+        .install_segment(&acct(), &sent.key, &sent.spec, world.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(world.held("eu").await.0, 4 * MICROS);
+    assert_eq!(world.installed_outstanding("bought").await, 7 * MICROS);
+
+    // Recovery replays both with their keys: the missing one lands, the other is not doubled.
+    assert_eq!(world.node.recover_installs().await.unwrap(), 2);
+    assert_eq!(world.held("eu").await.0, 7 * MICROS);
+    assert_eq!(world.installed_outstanding("bought").await, 7 * MICROS);
+    assert!(state.open_installs(10).await.unwrap().is_empty());
+    // A second pass has nothing to do.
+    assert_eq!(world.node.recover_installs().await.unwrap(), 0);
+
+    // An intent older than the region's idempotency retention cannot be replayed safely:
+    // it is dropped and its counter kept (the region may be under-allocated, never over).
+    let stale_at =
+        Timestamp::from_millis(world.clock.now().millis() - RETAIN_MS_DEFAULT - 1).unwrap();
+    let stale = intent("alloc:stale", 2, stale_at);
+    state.begin_install(&stale).await.unwrap();
+    assert_eq!(world.node.recover_installs().await.unwrap(), 1);
+    assert_eq!(world.held("eu").await.0, 7 * MICROS);
+    assert_eq!(world.installed_outstanding("bought").await, 9 * MICROS);
+    world.assert_never_over_allocated().await;
+}
+
+fn ts(text: &str) -> Timestamp {
+    Timestamp::parse_rfc3339(text).unwrap()
+}
+
+fn credits(text: &str) -> Credits {
+    Credits::parse(text).unwrap()
+}
+
+fn monthly_plan(id: &str, tier: u32, amount: &str) -> Plan {
+    Plan {
+        id: PlanId::new(id).unwrap(),
+        description: format!("{id} plan"),
+        tier,
+        grants: vec![PlanGrant {
+            key: "monthly".to_owned(),
+            amount: credits(amount),
+            period: Recurrence::new(ts("2027-01-01T00:00:00Z"), PeriodUnit::Month, 1)
+                .unwrap()
+                .period,
+            rollover: RolloverPolicy::None,
+            priority: 10,
+            scope: Scope::All,
+        }],
+    }
+}
+
+impl World {
+    /// Moves the clock to `at` plus two minutes (past the watermark lateness) and runs a
+    /// reconciliation and a lifecycle pass there.
+    async fn pass_at(&self, at: &str) {
+        self.clock
+            .set(Timestamp::from_millis(ts(at).millis() + 120_000).unwrap());
+        self.node.reconcile_all(10).await.unwrap();
+        self.node.tick().await.unwrap();
+    }
+
+    async fn change(
+        &self,
+        at: &str,
+        key: &str,
+        plan: &str,
+        proration: Proration,
+    ) -> PlanChangeReport {
+        self.clock.set(ts(at));
+        self.node
+            .change_plan(
+                &acct(),
+                &PlanChange {
+                    key: key.to_owned(),
+                    plan: Some(PlanId::new(plan).unwrap()),
+                    proration,
+                    reinstate_grace_ms: 2 * 24 * 3_600_000,
+                },
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn entries(&self) -> Vec<(EntryKind, String, Credits)> {
+        let page = self
+            .ledger
+            .entries(
+                &EntryFilter::account(acct()),
+                PageRequest {
+                    size: 1_000,
+                    token: None,
+                },
+            )
+            .await
+            .unwrap();
+        page.items
+            .iter()
+            .map(|e| {
+                let grant = e.grant_id.as_ref().map_or(String::new(), |g| g.to_string());
+                (e.kind, grant, e.amount)
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn an_upgrade_mid_period_grants_the_prorated_difference_entry_by_entry() {
+    let world = World::start_at(&["eu"], 0, 0, 1_000, "2027-01-01T00:00:00Z").await;
+    world
+        .node
+        .define_plan(&monthly_plan("basic", 1, "100"))
+        .await
+        .unwrap();
+    world
+        .node
+        .define_plan(&monthly_plan("pro", 2, "300"))
+        .await
+        .unwrap();
+    // Defining the same plan again is a replay; another with the same id a conflict.
+    world
+        .node
+        .define_plan(&monthly_plan("basic", 1, "100"))
+        .await
+        .unwrap();
+    assert!(world
+        .node
+        .define_plan(&monthly_plan("basic", 1, "101"))
+        .await
+        .is_err());
+
+    let assigned = world
+        .change(
+            "2027-01-01T00:00:00Z",
+            "assign",
+            "basic",
+            Proration::NextPeriod,
+        )
+        .await;
+    assert!(!assigned.upgrade);
+    assert_eq!(assigned.starts_at, Some(ts("2027-01-01T00:00:00Z")));
+    let basic = &assigned.schedules[0];
+    world.pass_at("2027-01-01T00:00:00Z").await;
+    world.allocate("eu").await;
+    world.clock.set(ts("2027-01-10T00:00:00Z"));
+    assert!(world.debit("eu", "jan-10", 30).await);
+    world.node.reconcile_all(10).await.unwrap();
+
+    // Jan 16, 00:00: 16 of January's 31 days are ahead. (300 − 100) × 16 / 31 = 103.2258064…,
+    // rounded down to 103.225806, expiring with the period on Feb 1.
+    let upgraded = world
+        .change(
+            "2027-01-16T00:00:00Z",
+            "upgrade",
+            "pro",
+            Proration::ProratedNow,
+        )
+        .await;
+    assert!(upgraded.upgrade);
+    assert_eq!(upgraded.previous, Some(PlanId::new("basic").unwrap()));
+    assert_eq!(upgraded.starts_at, Some(ts("2027-02-01T00:00:00Z")));
+    assert_eq!(upgraded.granted.len(), 1, "{upgraded:?}");
+    let (prorated, amount) = &upgraded.granted[0];
+    assert_eq!(*amount, credits("103.225806"));
+    let pro = &upgraded.schedules[0];
+    // A retried change with the same key is a no-op: the plan is already pro.
+    let again = world
+        .change(
+            "2027-01-16T00:00:05Z",
+            "upgrade",
+            "pro",
+            Proration::ProratedNow,
+        )
+        .await;
+    assert!(again.granted.is_empty() && again.schedules.is_empty());
+
+    world.pass_at("2027-02-01T00:00:00Z").await;
+    world.clock.set(ts("2027-02-05T00:00:00Z"));
+    assert!(world.debit("eu", "feb-05", 50).await);
+    world.pass_at("2027-03-01T00:00:00Z").await;
+
+    use EntryKind::{Debit, Expire, Grant};
+    let e = |kind, grant: &str, amount: &str| (kind, grant.to_owned(), credits(amount));
+    let p = |schedule: &str, k: u32| format!("{schedule}.p{k}");
+    assert_eq!(
+        world.entries().await,
+        vec![
+            e(Grant, &p(basic, 0), "100"),
+            e(Debit, &p(basic, 0), "30"),
+            e(Grant, prorated.as_str(), "103.225806"),
+            // Feb 1: basic's January grant closes (no rollover), the prorated grant expires,
+            // pro's first full month begins; basic issues no February grant.
+            e(Expire, &p(basic, 0), "70"),
+            e(Grant, &p(pro, 0), "300"),
+            e(Expire, prorated.as_str(), "103.225806"),
+            e(Debit, &p(pro, 0), "50"),
+            e(Expire, &p(pro, 0), "250"),
+            e(Grant, &p(pro, 1), "300"),
+        ]
+    );
+    world.assert_never_over_allocated().await;
+}
+
+#[tokio::test]
+async fn credits_that_expired_just_before_an_upgrade_are_reinstated() {
+    let world = World::start_at(&["eu"], 0, 0, 1_000, "2027-01-01T00:00:00Z").await;
+    world
+        .node
+        .define_plan(&monthly_plan("basic", 1, "100"))
+        .await
+        .unwrap();
+    world
+        .node
+        .define_plan(&monthly_plan("pro", 2, "300"))
+        .await
+        .unwrap();
+    let assigned = world
+        .change(
+            "2027-01-01T00:00:00Z",
+            "assign",
+            "basic",
+            Proration::NextPeriod,
+        )
+        .await;
+    let basic = &assigned.schedules[0];
+    world.pass_at("2027-01-01T00:00:00Z").await;
+    // January's 100 go unused and expire on Feb 1; February's grant arrives.
+    world.pass_at("2027-02-01T00:00:00Z").await;
+
+    // Feb 2, 12:00, within the two-day grace: "my credits expired yesterday and I upgraded
+    // today". 26.5 of February's 28 days are ahead: 200 × 26.5 / 28 = 189.285714 (down).
+    let upgraded = world
+        .change(
+            "2027-02-02T12:00:00Z",
+            "upgrade",
+            "pro",
+            Proration::ProratedNow,
+        )
+        .await;
+    assert!(upgraded.upgrade);
+    let granted: Vec<(String, Credits)> = upgraded
+        .granted
+        .iter()
+        .map(|(id, amount)| (id.to_string(), *amount))
+        .collect();
+    assert_eq!(granted.len(), 2, "{granted:?}");
+    assert_eq!(granted[0].1, credits("189.285714"));
+    assert!(granted[1].0.starts_with(&format!("{basic}.p0.reinstated.")));
+    assert_eq!(granted[1].1, credits("100"));
+
+    use EntryKind::{Expire, Grant};
+    let e = |kind, grant: &str, amount: &str| (kind, grant.to_owned(), credits(amount));
+    assert_eq!(
+        world.entries().await,
+        vec![
+            e(Grant, &format!("{basic}.p0"), "100"),
+            e(Expire, &format!("{basic}.p0"), "100"),
+            e(Grant, &format!("{basic}.p1"), "100"),
+            e(Grant, &granted[0].0, "189.285714"),
+            e(Grant, &granted[1].0, "100"),
+        ]
+    );
+    let snapshot = world.ledger.account(&acct()).await.unwrap();
+    assert_eq!(snapshot.balance, credits("389.285714"));
+    // A downgrade back to basic grants nothing now and reinstates nothing.
+    let down = world
+        .change(
+            "2027-02-03T00:00:00Z",
+            "downgrade",
+            "basic",
+            Proration::ProratedNow,
+        )
+        .await;
+    assert!(!down.upgrade);
+    assert!(down.granted.is_empty());
+}

@@ -1,0 +1,788 @@
+//! Cached mode: decisions from this edge's in-memory lease on each account, flushed to the
+//! regional store every few milliseconds.
+//!
+//! Per account there are two locks. `local` (a plain mutex, never held across an await) guards
+//! what this edge may still spend and the decisions not yet flushed: the hot path takes only
+//! this one. `region` (an async mutex) serialises the calls that change the lease in the
+//! regional store — take, settle, return — and remembers what the region's lease record holds,
+//! so a top-up is added as a difference and never resurrects usage that is not flushed yet.
+//!
+//! Bounded error, as DESIGN.md states: a crash loses the decisions not flushed yet (at most one
+//! flush interval), and the lease that the region gets back at its expiry is what this edge
+//! could have overspent at most.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tollgate_core::grant::burn_key_order;
+use tollgate_core::{
+    AccountId, ActorId, Credits, Draw, FeatureKey, GrantId, IdempotencyKey, LeaseId, Scope,
+    Timestamp,
+};
+use tollgate_region::{
+    DebitCommand, DebitOutcome, Lease, LeaseRequest, LeaseSettlement, LeaseUsage, PriceTag,
+    RegionStore, SettleOutcome, SettleStatus, LEASE_SETTLE_ENTRIES_MAX,
+};
+use tracing::{error, warn};
+
+use crate::clock::Clock;
+use crate::error::EngineError;
+use crate::settings::{EdgeSettings, LEASE_RECENT_KEYS_MAX};
+
+/// Accounts flushed at once.
+const FLUSH_PARALLEL_MAX: usize = 64;
+/// Characters of the host name kept in a lease id.
+const HOST_IN_ID_LEN_MAX: usize = 40;
+/// How often leases are checked for renewal or idleness, in milliseconds.
+const MAINTENANCE_MS: u64 = 1_000;
+
+#[derive(Clone, Debug)]
+struct Slice {
+    grant_id: GrantId,
+    remaining: i64,
+    priority: u32,
+    effective_at: Timestamp,
+    expires_at: Option<Timestamp>,
+    scope: Scope,
+}
+
+impl Slice {
+    fn eligible(&self, feature: Option<&FeatureKey>, at: Timestamp) -> bool {
+        self.remaining > 0
+            && self.effective_at <= at
+            && self.expires_at.is_none_or(|expires_at| at < expires_at)
+            && feature.is_none_or(|feature| self.scope.covers(feature))
+    }
+}
+
+/// A decision remembered to answer a replay that reaches this edge again.
+#[derive(Clone, Debug)]
+struct Recent {
+    feature: FeatureKey,
+    cost: i64,
+    draws: Vec<Draw>,
+    overdraft: Credits,
+}
+
+#[derive(Default)]
+struct Local {
+    /// Kept in burn-down order.
+    slices: Vec<Slice>,
+    overdraft: i64,
+    pending: Vec<LeaseUsage>,
+    recent: HashMap<IdempotencyKey, Recent>,
+    recent_order: VecDeque<IdempotencyKey>,
+    last_used_ms: i64,
+    refill_running: bool,
+    /// A refill got less than it asked for: the region is short, so do not ask again before.
+    refill_quiet_until_ms: i64,
+}
+
+impl Local {
+    fn available(&self, feature: Option<&FeatureKey>, at: Timestamp) -> i64 {
+        self.slices
+            .iter()
+            .filter(|s| s.eligible(feature, at))
+            .map(|s| s.remaining)
+            .sum::<i64>()
+            + self.overdraft
+    }
+
+    fn remember(&mut self, key: IdempotencyKey, recent: Recent) {
+        if self.recent_order.len() >= LEASE_RECENT_KEYS_MAX {
+            if let Some(oldest) = self.recent_order.pop_front() {
+                self.recent.remove(&oldest);
+            }
+        }
+        self.recent_order.push_back(key.clone());
+        self.recent.insert(key, recent);
+    }
+
+    /// Adds credits to a slice (a top-up, or a duplicate credited back).
+    fn credit(&mut self, grant_id: &GrantId, amount: i64) {
+        if let Some(slice) = self.slices.iter_mut().find(|s| s.grant_id == *grant_id) {
+            slice.remaining += amount;
+        }
+    }
+
+    fn sort(&mut self) {
+        self.slices.sort_by(|a, b| {
+            burn_key_order(
+                (a.priority, a.expires_at, a.effective_at, &a.grant_id),
+                (b.priority, b.expires_at, b.effective_at, &b.grant_id),
+            )
+        });
+    }
+}
+
+/// What the region's lease record holds, as this edge last learned it.
+#[derive(Default)]
+struct RegionSide {
+    amounts: HashMap<GrantId, i64>,
+    overdraft: i64,
+    /// Whether the region holds a lease for this edge at all.
+    live: bool,
+    /// When the region last extended the lease (a take or a settlement), in ms.
+    renewed_at_ms: i64,
+}
+
+struct AccountLease {
+    local: Mutex<Local>,
+    region: tokio::sync::Mutex<RegionSide>,
+}
+
+impl AccountLease {
+    fn local(&self) -> MutexGuard<'_, Local> {
+        // The guarded state is consistent between statements, so a panic elsewhere leaves it usable.
+        self.local
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// This node's lease id: unique per process and per `Leases`, since two edges sharing one
+/// would share one lease record in the region.
+fn node_lease_id(settings: &EdgeSettings, now: Timestamp) -> LeaseId {
+    static INSTANCES: AtomicU64 = AtomicU64::new(0);
+    let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
+    let node = settings.node_id.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .unwrap_or_default();
+        let host: String = host.trim().chars().take(HOST_IN_ID_LEN_MAX).collect();
+        format!("{host}.{}.{}", std::process::id(), now.millis())
+    });
+    // The unique parts come first, so a long node name can only lose its own tail.
+    let text: String = format!("edge.{instance}.{}.{node}", settings.region)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(tollgate_core::ids::LEASE_ID_LEN_MAX)
+        .collect();
+    // Only id characters remain and the text is not empty, so this always holds.
+    LeaseId::new(text).unwrap_or_else(|_| unreachable!("sanitized lease ids are valid"))
+}
+
+/// The outcome of a cached decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseDecision {
+    Allowed {
+        draws: Vec<Draw>,
+        overdraft: Credits,
+        replayed: bool,
+        available_after: Credits,
+    },
+    Insufficient {
+        available: Credits,
+    },
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+pub struct LeaseStats {
+    pub refills: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flushed_entries: AtomicU64,
+    pub duplicates: AtomicU64,
+    /// Decisions that could not be charged (the lease had expired and the region refused them).
+    pub lost_entries: AtomicU64,
+    /// Milliseconds between the oldest flushed decision and its flush, last time.
+    pub flush_lag_ms: AtomicU64,
+}
+
+pub struct Leases<S: RegionStore> {
+    store: Arc<S>,
+    settings: Arc<EdgeSettings>,
+    clock: Arc<dyn Clock>,
+    lease_id: LeaseId,
+    accounts: DashMap<AccountId, Arc<AccountLease>>,
+    dirty: Mutex<Vec<AccountId>>,
+    pending_total: AtomicUsize,
+    stopping: AtomicBool,
+    stats: LeaseStats,
+    seq: AtomicU64,
+}
+
+impl<S: RegionStore> Leases<S> {
+    pub fn new(store: Arc<S>, settings: Arc<EdgeSettings>, clock: Arc<dyn Clock>) -> Self {
+        Leases {
+            lease_id: node_lease_id(&settings, clock.now()),
+            store,
+            settings,
+            clock,
+            accounts: DashMap::new(),
+            dirty: Mutex::new(Vec::new()),
+            pending_total: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            stats: LeaseStats::default(),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    pub fn stats(&self) -> &LeaseStats {
+        &self.stats
+    }
+
+    pub fn lease_id(&self) -> &LeaseId {
+        &self.lease_id
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending_total.load(Ordering::Relaxed)
+    }
+
+    /// What this edge's lease can still pay for the account (on `feature` when given).
+    pub fn available(
+        &self,
+        account: &AccountId,
+        feature: Option<&FeatureKey>,
+        at: Timestamp,
+    ) -> Credits {
+        self.accounts.get(account).map_or(Credits::ZERO, |lease| {
+            Credits::from_micros(lease.local().available(feature, at))
+        })
+    }
+
+    fn op_key(&self, what: &str) -> Result<IdempotencyKey, EngineError> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        IdempotencyKey::new(format!("{}.{what}.{n}", self.lease_id))
+            .map_err(|e| EngineError::Internal(e.to_string()))
+    }
+
+    fn entry(&self, account: &AccountId) -> Arc<AccountLease> {
+        if let Some(existing) = self.accounts.get(account) {
+            return Arc::clone(&existing);
+        }
+        let created = Arc::new(AccountLease {
+            local: Mutex::new(Local::default()),
+            region: tokio::sync::Mutex::new(RegionSide::default()),
+        });
+        Arc::clone(
+            self.accounts
+                .entry(account.clone())
+                .or_insert(created)
+                .value(),
+        )
+    }
+
+    /// Whether this edge holds a lease on the account (even an empty one).
+    pub fn holds(&self, account: &AccountId) -> bool {
+        self.accounts.get(account).is_some_and(|lease| {
+            let local = lease.local();
+            !local.slices.is_empty() || local.overdraft > 0
+        })
+    }
+
+    /// Takes a lease on the account in the background, unless one is being taken already.
+    pub fn warm(self: &Arc<Self>, account: &AccountId) {
+        let lease = self.entry(account);
+        let start = {
+            let mut local = lease.local();
+            let start =
+                !local.refill_running && self.clock.now().millis() >= local.refill_quiet_until_ms;
+            if start {
+                local.refill_running = true;
+                local.last_used_ms = self.clock.now().millis();
+            }
+            start
+        };
+        if start {
+            self.spawn_refill(account.clone(), lease);
+        }
+    }
+
+    /// Decides from the lease; tops the lease up first when it cannot pay.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn debit(
+        self: &Arc<Self>,
+        account: &AccountId,
+        key: &IdempotencyKey,
+        feature: &FeatureKey,
+        cost: Credits,
+        at: Timestamp,
+        actor: Option<ActorId>,
+        price: PriceTag,
+    ) -> Result<LeaseDecision, EngineError> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err(EngineError::Unavailable("edge is shutting down".into()));
+        }
+        let lease = self.entry(account);
+        let usage = || LeaseUsage {
+            key: key.clone(),
+            feature: feature.clone(),
+            at,
+            draws: Vec::new(),
+            overdraft: Credits::ZERO,
+            actor: actor.clone(),
+            price,
+        };
+        if let Some(decision) = self.decide(account, &lease, usage(), cost)? {
+            return Ok(decision);
+        }
+        // The lease cannot pay: top it up by at least what is missing, then decide again.
+        let short = cost.micros() - lease.local().available(Some(feature), at);
+        let wanted = Credits::from_micros(self.settings.lease_credits.micros().max(short));
+        self.refill(account, &lease, wanted).await?;
+        if let Some(decision) = self.decide(account, &lease, usage(), cost)? {
+            return Ok(decision);
+        }
+        let available = lease.local().available(Some(feature), at);
+        Ok(LeaseDecision::Insufficient {
+            available: Credits::from_micros(available),
+        })
+    }
+
+    /// The in-memory decision. `None` when the lease cannot pay.
+    fn decide(
+        self: &Arc<Self>,
+        account: &AccountId,
+        lease: &Arc<AccountLease>,
+        mut usage: LeaseUsage,
+        cost: Credits,
+    ) -> Result<Option<LeaseDecision>, EngineError> {
+        let now_ms = self.clock.now().millis();
+        let mut local = lease.local();
+        if let Some(recent) = local.recent.get(&usage.key) {
+            if recent.feature != usage.feature || recent.cost != cost.micros() {
+                return Err(EngineError::Conflict);
+            }
+            let available_after = Credits::from_micros(local.available(None, usage.at));
+            return Ok(Some(LeaseDecision::Allowed {
+                draws: recent.draws.clone(),
+                overdraft: recent.overdraft,
+                replayed: true,
+                available_after,
+            }));
+        }
+        if local.available(Some(&usage.feature), usage.at) < cost.micros() {
+            return Ok(None);
+        }
+        if self.pending_total.load(Ordering::Relaxed) >= self.settings.pending_entries_max {
+            return Err(EngineError::Unavailable(
+                "too many decisions waiting for the regional store".into(),
+            ));
+        }
+        let mut left = cost.micros();
+        let mut draws = Vec::new();
+        for slice in local
+            .slices
+            .iter_mut()
+            .filter(|s| s.eligible(Some(&usage.feature), usage.at))
+        {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(slice.remaining);
+            slice.remaining -= take;
+            left -= take;
+            draws.push(Draw {
+                grant_id: slice.grant_id.clone(),
+                amount: Credits::from_micros(take),
+            });
+        }
+        local.overdraft -= left;
+        let overdraft = Credits::from_micros(left);
+        usage.draws = draws.clone();
+        usage.overdraft = overdraft;
+        let key = usage.key.clone();
+        let feature = usage.feature.clone();
+        let at = usage.at;
+        if local.pending.is_empty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(account.clone());
+        }
+        local.pending.push(usage);
+        self.pending_total.fetch_add(1, Ordering::Relaxed);
+        local.remember(
+            key,
+            Recent {
+                feature,
+                cost: cost.micros(),
+                draws: draws.clone(),
+                overdraft,
+            },
+        );
+        local.last_used_ms = now_ms;
+        let available_after = local.available(None, at);
+        // Refill before it runs out: below half a lease, top up in the background.
+        let low = available_after < self.settings.lease_credits.micros() / 2;
+        let start_refill = low && !local.refill_running && now_ms >= local.refill_quiet_until_ms;
+        if start_refill {
+            local.refill_running = true;
+        }
+        drop(local);
+        if start_refill {
+            self.spawn_refill(account.clone(), Arc::clone(lease));
+        }
+        Ok(Some(LeaseDecision::Allowed {
+            draws,
+            overdraft,
+            replayed: false,
+            available_after: Credits::from_micros(available_after),
+        }))
+    }
+
+    fn spawn_refill(self: &Arc<Self>, account: AccountId, lease: Arc<AccountLease>) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let have = lease.local().available(None, this.clock.now());
+            let wanted = Credits::from_micros((this.settings.lease_credits.micros() - have).max(0));
+            if let Err(error) = this.refill(&account, &lease, wanted).await {
+                warn!(%account, %error, "lease refill failed");
+            }
+            lease.local().refill_running = false;
+        });
+    }
+
+    /// Takes `wanted` more credits from the region into the lease.
+    async fn refill(
+        &self,
+        account: &AccountId,
+        lease: &Arc<AccountLease>,
+        wanted: Credits,
+    ) -> Result<(), EngineError> {
+        if !wanted.is_positive() {
+            return Ok(());
+        }
+        let mut region = lease.region.lock().await;
+        let now = self.clock.now();
+        let request = LeaseRequest {
+            account: account.clone(),
+            key: self.op_key("take")?,
+            lease_id: self.lease_id.clone(),
+            amount: wanted,
+            now,
+            expires_at: now
+                .checked_add_ms(self.settings.lease_ttl_ms)
+                .unwrap_or(Timestamp::MAX),
+        };
+        let timeout = Duration::from_millis(self.settings.store_timeout_ms);
+        let granted = tokio::time::timeout(timeout, self.store.take_lease(&request))
+            .await
+            .map_err(|_| {
+                EngineError::Unavailable(
+                    "regional store did not answer the lease request in time".into(),
+                )
+            })??;
+        self.stats.refills.fetch_add(1, Ordering::Relaxed);
+        self.merge(lease, &mut region, &granted, now.millis());
+        Ok(())
+    }
+
+    /// Adds what the region's lease record gained since this edge last saw it.
+    fn merge(&self, lease: &AccountLease, region: &mut RegionSide, granted: &Lease, now_ms: i64) {
+        let mut local = lease.local();
+        for slice in &granted.slices {
+            let before = region.amounts.get(&slice.grant_id).copied().unwrap_or(0);
+            let delta = slice.remaining.micros() - before;
+            region
+                .amounts
+                .insert(slice.grant_id.clone(), slice.remaining.micros());
+            match local
+                .slices
+                .iter_mut()
+                .find(|s| s.grant_id == slice.grant_id)
+            {
+                Some(existing) => {
+                    existing.remaining += delta;
+                    existing.expires_at = slice.expires_at;
+                    existing.priority = slice.priority;
+                    existing.scope = slice.scope.clone();
+                }
+                None => local.slices.push(Slice {
+                    grant_id: slice.grant_id.clone(),
+                    remaining: delta,
+                    priority: slice.priority,
+                    effective_at: slice.effective_at,
+                    expires_at: slice.expires_at,
+                    scope: slice.scope.clone(),
+                }),
+            }
+        }
+        local.overdraft += granted.overdraft.micros() - region.overdraft;
+        region.overdraft = granted.overdraft.micros();
+        region.live = true;
+        region.renewed_at_ms = now_ms;
+        local.sort();
+        if granted.granted.micros() < self.settings.lease_credits.micros() / 2 {
+            // The region is running short: do not ask again for a while.
+            local.refill_quiet_until_ms = now_ms + self.settings.lease_idle_ms.min(1_000);
+        }
+    }
+
+    /// Sends the account's pending decisions to the region.
+    pub async fn flush_account(&self, account: &AccountId) {
+        let Some(lease) = self.accounts.get(account).map(|l| Arc::clone(&l)) else {
+            return;
+        };
+        self.flush(account, &lease).await;
+    }
+
+    async fn flush(&self, account: &AccountId, lease: &Arc<AccountLease>) {
+        let mut region = lease.region.lock().await;
+        loop {
+            let entries: Vec<LeaseUsage> = {
+                let mut local = lease.local();
+                let take = local.pending.len().min(LEASE_SETTLE_ENTRIES_MAX);
+                local.pending.drain(..take).collect()
+            };
+            if entries.is_empty() {
+                return;
+            }
+            let oldest = entries.iter().map(|e| e.at.millis()).min().unwrap_or(0);
+            let count = entries.len();
+            match self.settle(account, &mut region, lease, entries).await {
+                Ok(()) => {
+                    self.pending_total.fetch_sub(count, Ordering::Relaxed);
+                    self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .flushed_entries
+                        .fetch_add(count as u64, Ordering::Relaxed);
+                    let lag = (self.clock.now().millis() - oldest).max(0) as u64;
+                    self.stats.flush_lag_ms.store(lag, Ordering::Relaxed);
+                }
+                Err(returned) => {
+                    // The region is unreachable: keep the decisions, in order, for the next round.
+                    let mut local = lease.local();
+                    let newer = std::mem::take(&mut local.pending);
+                    local.pending = returned;
+                    local.pending.extend(newer);
+                    drop(local);
+                    self.mark_dirty(account);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn mark_dirty(&self, account: &AccountId) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(account.clone());
+    }
+
+    /// Settles one batch. On a store failure the batch is handed back untouched.
+    async fn settle(
+        &self,
+        account: &AccountId,
+        region: &mut RegionSide,
+        lease: &AccountLease,
+        entries: Vec<LeaseUsage>,
+    ) -> Result<(), Vec<LeaseUsage>> {
+        let now = self.clock.now();
+        let settlement = LeaseSettlement {
+            account: account.clone(),
+            lease_id: self.lease_id.clone(),
+            now,
+            expires_at: now
+                .checked_add_ms(self.settings.lease_ttl_ms)
+                .unwrap_or(Timestamp::MAX),
+            entries,
+        };
+        let timeout = Duration::from_millis(self.settings.store_timeout_ms);
+        let outcome =
+            match tokio::time::timeout(timeout, self.store.settle_lease(&settlement)).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(error)) => {
+                    warn!(%account, %error, "flush failed; will retry");
+                    return Err(settlement.entries);
+                }
+                Err(_) => {
+                    warn!(%account, "flush timed out; will retry");
+                    return Err(settlement.entries);
+                }
+            };
+        match outcome {
+            SettleOutcome::Settled(statuses) => {
+                region.renewed_at_ms = now.millis();
+                for (entry, status) in settlement.entries.iter().zip(statuses) {
+                    match status {
+                        SettleStatus::Recorded(_) => {
+                            for draw in &entry.draws {
+                                if let Some(amount) = region.amounts.get_mut(&draw.grant_id) {
+                                    *amount -= draw.amount.micros();
+                                }
+                            }
+                            region.overdraft -= entry.overdraft.micros();
+                        }
+                        SettleStatus::Duplicate => {
+                            // Charged already (here or on another edge): credit it back.
+                            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                            let mut local = lease.local();
+                            for draw in &entry.draws {
+                                local.credit(&draw.grant_id, draw.amount.micros());
+                            }
+                            local.overdraft += entry.overdraft.micros();
+                        }
+                        SettleStatus::Rejected(why) => {
+                            error!(%account, key = %entry.key, %why, "region rejected a cached decision");
+                            self.stats.lost_entries.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            SettleOutcome::NoLease => {
+                // The lease expired in the region and went back to the segments: charge these
+                // decisions as strict debits under the same keys, and start a new lease later.
+                warn!(%account, entries = settlement.entries.len(), "lease expired before its flush; charging directly");
+                *region = RegionSide::default();
+                lease.local().slices.clear();
+                lease.local().overdraft = 0;
+                for entry in &settlement.entries {
+                    self.charge_directly(account, entry, now).await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn charge_directly(&self, account: &AccountId, entry: &LeaseUsage, now: Timestamp) {
+        let command = DebitCommand {
+            account: account.clone(),
+            key: entry.key.clone(),
+            feature: entry.feature.clone(),
+            cost: entry.cost(),
+            now,
+            actor: entry.actor.clone(),
+            price: entry.price,
+        };
+        match self.store.debit(&command).await {
+            Ok(DebitOutcome::Allowed(_)) => {}
+            Ok(DebitOutcome::Refused(refusal)) => {
+                self.stats.lost_entries.fetch_add(1, Ordering::Relaxed);
+                error!(%account, key = %entry.key, ?refusal, "cached decision could not be charged");
+            }
+            Err(error) => {
+                self.stats.lost_entries.fetch_add(1, Ordering::Relaxed);
+                error!(%account, key = %entry.key, %error, "cached decision could not be charged");
+            }
+        }
+    }
+
+    /// Flushes every account with pending decisions, a bounded number at a time.
+    pub async fn flush_dirty(&self) {
+        let mut accounts: Vec<AccountId> =
+            std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        accounts.sort();
+        accounts.dedup();
+        for chunk in accounts.chunks(FLUSH_PARALLEL_MAX) {
+            let flushes = chunk.iter().filter_map(|account| {
+                let lease = self.accounts.get(account).map(|l| Arc::clone(&l))?;
+                Some(async move { self.flush(account, &lease).await })
+            });
+            futures_util::future::join_all(flushes).await;
+        }
+    }
+
+    /// Renews leases that are about to expire and returns idle ones to the region. The
+    /// flusher's maintenance task calls this every second; public so that a simulation can
+    /// drive it on a virtual clock instead.
+    pub async fn maintain(&self) {
+        let now = self.clock.now().millis();
+        let accounts: Vec<(AccountId, Arc<AccountLease>)> = self
+            .accounts
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        for (account, lease) in accounts {
+            let (idle, has_pending) = {
+                let local = lease.local();
+                (
+                    now - local.last_used_ms > self.settings.lease_idle_ms,
+                    !local.pending.is_empty(),
+                )
+            };
+            if has_pending {
+                continue;
+            }
+            if idle {
+                self.give_back(&account, &lease).await;
+                continue;
+            }
+            // An empty settlement renews the lease in the region, once half its life has passed
+            // since the last take or settlement (a busy lease is renewed by its flushes). A
+            // failure is retried next round.
+            let mut region = lease.region.lock().await;
+            if region.live && now - region.renewed_at_ms >= self.settings.lease_ttl_ms / 2 {
+                let _ = self.settle(&account, &mut region, &lease, Vec::new()).await;
+            }
+        }
+    }
+
+    async fn give_back(&self, account: &AccountId, lease: &Arc<AccountLease>) {
+        self.flush(account, lease).await;
+        let mut region = lease.region.lock().await;
+        if !lease.local().pending.is_empty() {
+            return;
+        }
+        if region.live {
+            match self
+                .store
+                .return_lease(account, &self.lease_id, self.clock.now())
+                .await
+            {
+                Ok(_) => *region = RegionSide::default(),
+                Err(error) => {
+                    warn!(%account, %error, "lease return failed; it will expire in the region");
+                    return;
+                }
+            }
+        }
+        drop(region);
+        self.accounts.remove(account);
+    }
+
+    /// Runs the flusher (every flush interval, pending decisions go to the region) and, in a task
+    /// of its own, maintenance (every second, leases near the end of their life are renewed and
+    /// idle ones given back).
+    pub fn spawn_flusher(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let flusher = Arc::clone(self);
+        let flushing = tokio::spawn(async move {
+            let mut flush = tokio::time::interval(Duration::from_millis(
+                flusher.settings.flush_interval_ms.max(1),
+            ));
+            flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !flusher.stopping.load(Ordering::Relaxed) {
+                flush.tick().await;
+                flusher.flush_dirty().await;
+            }
+        });
+        // Maintenance walks every lease; it runs apart so that it can never hold up a flush.
+        let maintainer = Arc::clone(self);
+        let maintaining = tokio::spawn(async move {
+            let mut maintenance = tokio::time::interval(Duration::from_millis(MAINTENANCE_MS));
+            maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !maintainer.stopping.load(Ordering::Relaxed) {
+                maintenance.tick().await;
+                maintainer.maintain().await;
+            }
+        });
+        vec![flushing, maintaining]
+    }
+
+    /// Stops new cached decisions, flushes everything and returns every lease.
+    pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let accounts: Vec<(AccountId, Arc<AccountLease>)> = self
+            .accounts
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        for (account, lease) in accounts {
+            self.give_back(&account, &lease).await;
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The edge's tunables, with their defaults and bounds. Each is documented in docs/edge.md.
+
+use tollgate_core::{Credits, RegionId};
+
+/// Longest flush interval of cached-mode usage, in milliseconds (DESIGN: every ≤ 20 ms).
+pub const FLUSH_INTERVAL_MS_MAX: u64 = 20;
+pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 10;
+/// How often the price book's generation is polled, besides change notices (reload ≤ 1 s).
+pub const PRICE_POLL_MS_DEFAULT: u64 = 500;
+/// How long an unknown account is remembered as unknown.
+pub const UNKNOWN_ACCOUNT_TTL_MS_DEFAULT: i64 = 5_000;
+/// How long an account summary is trusted before it is read again (notices refresh it sooner).
+pub const ACCOUNT_SUMMARY_TTL_MS_DEFAULT: i64 = 30_000;
+/// Most account summaries (known or unknown) cached at once.
+pub const ACCOUNTS_CACHED_MAX: usize = 1_000_000;
+/// Window within which a caller may reverse its own debit.
+pub const REVERSE_WINDOW_MS_DEFAULT: i64 = 5 * 60_000;
+/// How far in the past a debit's event time may be.
+pub const EVENT_TIME_PAST_MS_MAX: i64 = 10 * 60_000;
+/// How far in the future a debit's event time may be (clock skew).
+pub const EVENT_TIME_FUTURE_MS_MAX: i64 = 5_000;
+/// How long one call to the regional store may take before the request fails with UNAVAILABLE.
+pub const STORE_TIMEOUT_MS_DEFAULT: u64 = 250;
+/// Credits an edge leases per account in cached mode.
+pub const LEASE_CREDITS_DEFAULT: i64 = 100;
+/// A lease's life without a settlement; settling renews it.
+pub const LEASE_TTL_MS_DEFAULT: i64 = 60_000;
+/// A lease with no decision for this long goes back to the region.
+pub const LEASE_IDLE_MS_DEFAULT: i64 = 15_000;
+/// Decisions waiting to be flushed, across all accounts; beyond it cached mode refuses with
+/// UNAVAILABLE rather than grow without bound while the region is unreachable.
+pub const PENDING_ENTRIES_MAX: usize = 200_000;
+/// Keys a lease remembers to answer replays locally (per account, most recent first).
+pub const LEASE_RECENT_KEYS_MAX: usize = 4_096;
+
+#[derive(Clone, Debug)]
+pub struct EdgeSettings {
+    pub region: RegionId,
+    /// This node's name in lease ids; by default host name, process id and start time.
+    pub node_id: Option<String>,
+    pub flush_interval_ms: u64,
+    pub price_poll_ms: u64,
+    pub unknown_account_ttl_ms: i64,
+    pub account_summary_ttl_ms: i64,
+    pub reverse_window_ms: i64,
+    pub store_timeout_ms: u64,
+    pub lease_credits: Credits,
+    pub lease_ttl_ms: i64,
+    pub lease_idle_ms: i64,
+    pub pending_entries_max: usize,
+}
+
+impl EdgeSettings {
+    pub fn new(region: RegionId) -> Self {
+        EdgeSettings {
+            region,
+            node_id: None,
+            flush_interval_ms: FLUSH_INTERVAL_MS_DEFAULT,
+            price_poll_ms: PRICE_POLL_MS_DEFAULT,
+            unknown_account_ttl_ms: UNKNOWN_ACCOUNT_TTL_MS_DEFAULT,
+            account_summary_ttl_ms: ACCOUNT_SUMMARY_TTL_MS_DEFAULT,
+            reverse_window_ms: REVERSE_WINDOW_MS_DEFAULT,
+            store_timeout_ms: STORE_TIMEOUT_MS_DEFAULT,
+            lease_credits: Credits::from_micros(LEASE_CREDITS_DEFAULT * 1_000_000),
+            lease_ttl_ms: LEASE_TTL_MS_DEFAULT,
+            lease_idle_ms: LEASE_IDLE_MS_DEFAULT,
+            pending_entries_max: PENDING_ENTRIES_MAX,
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Tollgate's wire contract: the code generated from `proto/tollgate/v1` (module [`pb`]),
+//! validated conversions from wire messages into core types ([`decode`]: every field checked
+//! once, the offending field named in `INVALID_ARGUMENT`), and [`error`], the one table that
+//! maps Tollgate's error codes to gRPC status codes.
+//!
+//! It depends on `tollgate-core` and tonic/prost only; never on stores or services.
+
+pub mod decode;
+pub mod error;
+
+/// Generated messages and services of package `tollgate.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("tollgate.v1");
+}
+
+/// The encoded file descriptor set of the contract, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("tollgate_v1_descriptor");
+
+pub use error::{ErrorCode, ServiceError};

@@ -1,0 +1,8 @@
+-- Publish a document (price book or account summary) and its change notice in one step.
+-- KEYS[1]: the document; KEYS[2]: its generation counter ('' for none).
+-- ARGV: the document, the notice channel, the notice. Returns the new generation (0 for none).
+redis.call('SET', KEYS[1], ARGV[1])
+local generation = 0
+if KEYS[2] ~= nil and KEYS[2] ~= '' then generation = redis.call('INCR', KEYS[2]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return generation

@@ -1,0 +1,26 @@
+-- The account as this region sees it (after settling what has come due). ARGV: now, retain_ms.
+-- Returns {od_limit, od_used, held, holds_pending, leased, leases, segment...} with segments as
+-- "id/remaining/priority/expires_at/effective_at/scope".
+local acct = load_account(false)
+sweep(NOW, acct)
+local od_limit, od_used = acct.od_limit, acct.od_used
+local held, pending = 0, 0
+local flat = redis.call('HGETALL', K_HOLDS)
+for i = 1, #flat, 2 do
+  local hold = parse_hold(flat[i + 1])
+  if hold.status == 'pending' then held = held + hold.amount; pending = pending + 1 end
+end
+local leased, leases = 0, 0
+flat = redis.call('HGETALL', K_LEASES)
+for i = 1, #flat, 2 do
+  local lease = parse_lease(flat[i + 1])
+  leases = leases + 1
+  leased = leased + lease.overdraft
+  for _, s in ipairs(lease.slices) do leased = leased + s.amount end
+end
+local out = { fmt(od_limit), fmt(od_used), fmt(held), fmt(pending), fmt(leased), fmt(leases) }
+for _, seg in ipairs(load_segments()) do
+  local expires_text = (seg.expires and fmt(seg.expires)) or ''
+  out[#out + 1] = table.concat({ seg.id, fmt(seg.remaining), fmt(seg.priority), expires_text, fmt(seg.effective), seg.scope_text }, '/')
+end
+return out

@@ -1,0 +1,474 @@
+//! Commands, outcomes and records of the regional store, shared by both implementations.
+
+use std::fmt;
+
+use tollgate_core::{
+    AccountId, ActorId, Credits, Draw, FeatureKey, GrantId, HoldId, IdempotencyKey, LeaseId,
+    PriceRule, Scope, Timestamp,
+};
+
+/// Largest amount the regional store holds for one account, in micro-credits: 2^53 − 1, the
+/// largest integer Lua's numbers (doubles) hold exactly. That is about nine billion credits.
+pub const REGION_MICROS_MAX: i64 = (1 << 53) - 1;
+/// How long idempotency keys and ended holds are remembered, by default (24 hours).
+pub const RETAIN_MS_DEFAULT: i64 = 24 * 3_600_000;
+/// Most usage entries settled from a lease in one call.
+pub const LEASE_SETTLE_ENTRIES_MAX: usize = 512;
+/// Most usage records returned by one read of the usage stream.
+pub const USAGE_READ_MAX: usize = 1_000;
+
+/// A slice of a grant the authority has handed to this region.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SegmentSpec {
+    pub grant_id: GrantId,
+    pub amount: Credits,
+    pub priority: u32,
+    pub effective_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub scope: Scope,
+}
+
+/// A segment as the region holds it now (or a slice of one in a lease).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub grant_id: GrantId,
+    pub remaining: Credits,
+    pub priority: u32,
+    pub effective_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub scope: Scope,
+}
+
+impl Segment {
+    pub fn is_active_at(&self, at: Timestamp) -> bool {
+        self.effective_at <= at && self.expires_at.is_none_or(|expires_at| at < expires_at)
+    }
+}
+
+/// The price a decision was made at, carried to the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PriceTag {
+    pub version: u64,
+    pub rule: PriceRule,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DebitCommand {
+    pub account: AccountId,
+    pub key: IdempotencyKey,
+    pub feature: FeatureKey,
+    pub cost: Credits,
+    pub now: Timestamp,
+    pub actor: Option<ActorId>,
+    pub price: PriceTag,
+}
+
+/// Why credits were not spent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Segments and overdraft room could not pay.
+    Insufficient {
+        available: Credits,
+        shortfall: Credits,
+    },
+    /// The feature's token bucket is short; `retry_after_ms` is `None` when the cost is above
+    /// the bucket's burst and can never pass.
+    RateLimited {
+        feature: FeatureKey,
+        retry_after_ms: Option<u64>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    pub draws: Vec<Draw>,
+    pub overdraft: Credits,
+    /// Credits left in the account's segments in this region after the decision.
+    pub pool: Credits,
+    pub usage_id: UsageId,
+    /// The event time the decision was made at (a reversal's window counts from it).
+    pub at: Timestamp,
+    /// True when this is the first result returned again for a repeated idempotency key.
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DebitOutcome {
+    Allowed(Allowed),
+    Refused(Refusal),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthorizeCommand {
+    pub account: AccountId,
+    pub key: IdempotencyKey,
+    pub hold_id: HoldId,
+    pub feature: FeatureKey,
+    pub cost: Credits,
+    pub now: Timestamp,
+    pub expires_at: Timestamp,
+    pub actor: Option<ActorId>,
+    pub price: PriceTag,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldPlaced {
+    pub draws: Vec<Draw>,
+    pub overdraft: Credits,
+    pub expires_at: Timestamp,
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthorizeOutcome {
+    Held(HoldPlaced),
+    Refused(Refusal),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureCommand {
+    pub account: AccountId,
+    pub key: IdempotencyKey,
+    pub hold_id: HoldId,
+    /// At most the held amount; `None` captures all of it.
+    pub amount: Option<Credits>,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Captured {
+    pub draws: Vec<Draw>,
+    pub overdraft: Credits,
+    /// What went back to the segments.
+    pub released: Credits,
+    pub usage_id: UsageId,
+    pub replayed: bool,
+}
+
+/// Why a capture or release was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HoldRefusal {
+    UnknownHold,
+    AlreadyCaptured,
+    AlreadyReleased,
+    Expired,
+    ExceedsHold { held: Credits },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaptureOutcome {
+    Captured(Captured),
+    Refused(HoldRefusal),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleaseCommand {
+    pub account: AccountId,
+    pub key: IdempotencyKey,
+    pub hold_id: HoldId,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    Released { amount: Credits, replayed: bool },
+    Refused(HoldRefusal),
+}
+
+/// Undo a debit, named by its idempotency key, within `window_ms` of its event time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReverseCommand {
+    pub account: AccountId,
+    /// The reversal's own key: a repeated reversal returns the first result.
+    pub key: IdempotencyKey,
+    pub debit_key: IdempotencyKey,
+    pub now: Timestamp,
+    pub window_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReverseRefusal {
+    /// No debit under that key (never made, or forgotten after the retention).
+    UnknownDebit,
+    WindowClosed,
+    AlreadyReversed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReverseOutcome {
+    Reversed {
+        amount: Credits,
+        usage_id: UsageId,
+        replayed: bool,
+    },
+    Refused(ReverseRefusal),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRequest {
+    pub account: AccountId,
+    pub key: IdempotencyKey,
+    pub lease_id: LeaseId,
+    pub amount: Credits,
+    pub now: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// What an edge node holds after taking or topping up its lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// What this call added.
+    pub granted: Credits,
+    /// Overdraft room the lease holds in all.
+    pub overdraft: Credits,
+    pub expires_at: Timestamp,
+    /// Every slice the lease holds, with its segment's priority, window and scope.
+    pub slices: Vec<Segment>,
+    pub replayed: bool,
+}
+
+/// One decision an edge node made from its lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseUsage {
+    pub key: IdempotencyKey,
+    pub feature: FeatureKey,
+    pub at: Timestamp,
+    pub draws: Vec<Draw>,
+    pub overdraft: Credits,
+    pub actor: Option<ActorId>,
+    pub price: PriceTag,
+}
+
+impl LeaseUsage {
+    pub fn cost(&self) -> Credits {
+        Credits::checked_sum(self.draws.iter().map(|d| d.amount).chain([self.overdraft]))
+            .unwrap_or(Credits::MAX)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseSettlement {
+    pub account: AccountId,
+    pub lease_id: LeaseId,
+    pub now: Timestamp,
+    /// The lease's new expiry (settling keeps a live edge's lease alive).
+    pub expires_at: Timestamp,
+    pub entries: Vec<LeaseUsage>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettleStatus {
+    Recorded(UsageId),
+    /// The key was charged already (by this or another edge): nothing is charged again and the
+    /// edge credits the amount back to its lease.
+    Duplicate,
+    /// The entry does not fit the lease (a bug in the edge); nothing is charged.
+    Rejected(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled(Vec<SettleStatus>),
+    /// The lease expired and went back to the segments before this settlement arrived.
+    NoLease,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RatePeriod {
+    Second,
+    Minute,
+    Hour,
+}
+
+impl RatePeriod {
+    pub const fn millis(self) -> i64 {
+        match self {
+            RatePeriod::Second => 1_000,
+            RatePeriod::Minute => 60_000,
+            RatePeriod::Hour => 3_600_000,
+        }
+    }
+}
+
+/// A token bucket of credits: `amount` per `period`, holding at most `burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub amount: Credits,
+    pub period: RatePeriod,
+    pub burst: Credits,
+}
+
+/// The account as one region sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountView {
+    pub segments: Vec<Segment>,
+    pub overdraft_limit: Credits,
+    pub overdraft_used: Credits,
+    /// Credits set aside by pending holds.
+    pub held: Credits,
+    pub holds_pending: u64,
+    /// Credits out on edge nodes' leases.
+    pub leased: Credits,
+    pub leases: u64,
+}
+
+impl AccountView {
+    /// Credits left in the segments (not held, not leased).
+    pub fn pool(&self) -> Credits {
+        Credits::checked_sum(self.segments.iter().map(|s| s.remaining)).unwrap_or(Credits::MAX)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UsageId(pub String);
+
+impl fmt::Display for UsageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageKind {
+    Debit,
+    Capture,
+    /// A debit undone: its draws go back (the ledger refunds it); `key` is the debit's key.
+    Reverse,
+}
+
+/// One decision that moved credits, as the authority reads it from the usage stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub id: UsageId,
+    pub kind: UsageKind,
+    pub account: AccountId,
+    pub key: IdempotencyKey,
+    pub feature: FeatureKey,
+    /// The event time: the decision's, or the authorization's for a capture.
+    pub at: Timestamp,
+    pub cost: Credits,
+    pub draws: Vec<Draw>,
+    pub overdraft: Credits,
+    /// Credits left in the account's segments after this decision, so the authority knows when
+    /// to refill.
+    pub pool: Credits,
+    pub overdraft_room: Credits,
+    pub actor: Option<ActorId>,
+    pub price: PriceTag,
+    pub hold_id: Option<HoldId>,
+    pub lease_id: Option<LeaseId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInstalled {
+    pub remaining: Credits,
+    pub pool: Credits,
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TakenBack {
+    pub taken: Credits,
+    pub remaining: Credits,
+    pub pool: Credits,
+    pub replayed: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegionError {
+    #[error("idempotency key was used before for a different request")]
+    IdempotencyConflict,
+    #[error("{field}: {value} is outside 0..={max} micro-credits, the regional store's range", max = REGION_MICROS_MAX)]
+    OutOfRange { field: &'static str, value: Credits },
+    #[error("the account's pool would exceed the regional store's range (pool {pool})")]
+    PoolFull { pool: Credits },
+    #[error("hold already exists")]
+    HoldExists,
+    #[error("too many lease entries: {count}, at most {max}", max = LEASE_SETTLE_ENTRIES_MAX)]
+    TooManyEntries { count: usize },
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("unreadable data from the store: {0}")]
+    Corrupt(String),
+}
+
+/// Checks that an amount fits the regional store's exact range.
+pub fn check_amount(field: &'static str, value: Credits) -> Result<(), RegionError> {
+    if value.is_negative() || value.micros() > REGION_MICROS_MAX {
+        return Err(RegionError::OutOfRange { field, value });
+    }
+    Ok(())
+}
+
+/// How an account's decisions are made by default (a request may override it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnforcementMode {
+    /// One atomic call on the regional store per decision.
+    #[default]
+    Strict,
+    /// Decisions from the edge's in-memory lease, flushed to the region every few milliseconds.
+    Cached,
+}
+
+/// What the authority publishes about an account into every region: what an edge needs to
+/// price and decide, and the balance as the ledger last saw it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccountSummary {
+    pub account: AccountId,
+    pub created_at: Timestamp,
+    pub plan: Option<tollgate_core::PlanId>,
+    pub mode: EnforcementMode,
+    /// The account's contracts, periods never overlapping; pricing uses the one active at the
+    /// decision's time.
+    #[serde(default)]
+    pub contracts: Vec<tollgate_core::Contract>,
+    /// The ledger's balance when this summary was published.
+    pub balance: Credits,
+    pub overdraft_limit: Credits,
+    /// Features with a token bucket in the regional store; edges decide these in strict mode so
+    /// the bucket stays exact across edges.
+    #[serde(default)]
+    pub rate_limited: std::collections::BTreeSet<FeatureKey>,
+    pub published_at: Timestamp,
+}
+
+impl AccountSummary {
+    /// The contract in force at `at`, if any.
+    pub fn contract_at(&self, at: Timestamp) -> Option<&tollgate_core::Contract> {
+        self.contracts.iter().find(|c| c.is_active_at(at))
+    }
+}
+
+/// A change notice: what to reload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    PriceBook,
+    Account(AccountId),
+}
+
+/// A price book as published, with a generation that grows with every publication.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedPriceBook {
+    pub generation: u64,
+    pub book: tollgate_core::PriceBook,
+}
+
+/// A bucket must refill (amount > 0) and hold at least one credit's worth of micro-credits.
+pub(crate) fn check_rate_limit(limit: &RateLimit) -> Result<(), RegionError> {
+    check_amount("rate_limit.amount", limit.amount)?;
+    check_amount("rate_limit.burst", limit.burst)?;
+    if !limit.amount.is_positive() {
+        return Err(RegionError::OutOfRange {
+            field: "rate_limit.amount",
+            value: limit.amount,
+        });
+    }
+    if !limit.burst.is_positive() {
+        return Err(RegionError::OutOfRange {
+            field: "rate_limit.burst",
+            value: limit.burst,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! Many short seeded runs with faults, each checked after every step and exactly at the end;
+//! and a seed replayed twice gives the same trace.
+//!
+//! The seeds are split over four tests so the test harness runs them in parallel.
+
+use tollgate_sim::{run, Config};
+
+/// Steps per seed: short runs, many seeds.
+const OPS: u64 = 200;
+/// Seeds per test; four tests make 200 seeds.
+const SEEDS_PER_TEST: u64 = 50;
+
+fn seeds(first: u64) {
+    for seed in first..first + SEEDS_PER_TEST {
+        if let Err(failure) = run(Config::new(seed, OPS)) {
+            panic!("{failure}");
+        }
+    }
+}
+
+#[test]
+fn seeds_0_to_49_keep_every_invariant() {
+    seeds(0);
+}
+
+#[test]
+fn seeds_50_to_99_keep_every_invariant() {
+    seeds(50);
+}
+
+#[test]
+fn seeds_100_to_149_keep_every_invariant() {
+    seeds(100);
+}
+
+#[test]
+fn seeds_150_to_199_keep_every_invariant() {
+    seeds(150);
+}
+
+#[test]
+fn a_seed_replays_the_same_trace() {
+    for seed in [3, 18, 1_000_003] {
+        let first = run(Config::new(seed, 300)).unwrap_or_else(|f| panic!("{f}"));
+        let second = run(Config::new(seed, 300)).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(first.trace_hash, second.trace_hash, "seed {seed}");
+        assert_eq!(first.steps, 300);
+        assert_eq!(first.faults, second.faults, "seed {seed}");
+        assert_eq!(first.checks, second.checks, "seed {seed}");
+    }
+    // Different seeds are different runs.
+    let a = run(Config::new(5, 100)).unwrap_or_else(|f| panic!("{f}"));
+    let b = run(Config::new(6, 100)).unwrap_or_else(|f| panic!("{f}"));
+    assert_ne!(a.trace_hash, b.trace_hash);
+}
+
+#[test]
+fn a_run_without_faults_loses_nothing() {
+    for seed in 0..10 {
+        let mut config = Config::new(seed, OPS);
+        config.faults = false;
+        let report = run(config).unwrap_or_else(|f| panic!("{f}"));
+        assert!(report.faults.is_empty());
+        assert_eq!(
+            (report.lost_crash_entries, report.lost_edge_entries),
+            (0, 0)
+        );
+    }
+}

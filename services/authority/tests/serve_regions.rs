@@ -1,0 +1,200 @@
+//! `tollgate-authority serve` with a configured region, as a real process on PostgreSQL and a
+//! redis-server of the test's own: prices, an account and a grant through Admin; an edge in
+//! this test whose cold path asks this authority over gRPC; the debit reconciled into the
+//! ledger by the authority's background loop; then SIGTERM.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate_core::{AccountId, FeatureKey, IdempotencyKey, Quantity, RegionId};
+use tollgate_edge::coordination::AuthorityClient;
+use tollgate_edge::{DebitRequest, Decision, EdgeSettings, Engine, Spend, SystemClock};
+use tollgate_proto::pb;
+use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
+use tollgate_testkit::process::free_port;
+use tollgate_testkit::{PostgresServer, RedisServer};
+use tonic::transport::Channel;
+
+const ADMIN_KEY: &str = "serve-admin-key";
+/// How long the test waits for the background loop to reconcile (it runs every 200 ms).
+const RECONCILED_WITHIN_MS: u64 = 30_000;
+
+/// The authority process this test started; ended by its own id if the test fails half way.
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_KEY}").parse().unwrap(),
+    );
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reconciles_allocates_and_answers_the_cold_path_for_a_configured_region() {
+    let postgres = PostgresServer::start().unwrap();
+    let redis = RedisServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("authority.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[[regions]]\nname = \"eu\"\nredis_url = \"{}\"\nkey_prefix = \"tg:eu\"\n",
+            postgres.url(),
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut node = Node(
+        Command::new(env!("CARGO_BIN_EXE_tollgate-authority"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("TOLLGATE_LISTEN", &listen)
+            .env("TOLLGATE_ADMIN_API_KEY", ADMIN_KEY)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let channel = loop {
+        if let Ok(channel) = Channel::from_shared(format!("http://{listen}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            break channel;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the authority did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut admin = pb::admin_client::AdminClient::new(channel);
+    admin
+        .define_feature(request(pb::DefineFeatureRequest {
+            idempotency_key: "f1".into(),
+            feature: Some(pb::Feature {
+                feature: "chat".into(),
+                unit: "message".into(),
+                description: String::new(),
+            }),
+        }))
+        .await
+        .unwrap();
+    admin
+        .publish_price_book_version(request(pb::PublishPriceBookVersionRequest {
+            idempotency_key: "p1".into(),
+            version: Some(pb::PriceBookVersion {
+                version: 1,
+                effective_from: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                default_rates: Some(pb::RateTable {
+                    rates: [("chat".to_owned(), "0.5".to_owned())].into(),
+                }),
+                ..pb::PriceBookVersion::default()
+            }),
+        }))
+        .await
+        .unwrap();
+    admin
+        .create_account(request(pb::CreateAccountRequest {
+            idempotency_key: "a1".into(),
+            account_id: "acme".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    admin
+        .issue_grant(request(pb::IssueGrantRequest {
+            idempotency_key: "g1".into(),
+            account_id: "acme".into(),
+            grant_id: "bought".into(),
+            amount: "100".into(),
+            source: pb::GrantSource::Purchase.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+
+    // An edge of region eu: the account is cold there, so it asks this authority.
+    let store = Arc::new(
+        RedisRegionStore::connect(&redis.url(), "tg:eu", RETAIN_MS_DEFAULT)
+            .await
+            .unwrap(),
+    );
+    let eu = RegionId::new("eu").unwrap();
+    let client = AuthorityClient::new(
+        &format!("http://{listen}"),
+        eu.clone(),
+        Some(ADMIN_KEY),
+        "edge-t".into(),
+    )
+    .unwrap();
+    let engine = Engine::new(store, EdgeSettings::new(eu), Arc::new(SystemClock))
+        .with_allocator(Arc::new(client));
+    let debit = DebitRequest {
+        account: AccountId::new("acme").unwrap(),
+        key: IdempotencyKey::new("d1").unwrap(),
+        feature: FeatureKey::new("chat").unwrap(),
+        spend: Spend::Quantity(Quantity::parse("3").unwrap()),
+        actor: None,
+        mode: None,
+        event_time: None,
+    };
+    let decided = engine.debit(debit).await.unwrap();
+    assert!(matches!(&decided, Decision::Done(_)), "{decided:?}");
+
+    let deadline = Instant::now() + Duration::from_millis(RECONCILED_WITHIN_MS);
+    let balance = loop {
+        let reply = admin
+            .get_balance(request(pb::AdminGetBalanceRequest {
+                account_id: "acme".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let balance = reply.balance.unwrap().balance;
+        if balance != "100" || Instant::now() > deadline {
+            break balance;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        balance, "98.5",
+        "the authority reconciled the region's debit into the ledger"
+    );
+
+    let pid = node.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stop_deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = node.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < stop_deadline,
+            "serve did not stop after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
