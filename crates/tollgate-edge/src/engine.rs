@@ -13,9 +13,10 @@ use tollgate_core::{
     Rate, Timestamp,
 };
 use tollgate_region::{
-    AccountSummary, AuthorizeCommand, AuthorizeOutcome, CaptureCommand, CaptureOutcome,
-    DebitCommand, DebitOutcome, EnforcementMode, HoldRefusal, PriceTag, Refusal, RegionStore,
-    ReleaseCommand, ReleaseOutcome, ReverseCommand, ReverseOutcome, ReverseRefusal, UsageId,
+    check_amount, AccountSummary, AuthorizeCommand, AuthorizeOutcome, CaptureCommand,
+    CaptureOutcome, DebitCommand, DebitOutcome, EnforcementMode, HoldRefusal, PriceTag, Refusal,
+    RegionStore, ReleaseCommand, ReleaseOutcome, ReverseCommand, ReverseOutcome, ReverseRefusal,
+    UsageId,
 };
 use tracing::warn;
 
@@ -30,6 +31,23 @@ use crate::settings::{EdgeSettings, EVENT_TIME_FUTURE_MS_MAX, EVENT_TIME_PAST_MS
 pub enum Spend {
     Quantity(Quantity),
     Cost(Credits),
+}
+
+impl Spend {
+    /// The request field the spend came from, named when its cost is out of range.
+    fn field(self) -> &'static str {
+        match self {
+            Spend::Quantity(_) => "usage.quantity",
+            Spend::Cost(_) => "usage.cost",
+        }
+    }
+}
+
+/// The regional store keeps amounts exact only up to `REGION_MICROS_MAX` and refuses a cost
+/// beyond it; checked before spending, so that the refusal names the caller's field (the
+/// store's own check names its `cost`, and a lease top-up its `amount`).
+fn check_cost(spend: Spend, priced: &Priced) -> Result<(), EngineError> {
+    check_amount(spend.field(), priced.cost).map_err(EngineError::from)
 }
 
 /// The price a request was decided at.
@@ -456,6 +474,7 @@ impl<S: RegionStore> Engine<S> {
             Ok(priced) => priced,
             Err(refused) => return Ok(Decision::Refused(refused)),
         };
+        check_cost(request.spend, &priced)?;
         let mode = request.mode.unwrap_or(summary.mode);
         // A feature with a token bucket is decided in strict mode, so the bucket stays exact.
         if mode == EnforcementMode::Cached && !summary.rate_limited.contains(&request.feature) {
@@ -570,6 +589,7 @@ impl<S: RegionStore> Engine<S> {
             Ok(priced) => priced,
             Err(refused) => return Ok(Decision::Refused(refused)),
         };
+        check_cost(request.spend, &priced)?;
         // The hold's id is derived from the caller's key, so a replay names the same hold.
         let hold_id = HoldId::new(format!("h.{}", hex_digest(request.key.as_str())))
             .map_err(|e| EngineError::Internal(format!("hold id: {e}")))?;
