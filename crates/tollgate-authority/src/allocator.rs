@@ -374,14 +374,16 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         Ok(())
     }
 
-    /// Takes back what a region holds of one grant (all of it), counting it given back.
+    /// Takes back what a region holds of one grant (all of it), counting it given back. With
+    /// `reconciled`, nothing is taken while the region has usage of the account beyond it.
     pub(crate) async fn take_back_grant(
         &self,
         region: &RegionId,
         account: &AccountId,
         grant: &tollgate_core::GrantId,
+        reconciled: Option<u64>,
         now: Timestamp,
-    ) -> Result<Credits> {
+    ) -> Result<tollgate_region::TakenBack> {
         let key = derived_key(
             "takeback",
             &[
@@ -389,6 +391,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 account.as_str(),
                 grant.as_str(),
                 &now.millis().to_string(),
+                &reconciled.map(|n| n.to_string()).unwrap_or_default(),
             ],
         )?;
         let taken = self
@@ -398,6 +401,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 &key,
                 grant,
                 Credits::from_micros(tollgate_region::REGION_MICROS_MAX),
+                reconciled,
                 now,
             )
             .await
@@ -407,11 +411,18 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 .add_taken_back(region, account, grant.as_str(), taken.taken.micros())
                 .await?;
         }
-        Ok(taken.taken)
+        Ok(taken)
     }
 
     /// Takes back every allocation a region has not used for `idle_ms`: the region asks again
     /// (cold path) when the account comes back.
+    ///
+    /// Only once the region's usage of the account is all reconciled: a reversal gives its
+    /// draws back to the region's segments at once, while the ledger counts them spent until
+    /// it reconciles the debit and then the reversal. Credits taken back in between and
+    /// allocated to another region could be spent and reconciled there first, and the debit
+    /// would then find its grant empty. The region checks the condition in the take-back
+    /// itself, so usage arriving after the view below is caught too.
     pub async fn take_back_idle(&self) -> Result<usize> {
         let now = self.clock.now();
         let idle_before = now.millis() - self.settings.idle_ms;
@@ -433,9 +444,29 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 .view(&seen.account, now)
                 .await
                 .map_err(|e| AuthorityError::region(&seen.region, e))?;
+            let reconciled = self.state.usage_seq(&seen.region, &seen.account).await?;
+            if view.usage_seq > reconciled {
+                debug!(region = %seen.region, account = %seen.account, "idle, but usage is not reconciled yet");
+                continue;
+            }
+            let mut complete = true;
             for segment in &view.segments {
-                self.take_back_grant(&seen.region, &seen.account, &segment.grant_id, now)
+                let taken = self
+                    .take_back_grant(
+                        &seen.region,
+                        &seen.account,
+                        &segment.grant_id,
+                        Some(reconciled),
+                        now,
+                    )
                     .await?;
+                if taken.unreconciled > 0 {
+                    complete = false;
+                    break;
+                }
+            }
+            if !complete {
+                continue;
             }
             let room = view
                 .overdraft_limit

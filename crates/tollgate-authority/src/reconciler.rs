@@ -193,6 +193,21 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         self.state
             .record_usage_effects(region, &effects, now)
             .await?;
+        // Applied or parked, every record of the batch is now the ledger's or an operator's
+        // business: take-backs may count on it (see `take_back_idle`).
+        let mut seqs: std::collections::BTreeMap<&AccountId, u64> = Default::default();
+        for record in &batch.records {
+            let seq = seqs.entry(&record.account).or_default();
+            *seq = (*seq).max(record.seq);
+        }
+        let seqs: Vec<(AccountId, u64)> = seqs
+            .into_iter()
+            .filter(|(_, seq)| *seq > 0)
+            .map(|(account, seq)| (account.clone(), seq))
+            .collect();
+        if !seqs.is_empty() {
+            self.state.record_usage_seq(region, &seqs).await?;
+        }
         let mut accounts: Vec<AccountId> =
             batch.records.iter().map(|r| r.account.clone()).collect();
         accounts.sort();

@@ -333,7 +333,9 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let now = self.clock.now();
         let regions: Vec<RegionId> = self.regions.keys().cloned().collect();
         for region in &regions {
-            self.take_back_grant(region, account, grant, now).await?;
+            // The grant is closed in the ledger: its segments are dead in the regions too.
+            self.take_back_grant(region, account, grant, None, now)
+                .await?;
         }
         self.state
             .forget_allocations_of(account, grant.as_str())

@@ -45,6 +45,8 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS authority_install_intents (idempotency_key TEXT PRIMARY KEY, \
      region TEXT NOT NULL, account_id TEXT NOT NULL, grant_id TEXT NOT NULL, \
      amount BIGINT NOT NULL, body TEXT NOT NULL, created_ms BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS authority_usage_seq (region TEXT NOT NULL, \
+     account_id TEXT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (region, account_id))",
     "CREATE TABLE IF NOT EXISTS authority_region_accounts (region TEXT NOT NULL, \
      account_id TEXT NOT NULL, pool BIGINT NOT NULL, burn_micros_per_s BIGINT NOT NULL, \
      last_usage_ms BIGINT NOT NULL, last_allocation_ms BIGINT NOT NULL, \
@@ -672,6 +674,46 @@ impl StateStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(region_account_of).collect()
+    }
+
+    /// Remembers, per account, the highest usage record number of a region that is reconciled
+    /// (applied, or parked for an operator). Never moves back.
+    pub async fn record_usage_seq(
+        &self,
+        region: &RegionId,
+        seqs: &[(AccountId, u64)],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (account, seq) in seqs {
+            sqlx::query(
+                "INSERT INTO authority_usage_seq (region, account_id, seq) VALUES ($1, $2, $3) \
+                 ON CONFLICT (region, account_id) DO UPDATE SET seq = CASE \
+                 WHEN excluded.seq > authority_usage_seq.seq THEN excluded.seq \
+                 ELSE authority_usage_seq.seq END",
+            )
+            .bind(region.as_str())
+            .bind(account.as_str())
+            .bind(i64::try_from(*seq).map_err(AuthorityError::corrupt)?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The highest usage record number of the account reconciled from the region (0: none).
+    pub async fn usage_seq(&self, region: &RegionId, account: &AccountId) -> Result<u64> {
+        let row = sqlx::query(
+            "SELECT seq FROM authority_usage_seq WHERE region = $1 AND account_id = $2",
+        )
+        .bind(region.as_str())
+        .bind(account.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => u64::try_from(int(&row, "seq")?).map_err(AuthorityError::corrupt),
+            None => Ok(0),
+        }
     }
 
     pub async fn forget_region_account(

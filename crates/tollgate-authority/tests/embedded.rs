@@ -292,6 +292,60 @@ async fn credits_a_reversal_gave_back_can_be_spent_again_in_the_same_batch() {
     assert!(world.ledger.verify(None).await.unwrap().is_clean());
 }
 
+/// Found by the simulation (`tollgate-sim`, seed 7, step 121,232 of a long run): a region
+/// debits and reverses; before either is reconciled the account goes idle there, and the
+/// take-back found the reversed credits back in the segment. Handed to another region, spent
+/// and reconciled there first, they left the first region's debit an empty grant: parked. The
+/// take-back now waits until the region's usage of the account is reconciled.
+#[tokio::test]
+async fn credits_a_reversal_gave_back_stay_in_the_region_until_it_is_reconciled() {
+    let world = World::start(&["eu", "us"], 0, 10, 10).await;
+    world.allocate("us").await;
+    assert_eq!(world.held("us").await.0, 10 * MICROS);
+    assert!(world.debit("us", "spent", 4).await);
+    let reversed = world
+        .store("us")
+        .reverse(&tollgate_region::ReverseCommand {
+            account: acct(),
+            key: key("undo-spent"),
+            debit_key: key("spent"),
+            now: world.clock.now(),
+            window_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(reversed, tollgate_region::ReverseOutcome::Reversed { .. }),
+        "{reversed:?}"
+    );
+
+    // Idle long enough, but the debit and its reversal are still in the stream.
+    world.clock.advance_ms(61_000);
+    assert_eq!(world.node.take_back_idle().await.unwrap(), 0);
+    assert_eq!(world.held("us").await.0, 10 * MICROS);
+    world.allocate("eu").await;
+    assert_eq!(world.held("eu").await.0, 0, "nothing is free for eu");
+    world.assert_never_over_allocated().await;
+
+    let report = world.node.reconcile_once(&region("us")).await.unwrap();
+    assert_eq!(
+        (report.applied, report.reversed, report.parked),
+        (1, 1, 0),
+        "{report:?}"
+    );
+    world.clock.advance_ms(61_000);
+    assert!(world.node.take_back_idle().await.unwrap() >= 1);
+    assert_eq!(world.held("us").await.0, 0);
+    world.allocate("eu").await;
+    assert_eq!(world.held("eu").await.0, 10 * MICROS);
+    assert!(world.debit("eu", "all", 10).await);
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(world.node.state().parked_count().await.unwrap(), 0);
+    let snapshot = world.ledger.account(&acct()).await.unwrap();
+    assert_eq!(snapshot.balance.micros(), 0);
+    assert!(world.ledger.verify(None).await.unwrap().is_clean());
+}
+
 #[tokio::test]
 async fn two_regions_never_hold_more_than_the_grants_and_an_idle_one_gives_back() {
     // A 15-credit grant, two regions targeted at 10 each: the second gets what is left.

@@ -155,7 +155,7 @@ pub async fn segments_install_top_up_and_take_back<S: RegionStore>(store: &S) {
         .unwrap();
 
     let taken = store
-        .take_back(&a, &key("t1"), &grant("g1"), credits("20"), at(1))
+        .take_back(&a, &key("t1"), &grant("g1"), credits("20"), None, at(1))
         .await
         .unwrap();
     assert_eq!(
@@ -860,6 +860,115 @@ pub async fn out_of_range_amounts_are_refused<S: RegionStore>(store: &S) {
 
 /// A debit is undone by its key within the window: its credits go back and a reverse record
 /// reaches the usage stream. A second reversal, a late one, or an unknown key are refused.
+/// Usage records are numbered per account, and a conditional take-back takes nothing while the
+/// account has records beyond what the caller has reconciled: a reversal there gave back
+/// credits the ledger still counts as spent.
+pub async fn take_back_waits_until_usage_is_reconciled<S: RegionStore>(store: &S) {
+    let a = account("acct-useq");
+    install(store, &a, segment("g", "10", 50, None)).await;
+    store.create_usage_group("authority").await.unwrap();
+    assert_eq!(store.view(&a, at(1)).await.unwrap().usage_seq, 0);
+    allowed(
+        store
+            .debit(&debit_command(&a, "k1", "gen", "4", at(1_000)))
+            .await
+            .unwrap(),
+    );
+    let reversed = store
+        .reverse(&ReverseCommand {
+            account: a.clone(),
+            key: key("r1"),
+            debit_key: key("k1"),
+            now: at(1_001),
+            window_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(reversed, ReverseOutcome::Reversed { .. }));
+    let view = store.view(&a, at(1_002)).await.unwrap();
+    assert_eq!((view.usage_seq, view.pool()), (2, credits("10")));
+    let records = store
+        .read_usage("authority", "reconciler-1", 10)
+        .await
+        .unwrap();
+    let numbered: Vec<(UsageKind, u64)> = records.iter().map(|r| (r.kind, r.seq)).collect();
+    assert_eq!(numbered, [(UsageKind::Debit, 1), (UsageKind::Reverse, 2)]);
+
+    let early = store
+        .take_back(
+            &a,
+            &key("t1"),
+            &grant("g"),
+            credits("10"),
+            Some(1),
+            at(1_003),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (early.taken, early.remaining, early.unreconciled),
+        (Credits::ZERO, credits("10"), 1),
+        "the reversal is not reconciled: nothing comes back"
+    );
+    assert_eq!(
+        store.view(&a, at(1_004)).await.unwrap().pool(),
+        credits("10")
+    );
+    let reconciled = store
+        .take_back(
+            &a,
+            &key("t2"),
+            &grant("g"),
+            credits("6"),
+            Some(2),
+            at(1_005),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            reconciled.taken,
+            reconciled.remaining,
+            reconciled.unreconciled
+        ),
+        (credits("6"), credits("4"), 0)
+    );
+    let unconditional = store
+        .take_back(&a, &key("t3"), &grant("g"), credits("1"), None, at(1_006))
+        .await
+        .unwrap();
+    assert_eq!(
+        (unconditional.taken, unconditional.unreconciled),
+        (credits("1"), 0)
+    );
+    let replay = store
+        .take_back(
+            &a,
+            &key("t1"),
+            &grant("g"),
+            credits("10"),
+            Some(1),
+            at(1_007),
+        )
+        .await
+        .unwrap();
+    assert!(replay.replayed && replay.taken.is_zero());
+    let other = store
+        .take_back(
+            &a,
+            &key("t1"),
+            &grant("g"),
+            credits("10"),
+            Some(2),
+            at(1_008),
+        )
+        .await;
+    assert!(
+        matches!(other, Err(crate::RegionError::IdempotencyConflict)),
+        "the condition is part of the request: {other:?}"
+    );
+}
+
 pub async fn reversals_give_a_debit_back<S: RegionStore>(store: &S) {
     let a = account("acct-reverse");
     install(store, &a, segment("g", "10", 50, None)).await;
@@ -1031,6 +1140,7 @@ enum Step {
         key: u8,
         grant: u8,
         amount: i64,
+        reconciled: Option<u64>,
     },
     Advance {
         ms: i64,
@@ -1097,6 +1207,10 @@ impl Lcg {
                 key: self.next(12) as u8,
                 grant: self.next(5) as u8,
                 amount: small(self),
+                reconciled: match self.next(3) {
+                    0 => None,
+                    _ => Some(self.next(40)),
+                },
             },
             _ => Step::Advance {
                 ms: self.next(8_000) as i64,
@@ -1231,6 +1345,7 @@ async fn run_step<S: RegionStore>(store: &S, a: &AccountId, step: &Step, now: &m
             key: n,
             grant: g,
             amount,
+            reconciled,
         } => {
             format!(
                 "{:?}",
@@ -1240,6 +1355,7 @@ async fn run_step<S: RegionStore>(store: &S, a: &AccountId, step: &Step, now: &m
                         &k("t", *n),
                         &grant(&format!("g{g}")),
                         Credits::from_micros(*amount),
+                        *reconciled,
                         t
                     )
                     .await

@@ -37,13 +37,16 @@ pub trait RegionStore: Send + Sync + 'static {
         now: Timestamp,
     ) -> impl Future<Output = Result<SegmentInstalled>> + Send;
 
-    /// Takes back up to `amount` of a segment's unspent, unheld, unleased credits.
+    /// Takes back up to `amount` of a segment's unspent, unheld, unleased credits. With
+    /// `reconciled` (the highest [`UsageRecord::seq`] of the account the caller has reconciled),
+    /// nothing is taken while the account has usage records beyond it, in the same atomic step.
     fn take_back(
         &self,
         account: &AccountId,
         key: &IdempotencyKey,
         grant_id: &GrantId,
         amount: Credits,
+        reconciled: Option<u64>,
         now: Timestamp,
     ) -> impl Future<Output = Result<TakenBack>> + Send;
 
@@ -174,8 +177,13 @@ pub(crate) fn authorize_fingerprint(command: &AuthorizeCommand) -> String {
     )
 }
 
-pub(crate) fn take_back_fingerprint(grant_id: &GrantId, amount: Credits) -> String {
-    format!("take_back|{grant_id}|{}", amount.micros())
+pub(crate) fn take_back_fingerprint(
+    grant_id: &GrantId,
+    amount: Credits,
+    reconciled: Option<u64>,
+) -> String {
+    let reconciled = reconciled.map(|n| n.to_string()).unwrap_or_default();
+    format!("take_back|{grant_id}|{}|{reconciled}", amount.micros())
 }
 
 pub(crate) fn release_fingerprint(hold_id: &tollgate_core::HoldId) -> String {

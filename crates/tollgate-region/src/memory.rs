@@ -98,6 +98,8 @@ struct AccountState {
     limits: HashMap<FeatureKey, (i64, i64, i64)>,
     buckets: HashMap<FeatureKey, (i64, i64)>,
     remembered: HashMap<IdempotencyKey, Remembered>,
+    /// Usage records appended for the account (the last one's `seq`).
+    usage_seq: u64,
 }
 
 #[derive(Default)]
@@ -392,6 +394,9 @@ impl State {
         self.next_seq += 1;
         let id = UsageId(format!("{now}-{}", self.next_seq));
         record.id = id.clone();
+        let account = self.account(&record.account);
+        account.usage_seq += 1;
+        record.seq = account.usage_seq;
         self.stream.push_back((self.next_seq, record));
         id
     }
@@ -475,10 +480,11 @@ impl RegionStore for MemoryRegionStore {
         key: &IdempotencyKey,
         grant_id: &GrantId,
         amount: Credits,
+        reconciled: Option<u64>,
         now: Timestamp,
     ) -> Result<TakenBack> {
         check_amount("amount", amount)?;
-        let fingerprint = crate::take_back_fingerprint(grant_id, amount);
+        let fingerprint = crate::take_back_fingerprint(grant_id, amount, reconciled);
         self.with(|state| {
             let retain_ms = state.retain_ms;
             let a = state.account(account);
@@ -492,9 +498,14 @@ impl RegionStore for MemoryRegionStore {
                 };
             }
             a.sweep(now.millis(), retain_ms);
+            let unreconciled = reconciled.map_or(0, |n| a.usage_seq.saturating_sub(n));
             let (taken, remaining) = match a.segments.get_mut(grant_id) {
                 Some(segment) => {
-                    let taken = segment.remaining.min(amount.micros()).max(0);
+                    let taken = if unreconciled == 0 {
+                        segment.remaining.min(amount.micros()).max(0)
+                    } else {
+                        0
+                    };
                     segment.remaining -= taken;
                     (taken, segment.remaining)
                 }
@@ -504,6 +515,7 @@ impl RegionStore for MemoryRegionStore {
                 taken: Credits::from_micros(taken),
                 remaining: Credits::from_micros(remaining),
                 pool: Credits::from_micros(a.pool()),
+                unreconciled,
                 replayed: false,
             };
             a.remember(
@@ -607,6 +619,7 @@ impl RegionStore for MemoryRegionStore {
                 price: command.price,
                 hold_id: None,
                 lease_id: None,
+                seq: 0,
             };
             let allowed = Allowed {
                 draws: record.draws.clone(),
@@ -758,6 +771,7 @@ impl RegionStore for MemoryRegionStore {
                 price: hold.price,
                 hold_id: Some(command.hold_id.clone()),
                 lease_id: None,
+                seq: 0,
             };
             let draws = record.draws.clone();
             let usage_id = state.append(record, now);
@@ -884,6 +898,7 @@ impl RegionStore for MemoryRegionStore {
                 price,
                 hold_id: None,
                 lease_id: None,
+                seq: 0,
             };
             let usage_id = state.append(record, now);
             let a = state.account(&command.account);
@@ -1049,6 +1064,7 @@ impl RegionStore for MemoryRegionStore {
                     price: entry.price,
                     hold_id: None,
                     lease_id: Some(settlement.lease_id.clone()),
+                    seq: 0,
                 };
                 let allowed = Allowed {
                     draws: entry.draws.clone(),
@@ -1144,6 +1160,7 @@ impl RegionStore for MemoryRegionStore {
                 holds_pending: pending.len() as u64,
                 leased: Credits::from_micros(leased),
                 leases: a.leases.len() as u64,
+                usage_seq: a.usage_seq,
             })
         })
     }

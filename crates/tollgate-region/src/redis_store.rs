@@ -361,13 +361,15 @@ impl RegionStore for RedisRegionStore {
         key: &IdempotencyKey,
         grant_id: &GrantId,
         amount: Credits,
+        reconciled: Option<u64>,
         now: Timestamp,
     ) -> Result<TakenBack> {
         check_amount("amount", amount)?;
         let args = [
-            crate::take_back_fingerprint(grant_id, amount),
+            crate::take_back_fingerprint(grant_id, amount, reconciled),
             grant_id.to_string(),
             amount.micros().to_string(),
+            reconciled.map(|n| n.to_string()).unwrap_or_default(),
         ];
         let reply = self
             .run(
@@ -380,11 +382,12 @@ impl RegionStore for RedisRegionStore {
             .await?;
         let (status, rest) = split_reply(&reply)?;
         let (result, replayed) = result_of(status, rest).ok_or(RegionError::IdempotencyConflict)?;
-        let [taken, remaining, pool] = fields(result)?;
+        let [taken, remaining, pool, unreconciled] = fields(result)?;
         Ok(TakenBack {
             taken: micros(taken)?,
             remaining: micros(remaining)?,
             pool: micros(pool)?,
+            unreconciled: count(unreconciled)?,
             replayed,
         })
     }
@@ -714,12 +717,10 @@ impl RegionStore for RedisRegionStore {
         let reply = self
             .run(&self.scripts.view, account, None, now, &[])
             .await?;
-        let [od_limit, od_used, held, pending, leased, leases, segments @ ..] = &reply[..] else {
+        let [od_limit, od_used, held, pending, leased, leases, usage_seq, segments @ ..] =
+            &reply[..]
+        else {
             return Err(RegionError::Corrupt(format!("view {reply:?}")));
-        };
-        let count = |text: &str| {
-            text.parse::<u64>()
-                .map_err(|_| RegionError::Corrupt(format!("count {text:?}")))
         };
         let mut segments = segments
             .iter()
@@ -734,6 +735,7 @@ impl RegionStore for RedisRegionStore {
             holds_pending: count(pending)?,
             leased: micros(leased)?,
             leases: count(leases)?,
+            usage_seq: count(usage_seq)?,
         })
     }
 
@@ -946,6 +948,15 @@ fn parse_record(id: String, map: &HashMap<String, Value>) -> Result<UsageRecord>
             .map(LeaseId::new)
             .transpose()
             .map_err(|e| corrupt("lease", &e))?,
+        seq: match map.get("seq") {
+            Some(_) => count(&field("seq")?)?,
+            None => 0,
+        },
         id: UsageId(id),
     })
+}
+
+fn count(text: &str) -> Result<u64> {
+    text.parse::<u64>()
+        .map_err(|_| RegionError::Corrupt(format!("count {text:?}")))
 }

@@ -310,6 +310,9 @@ pub struct AccountView {
     /// Credits out on edge nodes' leases.
     pub leased: Credits,
     pub leases: u64,
+    /// How many usage records the account has had in this region: the last one's
+    /// [`UsageRecord::seq`].
+    pub usage_seq: u64,
 }
 
 impl AccountView {
@@ -357,6 +360,9 @@ pub struct UsageRecord {
     pub price: PriceTag,
     pub hold_id: Option<HoldId>,
     pub lease_id: Option<LeaseId>,
+    /// The account's record number in this region: 1, 2, 3, … in stream order (0 for records
+    /// written before numbering).
+    pub seq: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -371,6 +377,9 @@ pub struct TakenBack {
     pub taken: Credits,
     pub remaining: Credits,
     pub pool: Credits,
+    /// Usage records of the account beyond the caller's `reconciled`: when positive, nothing
+    /// was taken.
+    pub unreconciled: u64,
     pub replayed: bool,
 }
 

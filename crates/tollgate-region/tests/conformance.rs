@@ -53,6 +53,7 @@ conformance!(
     usage_stream_delivers_until_acknowledged,
     out_of_range_amounts_are_refused,
     reversals_give_a_debit_back,
+    take_back_waits_until_usage_is_reconciled,
     publications_reach_readers_with_a_notice,
 );
 

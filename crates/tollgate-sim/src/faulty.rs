@@ -158,11 +158,12 @@ impl RegionStore for FaultyRegion {
         key: &IdempotencyKey,
         grant_id: &GrantId,
         amount: Credits,
+        reconciled: Option<u64>,
         now: Timestamp,
     ) -> Result<TakenBack> {
         self.up()?;
         self.inner
-            .take_back(account, key, grant_id, amount, now)
+            .take_back(account, key, grant_id, amount, reconciled, now)
             .await
     }
 

@@ -26,7 +26,7 @@ local id = redis.call('XADD', K_STREAM, '*',
   'kind', 'debit', 'account', account, 'key', key, 'feature', feature, 'at', fmt(NOW),
   'cost', fmt(cost), 'draws', encoded, 'overdraft', fmt(overdraft), 'pool', fmt(pool),
   'od_room', fmt(od_limit - od_used - overdraft), 'actor', actor,
-  'price_version', price_version, 'price_rule', price_rule, 'hold', '', 'lease', '')
+  'price_version', price_version, 'price_rule', price_rule, 'hold', '', 'lease', '', 'seq', next_usage_seq())
 local result = table.concat({ encoded, fmt(overdraft), fmt(pool), id, fmt(NOW) }, '|')
 idem_store(fingerprint, result)
 return { 'ok', result }

@@ -4,6 +4,7 @@
 --   1 segments           HASH m:<grant> -> "priority|expires_at|effective_at|scope"
 --                             r:<grant> -> remaining micro-credits
 --   2 account            HASH od_limit, od_used, due (earliest time a hold or lease comes due),
+--                             useq (how many usage records the account has in the stream),
 --                             l:<feature> -> "amount|period_ms|burst", b:<feature> -> "tokens|last_ms"
 --   3 holds              HASH hold_id -> "status|expires_at|created_at|feature|amount|overdraft|draws|price_version|price_rule|actor"
 --   4 hold schedule      ZSET hold_id by the time it is due (pending: expiry; ended: forgetting)
@@ -347,4 +348,11 @@ end
 local function bucket_take(b, feature, cost)
   if b == nil then return end
   redis.call('HSET', K_ACCT, 'b:' .. feature, fmt(b.tokens - cost) .. '|' .. fmt(b.last))
+end
+
+-- Numbers the account's next usage record. The authority remembers the highest number it has
+-- reconciled, and a take-back refuses while the account has records beyond it (a reversal not
+-- reconciled yet gave credits back that the ledger still counts as spent).
+local function next_usage_seq()
+  return fmt(redis.call('HINCRBY', K_ACCT, 'useq', 1))
 end

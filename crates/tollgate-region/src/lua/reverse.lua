@@ -30,7 +30,7 @@ local id = redis.call('XADD', K_STREAM, '*',
   'kind', 'reverse', 'account', account, 'key', debit_key, 'feature', request[2], 'at', fmt(NOW),
   'cost', fmt(amount), 'draws', result[1], 'overdraft', fmt(overdraft), 'pool', fmt(pool_level()),
   'od_room', fmt(od_limit - od_used), 'actor', '',
-  'price_version', request[4], 'price_rule', request[5], 'hold', '', 'lease', '')
+  'price_version', request[4], 'price_rule', request[5], 'hold', '', 'lease', '', 'seq', next_usage_seq())
 local reply = fmt(amount) .. '|' .. id
 idem_store(fingerprint, reply)
 return { 'ok', reply }

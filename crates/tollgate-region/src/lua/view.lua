@@ -1,6 +1,6 @@
 -- The account as this region sees it (after settling what has come due). ARGV: now, retain_ms.
--- Returns {od_limit, od_used, held, holds_pending, leased, leases, segment...} with segments as
--- "id/remaining/priority/expires_at/effective_at/scope".
+-- Returns {od_limit, od_used, held, holds_pending, leased, leases, usage_seq, segment...} with
+-- segments as "id/remaining/priority/expires_at/effective_at/scope".
 local acct = load_account(false)
 sweep(NOW, acct)
 local od_limit, od_used = acct.od_limit, acct.od_used
@@ -18,7 +18,8 @@ for i = 1, #flat, 2 do
   leased = leased + lease.overdraft
   for _, s in ipairs(lease.slices) do leased = leased + s.amount end
 end
-local out = { fmt(od_limit), fmt(od_used), fmt(held), fmt(pending), fmt(leased), fmt(leases) }
+local useq = redis.call('HGET', K_ACCT, 'useq') or '0'
+local out = { fmt(od_limit), fmt(od_used), fmt(held), fmt(pending), fmt(leased), fmt(leases), useq }
 for _, seg in ipairs(load_segments()) do
   local expires_text = (seg.expires and fmt(seg.expires)) or ''
   out[#out + 1] = table.concat({ seg.id, fmt(seg.remaining), fmt(seg.priority), expires_text, fmt(seg.effective), seg.scope_text }, '/')
