@@ -6,11 +6,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+#[path = "common.rs"]
+mod common;
+
+use common::acct;
 use tollgate_authority::{Authority, AuthoritySettings, ManualClock, StateStore};
-use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata};
 use tollgate_core::{
-    AccountId, Credits, EntryKind, FeatureKey, GrantId, GrantSource, IdempotencyKey, PriceRule,
-    RegionId, Scope, Timestamp,
+    Credits, EntryKind, FeatureKey, IdempotencyKey, PriceRule, RegionId, Timestamp,
 };
 use tollgate_ledger::{EntryFilter, LedgerStore, PageRequest, PostgresLedger};
 use tollgate_region::{
@@ -22,10 +24,6 @@ use tollgate_testkit::{PostgresServer, RedisServer};
 const DEBITS: usize = 400;
 /// Reconciliation passes a test runs at most while waiting for the stream to drain.
 const PASSES_MAX: usize = 400;
-
-fn acct() -> AccountId {
-    AccountId::new("acme").unwrap()
-}
 
 fn eu() -> RegionId {
     RegionId::new("eu").unwrap()
@@ -53,42 +51,7 @@ impl World {
             Timestamp::parse_rfc3339("2027-04-01T00:00:00Z").unwrap(),
         ));
         let now = tollgate_authority::Clock::now(clock.as_ref());
-        ledger
-            .create_account(
-                CreateAccount {
-                    key: IdempotencyKey::new("create").unwrap(),
-                    account: acct(),
-                    overdraft_limit: Credits::ZERO,
-                    metadata: Metadata::default(),
-                },
-                now,
-            )
-            .await
-            .unwrap();
-        ledger
-            .issue_grant(
-                IssueGrant {
-                    key: IdempotencyKey::new("grant").unwrap(),
-                    account: acct(),
-                    terms: GrantTerms {
-                        id: GrantId::new("bought").unwrap(),
-                        amount: Credits::from_whole(1_000).unwrap(),
-                        source: GrantSource::Purchase,
-                        priority: None,
-                        effective_at: None,
-                        expires_at: None,
-                        scope: Scope::All,
-                        cost_basis: None,
-                        external_ref: None,
-                    },
-                    metadata: Metadata::default(),
-                    memo: Memo::default(),
-                },
-                now,
-            )
-            .await
-            .unwrap()
-            .unwrap();
+        common::open_account(ledger.as_ref(), now).await;
         World {
             postgres,
             redis,

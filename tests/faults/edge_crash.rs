@@ -8,11 +8,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "common.rs"]
+mod common;
+
+use common::acct;
 use tollgate_authority::{Authority, AuthoritySettings, Feature, StateStore, SystemClock};
-use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata};
 use tollgate_core::{
-    AccountId, Credits, EntryKind, FeatureKey, GrantId, GrantSource, IdempotencyKey,
-    PriceBookVersion, Rate, RegionId, Scope, Timestamp,
+    Credits, EntryKind, FeatureKey, IdempotencyKey, PriceBookVersion, Rate, RegionId, Timestamp,
 };
 use tollgate_ledger::{EntryFilter, LedgerStore, PageRequest, SqliteLedger};
 use tollgate_proto::pb;
@@ -38,10 +40,6 @@ impl Drop for Edge {
 }
 
 type Node = Authority<SqliteLedger, RedisRegionStore>;
-
-fn acct() -> AccountId {
-    AccountId::new("acme").unwrap()
-}
 
 fn region() -> RegionId {
     RegionId::new("crash").unwrap()
@@ -87,42 +85,7 @@ async fn world(dir: &std::path::Path, redis: &RedisServer) -> (Node, Arc<SqliteL
     })
     .await
     .unwrap();
-    ledger
-        .create_account(
-            CreateAccount {
-                key: IdempotencyKey::new("create").unwrap(),
-                account: acct(),
-                overdraft_limit: Credits::ZERO,
-                metadata: Metadata::default(),
-            },
-            now,
-        )
-        .await
-        .unwrap();
-    ledger
-        .issue_grant(
-            IssueGrant {
-                key: IdempotencyKey::new("grant").unwrap(),
-                account: acct(),
-                terms: GrantTerms {
-                    id: GrantId::new("bought").unwrap(),
-                    amount: Credits::from_whole(1_000).unwrap(),
-                    source: GrantSource::Purchase,
-                    priority: None,
-                    effective_at: None,
-                    expires_at: None,
-                    scope: Scope::All,
-                    cost_basis: None,
-                    external_ref: None,
-                },
-                metadata: Metadata::default(),
-                memo: Memo::default(),
-            },
-            now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    common::open_account(ledger.as_ref(), now).await;
     node.request_allocation(&region(), &acct(), None)
         .await
         .unwrap();
