@@ -248,8 +248,13 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         Ok(())
     }
 
-    /// A reversal undoes its debit in the ledger as a refund of the whole debit. Returns false
-    /// when the ledger cannot take it (the record is parked).
+    /// A reversal undoes its debit in the ledger as a refund of the whole debit, as of the
+    /// reversal's own time: the region gave the draws back to their segments then, and later
+    /// debits there may spend them from the same grants before the grant expires. Judged at
+    /// reconciliation time instead, a grant that has expired since would send the credits to a
+    /// new refund grant, and those later debits would find their grant short (found by the
+    /// simulation, seed 11). Returns false when the ledger cannot take it (the record is
+    /// parked).
     async fn refund_reversal(
         &self,
         region: &RegionId,
@@ -275,7 +280,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             memo: Memo::new(format!("reversed in region {region}"))
                 .map_err(|e| AuthorityError::invalid("memo", e))?,
         };
-        let reason = match self.ledger.refund(command, now).await {
+        let reason = match self.ledger.refund(command, record.at.min(now)).await {
             Ok(Ok(_receipt)) => return Ok(true),
             Ok(Err(refusal)) => refusal.message,
             Err(LedgerError::UnknownDebit { .. }) => "its debit is not in the ledger".to_owned(),

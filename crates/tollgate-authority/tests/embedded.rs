@@ -346,6 +346,83 @@ async fn credits_a_reversal_gave_back_stay_in_the_region_until_it_is_reconciled(
     assert!(world.ledger.verify(None).await.unwrap().is_clean());
 }
 
+/// Found by the simulation (`tollgate-sim`, seed 11, step 35,758): a reversal gives its draws
+/// back to an expiring grant's segment, a later debit spends them from it before the grant
+/// expires, and the region is reconciled only after the expiry. The ledger judged the refund at
+/// reconciliation time, found the grant expired and sent the credits to a new refund grant; the
+/// later debit found its grant short and was parked. The refund is now judged at the reversal's
+/// time.
+#[tokio::test]
+async fn a_reversal_reconciled_after_its_grant_expired_still_refunds_that_grant() {
+    let world = World::start(&["eu"], 0, 0, 10).await;
+    let now = world.clock.now();
+    world
+        .ledger
+        .issue_grant(
+            IssueGrant {
+                key: key("grant-expiring"),
+                account: acct(),
+                terms: GrantTerms {
+                    id: GrantId::new("expiring").unwrap(),
+                    amount: Credits::from_micros(10 * MICROS),
+                    source: GrantSource::Promo,
+                    priority: None,
+                    effective_at: None,
+                    expires_at: Some(Timestamp::from_millis(now.millis() + 60_000).unwrap()),
+                    scope: Scope::All,
+                    cost_basis: None,
+                    external_ref: None,
+                },
+                metadata: Metadata::default(),
+                memo: Memo::default(),
+            },
+            now,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    world.allocate("eu").await;
+    assert!(world.debit("eu", "first", 10).await);
+    let reversed = world
+        .store("eu")
+        .reverse(&tollgate_region::ReverseCommand {
+            account: acct(),
+            key: key("undo-first"),
+            debit_key: key("first"),
+            now: world.clock.now(),
+            window_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(reversed, tollgate_region::ReverseOutcome::Reversed { .. }),
+        "{reversed:?}"
+    );
+    assert!(world.debit("eu", "second", 10).await);
+
+    // Reconciled only after the grant's end.
+    world.clock.advance_ms(61_000);
+    let report = world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(
+        (report.applied, report.reversed, report.parked),
+        (2, 1, 0),
+        "{report:?}"
+    );
+    assert_eq!(world.node.state().parked_count().await.unwrap(), 0);
+    let snapshot = world.ledger.account(&acct()).await.unwrap();
+    assert_eq!(snapshot.balance.micros(), 0);
+    assert_eq!(snapshot.totals.debited.micros(), 20 * MICROS);
+    assert_eq!(snapshot.totals.refunded.micros(), 10 * MICROS);
+    let expiring = world
+        .ledger
+        .grant(&acct(), &GrantId::new("expiring").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(expiring.grant.remaining, Credits::ZERO);
+    assert!(world.ledger.verify(None).await.unwrap().is_clean());
+}
+
 #[tokio::test]
 async fn two_regions_never_hold_more_than_the_grants_and_an_idle_one_gives_back() {
     // A 15-credit grant, two regions targeted at 10 each: the second gets what is left.

@@ -187,8 +187,14 @@ pub(crate) fn parse_decimal_text(text: &str) -> Result<Decimal, AmountError> {
     if !digits_only(whole) || fraction.is_some_and(|fraction| !digits_only(fraction)) {
         return Err(AmountError::Malformed);
     }
+    // Trailing zeros of the fraction do not change the value, but `from_str_exact` refuses more
+    // than 28 written decimals even when the extra ones are zeros; drop them first.
+    let significant = match fraction {
+        Some(_) => text.trim_end_matches('0').trim_end_matches('.'),
+        None => text,
+    };
     // `from_str_exact` refuses what it would have to round, so no digit is ever dropped.
-    Decimal::from_str_exact(text).map_err(|_| AmountError::Overflow)
+    Decimal::from_str_exact(significant).map_err(|_| AmountError::Overflow)
 }
 
 #[cfg(test)]
@@ -227,6 +233,32 @@ mod tests {
         );
         // Seven written decimals whose last is zero are six real ones.
         assert_eq!(Credits::parse("0.1234560").unwrap().micros(), 123_456);
+    }
+
+    /// Found by `fuzz/` (target `amounts`): 29 or more written decimals were refused as out of
+    /// range even when every one past the sixth was a zero.
+    #[test]
+    fn any_number_of_trailing_zeros_is_accepted() {
+        let zeros = "0".repeat(30);
+        assert_eq!(Credits::parse(&format!("0.{zeros}")), Ok(Credits::ZERO));
+        assert_eq!(
+            Credits::parse(&format!("-1.5{zeros}")).unwrap().to_string(),
+            "-1.5"
+        );
+        assert_eq!(
+            crate::Quantity::parse("1000000000000.000000000000000000")
+                .unwrap()
+                .to_string(),
+            "1000000000000"
+        );
+        assert_eq!(
+            crate::Rate::parse(&format!("0.000000000001{}", "0".repeat(20)))
+                .unwrap()
+                .to_string(),
+            "0.000000000001"
+        );
+        // A nonzero digit past the 28th is still refused, never rounded.
+        assert!(Credits::parse(&format!("1.{zeros}1")).is_err());
     }
 
     #[test]
