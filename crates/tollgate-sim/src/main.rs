@@ -86,8 +86,11 @@ fn main() -> ExitCode {
                     report.admin_refunds
                 );
                 println!(
-                    "  lost with crashed edges: {} decisions ({} micro-credits); counted lost by edges: {}",
-                    report.lost_crash_entries, report.lost_crash_micros, report.lost_edge_entries
+                    "  lost with crashed edges: {} decisions ({} micro-credits); made again by a client retry: {}; counted lost by edges: {}",
+                    report.lost_crash_entries,
+                    report.lost_crash_micros,
+                    report.lost_then_retried,
+                    report.lost_edge_entries
                 );
                 println!("  operations: {:?}", report.ops);
                 println!("  faults: {:?}", report.faults);

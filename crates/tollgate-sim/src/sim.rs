@@ -94,6 +94,8 @@ pub struct Report {
     /// Cached decisions lost with a crashed edge (never flushed), and their credits.
     pub lost_crash_entries: u64,
     pub lost_crash_micros: i64,
+    /// Of those, decisions a client retry then made again (charged once).
+    pub lost_then_retried: u64,
     /// Cached decisions the edges counted lost (flushed after their lease expired, and refused
     /// by the region).
     pub lost_edge_entries: u64,
@@ -663,7 +665,13 @@ impl Sim {
             ));
         }
         if entry.lost {
-            return Err(format!("key {key} acknowledged again after it was lost"));
+            // A client retried a decision whose first acknowledgement died unflushed with its
+            // edge: the region never saw it, so the retry is decided anew and charged once.
+            entry.lost = false;
+            self.acked[account].0 += cost;
+            self.report.lost_crash_entries -= 1;
+            self.report.lost_crash_micros -= cost;
+            self.report.lost_then_retried += 1;
         }
         if cached {
             if !entry.on_edges.contains(&uid) {
