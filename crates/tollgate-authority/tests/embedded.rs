@@ -199,6 +199,25 @@ impl World {
         matches!(outcome, DebitOutcome::Allowed(_))
     }
 
+    /// The caller reverses its debit `debit` (within the window) in region `name`.
+    async fn reverse(&self, name: &str, id: &str, debit: &str) {
+        let reversed = self
+            .store(name)
+            .reverse(&tollgate_region::ReverseCommand {
+                account: acct(),
+                key: key(id),
+                debit_key: key(debit),
+                now: self.clock.now(),
+                window_ms: 60_000,
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(reversed, tollgate_region::ReverseOutcome::Reversed { .. }),
+            "{reversed:?}"
+        );
+    }
+
     /// The invariant: every region's segments and overdraft room together never exceed what
     /// the ledger's grants hold plus the limit less the debt.
     async fn assert_never_over_allocated(&self) {
@@ -264,21 +283,7 @@ async fn credits_a_reversal_gave_back_can_be_spent_again_in_the_same_batch() {
     let world = World::start(&["eu"], 0, 10, 10).await;
     world.allocate("eu").await;
     assert!(world.debit("eu", "first", 10).await);
-    let reversed = world
-        .store("eu")
-        .reverse(&tollgate_region::ReverseCommand {
-            account: acct(),
-            key: key("undo-first"),
-            debit_key: key("first"),
-            now: world.clock.now(),
-            window_ms: 60_000,
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(reversed, tollgate_region::ReverseOutcome::Reversed { .. }),
-        "{reversed:?}"
-    );
+    world.reverse("eu", "undo-first", "first").await;
     assert!(world.debit("eu", "second", 10).await);
     let report = world.node.reconcile_once(&region("eu")).await.unwrap();
     assert_eq!(
@@ -303,21 +308,7 @@ async fn credits_a_reversal_gave_back_stay_in_the_region_until_it_is_reconciled(
     world.allocate("us").await;
     assert_eq!(world.held("us").await.0, 10 * MICROS);
     assert!(world.debit("us", "spent", 4).await);
-    let reversed = world
-        .store("us")
-        .reverse(&tollgate_region::ReverseCommand {
-            account: acct(),
-            key: key("undo-spent"),
-            debit_key: key("spent"),
-            now: world.clock.now(),
-            window_ms: 60_000,
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(reversed, tollgate_region::ReverseOutcome::Reversed { .. }),
-        "{reversed:?}"
-    );
+    world.reverse("us", "undo-spent", "spent").await;
 
     // Idle long enough, but the debit and its reversal are still in the stream.
     world.clock.advance_ms(61_000);
@@ -383,21 +374,7 @@ async fn a_reversal_reconciled_after_its_grant_expired_still_refunds_that_grant(
         .unwrap();
     world.allocate("eu").await;
     assert!(world.debit("eu", "first", 10).await);
-    let reversed = world
-        .store("eu")
-        .reverse(&tollgate_region::ReverseCommand {
-            account: acct(),
-            key: key("undo-first"),
-            debit_key: key("first"),
-            now: world.clock.now(),
-            window_ms: 60_000,
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(reversed, tollgate_region::ReverseOutcome::Reversed { .. }),
-        "{reversed:?}"
-    );
+    world.reverse("eu", "undo-first", "first").await;
     assert!(world.debit("eu", "second", 10).await);
 
     // Reconciled only after the grant's end.
