@@ -427,7 +427,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let now = self.clock.now();
         let idle_before = now.millis() - self.settings.idle_ms;
         let mut emptied = 0;
-        for seen in self
+        'accounts: for seen in self
             .state
             .region_accounts(SWEEP_ACCOUNTS_PER_PASS_MAX)
             .await?
@@ -449,7 +449,6 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 debug!(region = %seen.region, account = %seen.account, "idle, but usage is not reconciled yet");
                 continue;
             }
-            let mut complete = true;
             for segment in &view.segments {
                 let taken = self
                     .take_back_grant(
@@ -461,12 +460,9 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                     )
                     .await?;
                 if taken.unreconciled > 0 {
-                    complete = false;
-                    break;
+                    // Usage arrived since the view: try again on a later pass.
+                    continue 'accounts;
                 }
-            }
-            if !complete {
-                continue;
             }
             let room = view
                 .overdraft_limit

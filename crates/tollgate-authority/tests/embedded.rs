@@ -45,6 +45,42 @@ fn key(text: &str) -> IdempotencyKey {
     IdempotencyKey::new(text).unwrap()
 }
 
+/// Issues grant `id` of `credits` to the account.
+async fn issue(
+    ledger: &SqliteLedger,
+    id: &str,
+    credits: i64,
+    source: GrantSource,
+    expires_at: Option<Timestamp>,
+    now: Timestamp,
+) {
+    let terms = GrantTerms {
+        id: GrantId::new(id).unwrap(),
+        amount: Credits::from_micros(credits * MICROS),
+        source,
+        priority: None,
+        effective_at: None,
+        expires_at,
+        scope: Scope::All,
+        cost_basis: None,
+        external_ref: None,
+    };
+    ledger
+        .issue_grant(
+            IssueGrant {
+                key: key(&format!("grant-{id}")),
+                account: acct(),
+                terms,
+                metadata: Metadata::default(),
+                memo: Memo::default(),
+            },
+            now,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 struct World {
     _dir: tempfile::TempDir,
     node: Node,
@@ -116,31 +152,15 @@ impl World {
             .await
             .unwrap();
         if granted > 0 {
-            let terms = GrantTerms {
-                id: GrantId::new("bought").unwrap(),
-                amount: Credits::from_micros(granted * MICROS),
-                source: GrantSource::Purchase,
-                priority: None,
-                effective_at: None,
-                expires_at: None,
-                scope: Scope::All,
-                cost_basis: None,
-                external_ref: None,
-            };
-            ledger
-                .issue_grant(
-                    IssueGrant {
-                        key: key("grant"),
-                        account: acct(),
-                        terms,
-                        metadata: Metadata::default(),
-                        memo: Memo::default(),
-                    },
-                    clock.now(),
-                )
-                .await
-                .unwrap()
-                .unwrap();
+            issue(
+                &ledger,
+                "bought",
+                granted,
+                GrantSource::Purchase,
+                None,
+                clock.now(),
+            )
+            .await;
         }
         World {
             _dir: dir,
@@ -218,6 +238,14 @@ impl World {
         );
     }
 
+    /// Nothing parked, the balance at `balance` credits, the ledger's checks clean.
+    async fn assert_settled(&self, balance: i64) {
+        assert_eq!(self.node.state().parked_count().await.unwrap(), 0);
+        let snapshot = self.ledger.account(&acct()).await.unwrap();
+        assert_eq!(snapshot.balance.micros(), balance * MICROS);
+        assert!(self.ledger.verify(None).await.unwrap().is_clean());
+    }
+
     /// The invariant: every region's segments and overdraft room together never exceed what
     /// the ledger's grants hold plus the limit less the debt.
     async fn assert_never_over_allocated(&self) {
@@ -291,10 +319,7 @@ async fn credits_a_reversal_gave_back_can_be_spent_again_in_the_same_batch() {
         (2, 1, 0),
         "{report:?}"
     );
-    assert_eq!(world.node.state().parked_count().await.unwrap(), 0);
-    let snapshot = world.ledger.account(&acct()).await.unwrap();
-    assert_eq!(snapshot.balance.micros(), 0);
-    assert!(world.ledger.verify(None).await.unwrap().is_clean());
+    world.assert_settled(0).await;
 }
 
 /// Found by the simulation (`tollgate-sim`, seed 7, step 121,232 of a long run): a region
@@ -331,10 +356,7 @@ async fn credits_a_reversal_gave_back_stay_in_the_region_until_it_is_reconciled(
     assert_eq!(world.held("eu").await.0, 10 * MICROS);
     assert!(world.debit("eu", "all", 10).await);
     world.node.reconcile_once(&region("eu")).await.unwrap();
-    assert_eq!(world.node.state().parked_count().await.unwrap(), 0);
-    let snapshot = world.ledger.account(&acct()).await.unwrap();
-    assert_eq!(snapshot.balance.micros(), 0);
-    assert!(world.ledger.verify(None).await.unwrap().is_clean());
+    world.assert_settled(0).await;
 }
 
 /// Found by the simulation (`tollgate-sim`, seed 11, step 35,758): a reversal gives its draws
@@ -347,31 +369,16 @@ async fn credits_a_reversal_gave_back_stay_in_the_region_until_it_is_reconciled(
 async fn a_reversal_reconciled_after_its_grant_expired_still_refunds_that_grant() {
     let world = World::start(&["eu"], 0, 0, 10).await;
     let now = world.clock.now();
-    world
-        .ledger
-        .issue_grant(
-            IssueGrant {
-                key: key("grant-expiring"),
-                account: acct(),
-                terms: GrantTerms {
-                    id: GrantId::new("expiring").unwrap(),
-                    amount: Credits::from_micros(10 * MICROS),
-                    source: GrantSource::Promo,
-                    priority: None,
-                    effective_at: None,
-                    expires_at: Some(Timestamp::from_millis(now.millis() + 60_000).unwrap()),
-                    scope: Scope::All,
-                    cost_basis: None,
-                    external_ref: None,
-                },
-                metadata: Metadata::default(),
-                memo: Memo::default(),
-            },
-            now,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let ends = Timestamp::from_millis(now.millis() + 60_000).unwrap();
+    issue(
+        &world.ledger,
+        "expiring",
+        10,
+        GrantSource::Promo,
+        Some(ends),
+        now,
+    )
+    .await;
     world.allocate("eu").await;
     assert!(world.debit("eu", "first", 10).await);
     world.reverse("eu", "undo-first", "first").await;
@@ -385,9 +392,8 @@ async fn a_reversal_reconciled_after_its_grant_expired_still_refunds_that_grant(
         (2, 1, 0),
         "{report:?}"
     );
-    assert_eq!(world.node.state().parked_count().await.unwrap(), 0);
+    world.assert_settled(0).await;
     let snapshot = world.ledger.account(&acct()).await.unwrap();
-    assert_eq!(snapshot.balance.micros(), 0);
     assert_eq!(snapshot.totals.debited.micros(), 20 * MICROS);
     assert_eq!(snapshot.totals.refunded.micros(), 10 * MICROS);
     let expiring = world
@@ -397,7 +403,6 @@ async fn a_reversal_reconciled_after_its_grant_expired_still_refunds_that_grant(
         .unwrap()
         .unwrap();
     assert_eq!(expiring.grant.remaining, Credits::ZERO);
-    assert!(world.ledger.verify(None).await.unwrap().is_clean());
 }
 
 #[tokio::test]
