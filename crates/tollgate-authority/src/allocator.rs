@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use tollgate_core::{
     burn_order, AccountId, Credits, FeatureKey, Grant, GrantState, RegionId, Timestamp,
 };
-use tollgate_ledger::{LedgerError, LedgerStore, PageRequest, PAGE_SIZE_MAX};
+use tollgate_ledger::{LedgerError, LedgerStore};
 use tollgate_region::{AccountSummary, RegionError, RegionStore, Segment, SegmentSpec};
 use tracing::{debug, warn};
 
@@ -29,9 +29,6 @@ use crate::state::{AllocationRow, InstallIntent};
 
 /// Install intents one recovery pass settles at most.
 pub const RECOVER_INSTALLS_PER_PASS_MAX: u32 = 1_000;
-
-/// Open grants one allocation reads at most (the ledger caps open grants per account too).
-const ALLOCATION_GRANTS_MAX: usize = tollgate_ledger::OPEN_GRANTS_MAX;
 
 /// What a region holds for an account after an allocation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,7 +141,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let generation = self.state.note_allocation(region, account, now).await?;
         let rows = self.state.allocations(account).await?;
         if need > 0 {
-            let grants = self.open_grants(account).await?;
+            let grants = self.ledger.grants_with_credits(account).await?;
             let slices = cut_slices(&grants, &rows, feature, need, now);
             for spec in &slices {
                 self.install(region, account, spec, generation, now).await?;
@@ -174,23 +171,6 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         self.regions
             .get(region)
             .ok_or_else(|| AuthorityError::NotFound(format!("region {region}")))
-    }
-
-    /// The account's open grants, every page.
-    pub(crate) async fn open_grants(&self, account: &AccountId) -> Result<Vec<Grant>> {
-        let mut grants = Vec::new();
-        let mut page = PageRequest {
-            size: PAGE_SIZE_MAX,
-            token: None,
-        };
-        loop {
-            let found = self.ledger.grants(account, true, page.clone()).await?;
-            grants.extend(found.items.into_iter().map(|r| r.grant));
-            match found.next_token {
-                Some(token) if grants.len() < ALLOCATION_GRANTS_MAX => page.token = Some(token),
-                _ => return Ok(grants),
-            }
-        }
     }
 
     async fn install(

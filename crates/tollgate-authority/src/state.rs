@@ -435,10 +435,13 @@ impl StateStore {
 
     // ---- Allocation -----------------------------------------------------------------------
 
+    /// The account's allocation counters with something outstanding (see
+    /// [`AllocationRow::outstanding`]); the rest of a long history adds nothing to them.
     pub async fn allocations(&self, account: &AccountId) -> Result<Vec<AllocationRow>> {
         let rows = sqlx::query(
             "SELECT region, grant_id, installed, taken_back, spent FROM authority_allocations \
-             WHERE account_id = $1 ORDER BY region, grant_id",
+             WHERE account_id = $1 AND installed - taken_back - spent > 0 \
+             ORDER BY region, grant_id",
         )
         .bind(account.as_str())
         .fetch_all(&self.pool)

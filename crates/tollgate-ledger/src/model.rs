@@ -18,7 +18,8 @@ pub const PAGE_SIZE_MAX: u32 = 1_000;
 pub const PAGE_SIZE_DEFAULT: u32 = 100;
 /// Most debits in one usage batch (one transaction).
 pub const USAGE_BATCH_MAX: usize = 10_000;
-/// Most open grants one account may have; a mutation loads them all, so this bounds its work.
+/// Most open grants with credits left one account may have. An allocation and a negative
+/// adjustment read them all, so this bounds their work; grants spent to zero do not count.
 pub const OPEN_GRANTS_MAX: usize = 10_000;
 /// Most problems one verification reports before it stops listing them.
 pub const VERIFY_PROBLEMS_MAX: usize = 1_000;

@@ -80,11 +80,15 @@ struct Done {
 
 type RunResult = Result<Result<Done, Refusal>, LedgerError>;
 
-/// What a mutation must load besides the account's open grants.
+/// What a mutation reads of the account besides its row: the grants it names, the debit it
+/// refunds (and that debit's grants), and only when its rule looks across the account (a
+/// negative adjustment) every open grant that holds credits. The rest of a long history is
+/// never read, so a mutation's work does not grow with it.
 #[derive(Default)]
 struct Load {
     grants: Vec<GrantId>,
     debit: Option<DebitId>,
+    with_credits: bool,
 }
 
 fn corrupt_column(column: &str, error: impl std::fmt::Display) -> LedgerError {
@@ -117,6 +121,29 @@ where
     T: TryFrom<String, Error = tollgate_core::IdError>,
 {
     T::try_from(text).map_err(|e| corrupt_column(column, e))
+}
+
+fn with_credits_query() -> String {
+    sql(&format!(
+        "SELECT {GRANT_COLUMNS} FROM grants WHERE account_id = $1 AND state = 'open' \
+         AND remaining > 0 ORDER BY grant_id LIMIT $2"
+    ))
+}
+
+fn with_credits_limit() -> i64 {
+    i64::try_from(OPEN_GRANTS_MAX.saturating_add(1)).unwrap_or(i64::MAX)
+}
+
+/// The rows of [`with_credits_query`], refused when there are more than the limit.
+fn grants_with_credits_of(account: &AccountId, rows: &[DbRow]) -> Result<Vec<Grant>, LedgerError> {
+    if rows.len() > OPEN_GRANTS_MAX {
+        return Err(LedgerError::corrupt(format!(
+            "account {account} has more than {OPEN_GRANTS_MAX} open grants with credits"
+        )));
+    }
+    rows.iter()
+        .map(|row| grant_record_of(row).map(|r| r.grant))
+        .collect()
 }
 
 fn parse_opt_id<T>(row: &DbRow, column: &str) -> Result<Option<T>, LedgerError>
@@ -340,24 +367,17 @@ impl Store {
         Ok(())
     }
 
+    /// The account's open grants that still hold credits, for a rule that looks across the
+    /// account (see [`Load`]).
     async fn open_grants(w: &mut WriteTx, account: &AccountId) -> Result<GrantMap, LedgerError> {
-        let text = sql(&format!(
-            "SELECT {GRANT_COLUMNS} FROM grants WHERE account_id = $1 AND state = 'open' \
-             ORDER BY grant_id LIMIT $2"
-        ));
-        let limit = i64::try_from(OPEN_GRANTS_MAX.saturating_add(1)).unwrap_or(i64::MAX);
-        let rows = sqlx::query(&text)
+        let rows = sqlx::query(&with_credits_query())
             .bind(account.as_str())
-            .bind(limit)
+            .bind(with_credits_limit())
             .fetch_all(&mut *w.tx)
             .await?;
-        if rows.len() > OPEN_GRANTS_MAX {
-            return Err(LedgerError::corrupt(format!(
-                "account {account} has more than {OPEN_GRANTS_MAX} open grants"
-            )));
-        }
-        rows.iter()
-            .map(|row| grant_record_of(row).map(|r| (r.grant.id.clone(), r.grant)))
+        grants_with_credits_of(account, &rows)?
+            .into_iter()
+            .map(|grant| Ok((grant.id.clone(), grant)))
             .collect()
     }
 
@@ -379,7 +399,26 @@ impl Store {
             .transpose()
     }
 
-    /// Adds the named grants that are not loaded yet (closed ones, typically).
+    /// A refusal when a grant the rule created has the id of one that was not loaded (a
+    /// generated refund or adjustment id a caller had already used): the book could not see it.
+    async fn taken_grant_id(
+        w: &mut WriteTx,
+        account: &AccountId,
+        loaded: &GrantMap,
+        book: &AccountBook,
+    ) -> Result<Option<Refusal>, LedgerError> {
+        for grant in book.grants().filter(|g| !loaded.contains_key(&g.id)) {
+            if Self::grant_in_tx(w, account, &grant.id).await?.is_some() {
+                return Ok(Some(Refusal::with_message(
+                    RefusalCode::DuplicateGrant,
+                    format!("account {account} already has a grant {}", grant.id),
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Adds the named grants that are not loaded yet.
     async fn load_grants(
         w: &mut WriteTx,
         account: &AccountId,
@@ -671,7 +710,11 @@ impl Store {
                 ..receipt
             }));
         }
-        let mut loaded = Self::open_grants(&mut w, account).await?;
+        let mut loaded = if load.with_credits {
+            Self::open_grants(&mut w, account).await?
+        } else {
+            GrantMap::new()
+        };
         Self::load_grants(&mut w, account, load.grants, &mut loaded).await?;
         let mut debits = Vec::new();
         if let Some(debit) = &load.debit {
@@ -693,7 +736,13 @@ impl Store {
             debits,
         )
         .map_err(|e| LedgerError::corrupt(format!("account {account}: {e}")))?;
-        let outcome = match run(&mut book, &snapshot)? {
+        let mut outcome = run(&mut book, &snapshot)?;
+        if outcome.is_ok() {
+            if let Some(refusal) = Self::taken_grant_id(&mut w, account, &loaded, &book).await? {
+                outcome = Err(refusal);
+            }
+        }
+        let outcome = match outcome {
             Err(refusal) => Err(refusal),
             Ok(done) => {
                 let groups = [(done.movements.clone(), done.context)];
@@ -744,7 +793,7 @@ impl Store {
                 })
                 .collect());
         };
-        let mut loaded = Self::open_grants(w, account).await?;
+        let mut loaded = GrantMap::new();
         let named = debits
             .iter()
             .flat_map(|debit| debit.plan.draws.iter().map(|d| d.grant_id.clone()))
@@ -1037,6 +1086,7 @@ impl LedgerStore for Store {
             // A closed grant with the same id must be seen, or the id would be reused.
             grants: vec![command.terms.id.clone()],
             debit: None,
+            with_credits: false,
         };
         let key = command.key.as_str().to_owned();
         let account = command.account.clone();
@@ -1066,6 +1116,7 @@ impl LedgerStore for Store {
         let load = Load {
             grants: vec![command.grant.clone()],
             debit: None,
+            with_credits: false,
         };
         let key = command.key.as_str().to_owned();
         let account = command.account.clone();
@@ -1094,6 +1145,7 @@ impl LedgerStore for Store {
         let load = Load {
             grants: command.refund_grant_id.iter().cloned().collect(),
             debit: Some(command.debit.clone()),
+            with_credits: false,
         };
         let key = command.key.as_str().to_owned();
         let account = command.account.clone();
@@ -1138,6 +1190,8 @@ impl LedgerStore for Store {
         let load = Load {
             grants: command.grant_id.iter().cloned().collect(),
             debit: None,
+            // Credits taken away come from every active grant in burn-down order.
+            with_credits: command.amount.is_negative(),
         };
         let key = command.key.as_str().to_owned();
         let account = command.account.clone();
@@ -1315,6 +1369,16 @@ impl LedgerStore for Store {
         page: PageRequest,
     ) -> Result<Page<AccountSnapshot>, LedgerError> {
         self.list_accounts_impl(page).await
+    }
+
+    async fn grants_with_credits(&self, account: &AccountId) -> Result<Vec<Grant>, LedgerError> {
+        self.snapshot(account).await?;
+        let rows = sqlx::query(&with_credits_query())
+            .bind(account.as_str())
+            .bind(with_credits_limit())
+            .fetch_all(&self.pool)
+            .await?;
+        grants_with_credits_of(account, &rows)
     }
 
     async fn grants_expiring(

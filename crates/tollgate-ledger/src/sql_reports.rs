@@ -59,6 +59,7 @@ impl Store {
             // The rollover grant's id must be seen even if closed, so it is never reused.
             grants: vec![period_grant, rollover_grant.clone()],
             debit: None,
+            with_credits: false,
         };
         let key = command.key.as_str().to_owned();
         let account = command.account.clone();

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use tollgate_core::command::{
     Adjust, CloseGrant, ClosePeriod, CreateAccount, IssueGrant, Refund, UpdateAccount, UsageDebit,
 };
-use tollgate_core::{AccountId, GrantId, Timestamp};
+use tollgate_core::{AccountId, Grant, GrantId, Timestamp};
 
 use crate::error::LedgerError;
 use crate::model::{
@@ -74,6 +74,10 @@ pub trait LedgerStore: Send + Sync {
         open_only: bool,
         page: PageRequest,
     ) -> Result<Page<GrantRecord>, LedgerError>;
+
+    /// The account's open grants that still hold credits, in id order: what can still be
+    /// spent or allocated. More than [`crate::OPEN_GRANTS_MAX`] is an error, as for mutations.
+    async fn grants_with_credits(&self, account: &AccountId) -> Result<Vec<Grant>, LedgerError>;
 
     /// The account's entries matching `filter`, in sequence order, a page at a time.
     async fn entries(

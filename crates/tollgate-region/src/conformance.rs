@@ -164,13 +164,193 @@ pub async fn segments_install_top_up_and_take_back<S: RegionStore>(store: &S) {
     );
     let view = store.view(&a, at(2)).await.unwrap();
     assert_eq!(view.pool(), credits("1"));
-    assert_eq!(view.segments.len(), 2);
+    assert_eq!(
+        view.segments.len(),
+        1,
+        "a segment taken back to zero leaves the view"
+    );
     let g2 = view
         .segments
         .iter()
         .find(|s| s.grant_id == grant("g2"))
         .unwrap();
     assert_eq!((g2.priority, g2.expires_at), (10, Some(at(100_000))));
+}
+
+/// A segment spent to zero leaves the account's segments, so decisions read only segments
+/// that hold credits however many grants the account ever had. Every way credits come back to
+/// it (a reversal, a release, a partial capture, an expired hold, a returned lease, a new
+/// install) brings it back with its terms, and a lease holding a slice of it still reports
+/// those terms.
+pub async fn spent_segments_leave_and_come_back_with_their_terms<S: RegionStore>(store: &S) {
+    let a = account("acct-retire");
+    let mut scoped = segment("monthly", "5", 10, Some(3_600_000));
+    scoped.scope = Scope::Features([feature("gen")].into());
+    install(store, &a, scoped).await;
+    install(store, &a, segment("bought", "100", 50, None)).await;
+    let ids = |view: &AccountView| -> Vec<String> {
+        view.segments
+            .iter()
+            .map(|s| s.grant_id.to_string())
+            .collect()
+    };
+    let monthly_is_back = |view: &AccountView, remaining: &str| {
+        let monthly = view
+            .segments
+            .iter()
+            .find(|s| s.grant_id == grant("monthly"))
+            .unwrap_or_else(|| panic!("monthly is back in {view:?}"));
+        assert_eq!(
+            (
+                monthly.remaining,
+                monthly.priority,
+                monthly.expires_at,
+                monthly.scope.clone()
+            ),
+            (
+                credits(remaining),
+                10,
+                Some(at(3_600_000)),
+                Scope::Features([feature("gen")].into())
+            ),
+            "the segment comes back with its terms"
+        );
+    };
+    let gone = |view: &AccountView| {
+        assert_eq!(ids(view), ["bought"], "a segment spent to zero leaves");
+    };
+
+    // A debit spends it to zero; the reversal brings it back.
+    let first = allowed(
+        store
+            .debit(&debit_command(&a, "d1", "gen", "5", at(1)))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(draws(&first.draws), [("monthly".into(), "5".into())]);
+    gone(&store.view(&a, at(2)).await.unwrap());
+    let reversal = ReverseCommand {
+        account: a.clone(),
+        key: key("r1"),
+        debit_key: key("d1"),
+        now: at(3),
+        window_ms: 60_000,
+    };
+    assert!(matches!(
+        store.reverse(&reversal).await.unwrap(),
+        ReverseOutcome::Reversed { .. }
+    ));
+    monthly_is_back(&store.view(&a, at(4)).await.unwrap(), "5");
+
+    // A hold spends it to zero; the release brings it back.
+    let hold =
+        |op: &str, id: &str, now: i64, ttl_ms: i64| hold_command(&a, op, id, "5", at(now), ttl_ms);
+    store
+        .authorize(&hold("a1", "h1", 10, 60_000))
+        .await
+        .unwrap();
+    gone(&store.view(&a, at(11)).await.unwrap());
+    let release = ReleaseCommand {
+        account: a.clone(),
+        key: key("rel1"),
+        hold_id: HoldId::new("h1").unwrap(),
+        now: at(12),
+    };
+    store.release(&release).await.unwrap();
+    monthly_is_back(&store.view(&a, at(13)).await.unwrap(), "5");
+
+    // A partial capture gives the rest back.
+    store
+        .authorize(&hold("a2", "h2", 20, 60_000))
+        .await
+        .unwrap();
+    gone(&store.view(&a, at(21)).await.unwrap());
+    let capture = CaptureCommand {
+        account: a.clone(),
+        key: key("cap2"),
+        hold_id: HoldId::new("h2").unwrap(),
+        amount: Some(credits("2")),
+        now: at(22),
+    };
+    assert!(matches!(
+        store.capture(&capture).await.unwrap(),
+        CaptureOutcome::Captured(_)
+    ));
+    monthly_is_back(&store.view(&a, at(23)).await.unwrap(), "3");
+
+    // A hold that expires gives its credits back on the next call.
+    store
+        .authorize(&hold_command(&a, "a3", "h3", "3", at(30), 1_000))
+        .await
+        .unwrap();
+    gone(&store.view(&a, at(31)).await.unwrap());
+    monthly_is_back(&store.view(&a, at(1_030)).await.unwrap(), "3");
+
+    // A take-back to zero retires it; a new install brings it back with the install's terms.
+    let taken = store
+        .take_back(
+            &a,
+            &key("t1"),
+            &grant("monthly"),
+            credits("3"),
+            None,
+            at(1_040),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (taken.taken, taken.remaining),
+        (credits("3"), Credits::ZERO)
+    );
+    gone(&store.view(&a, at(1_041)).await.unwrap());
+    let mut again = segment("monthly", "4", 10, Some(3_600_000));
+    again.scope = Scope::Features([feature("gen")].into());
+    install(store, &a, again).await;
+    monthly_is_back(&store.view(&a, at(1_042)).await.unwrap(), "4");
+
+    // A lease drains it; a top-up of the same lease still reports the slice with its terms.
+    let lease_id = LeaseId::new("edge-1").unwrap();
+    let request = |op: &str, amount: &str, now: i64| LeaseRequest {
+        account: a.clone(),
+        key: key(op),
+        lease_id: lease_id.clone(),
+        amount: credits(amount),
+        now: at(now),
+        expires_at: at(600_000),
+    };
+    store.take_lease(&request("l1", "4", 1_050)).await.unwrap();
+    gone(&store.view(&a, at(1_051)).await.unwrap());
+    let topped = store.take_lease(&request("l2", "6", 1_052)).await.unwrap();
+    let slices: Vec<(String, String, u32, Option<Timestamp>)> = topped
+        .slices
+        .iter()
+        .map(|s| {
+            (
+                s.grant_id.to_string(),
+                s.remaining.to_string(),
+                s.priority,
+                s.expires_at,
+            )
+        })
+        .collect();
+    assert_eq!(
+        slices,
+        [
+            ("monthly".into(), "4".into(), 10, Some(at(3_600_000))),
+            ("bought".into(), "6".into(), 50, None)
+        ]
+    );
+    assert_eq!(
+        store.return_lease(&a, &lease_id, at(1_053)).await.unwrap(),
+        credits("10")
+    );
+    let view = store.view(&a, at(1_054)).await.unwrap();
+    monthly_is_back(&view, "4");
+    assert_eq!(
+        view.pool(),
+        credits("104"),
+        "bought is untouched, monthly holds 4"
+    );
 }
 
 /// A debit draws across segments in burn-down order, skipping out-of-scope ones.

@@ -88,7 +88,12 @@ enum Stored {
 
 #[derive(Default)]
 struct AccountState {
+    /// Segments holding credits (or owing them: never below zero in practice).
     segments: BTreeMap<GrantId, SegmentEntry>,
+    /// Segments spent to zero: only their terms, kept for credits given back to them. Every
+    /// decision reads `segments` alone, so its work follows what the account holds, not how
+    /// many grants it ever had.
+    retired: BTreeMap<GrantId, SegmentEntry>,
     od_limit: i64,
     od_used: i64,
     holds: BTreeMap<HoldId, HoldEntry>,
@@ -184,12 +189,39 @@ impl AccountState {
     fn give_back(&mut self, draws: &[(GrantId, i64)], overdraft: i64) {
         for (grant, amount) in draws {
             if *amount > 0 {
-                if let Some(segment) = self.segments.get_mut(grant) {
-                    segment.remaining += amount;
-                }
+                self.add_to_segment(grant, *amount);
             }
         }
         self.od_used -= overdraft;
+    }
+
+    /// The scripts' `add_to_segment`: moves a segment's remainder by `delta`. A segment spent
+    /// to zero is retired; credits given back to a retired one bring it back. Credits for a
+    /// grant the region never held are dropped, as the scripts do. Returns the remainder.
+    fn add_to_segment(&mut self, grant: &GrantId, delta: i64) -> i64 {
+        if let Some(segment) = self.segments.get_mut(grant) {
+            segment.remaining += delta;
+            let left = segment.remaining;
+            if left == 0 {
+                if let Some(segment) = self.segments.remove(grant) {
+                    self.retired.insert(grant.clone(), segment);
+                }
+            }
+            return left;
+        }
+        if delta > 0 {
+            if let Some(mut segment) = self.retired.remove(grant) {
+                segment.remaining = delta;
+                self.segments.insert(grant.clone(), segment);
+                return delta;
+            }
+        }
+        0
+    }
+
+    /// A segment's terms, live or retired.
+    fn segment_terms(&self, grant: &GrantId) -> Option<&SegmentEntry> {
+        self.segments.get(grant).or_else(|| self.retired.get(grant))
     }
 
     fn end_hold(&mut self, id: &HoldId, state: HoldState, now: i64, retain_ms: i64) {
@@ -283,8 +315,8 @@ impl AccountState {
 
     fn take(&mut self, draws: &[(GrantId, i64)], overdraft: i64) {
         for (grant, amount) in draws {
-            if let Some(segment) = self.segments.get_mut(grant) {
-                segment.remaining -= amount;
+            if *amount > 0 {
+                self.add_to_segment(grant, -amount);
             }
         }
         self.od_used += overdraft;
@@ -443,6 +475,7 @@ impl RegionStore for MemoryRegionStore {
                     pool: Credits::from_micros(pool),
                 });
             }
+            a.retired.remove(&segment.grant_id);
             let entry = a
                 .segments
                 .entry(segment.grant_id.clone())
@@ -499,17 +532,16 @@ impl RegionStore for MemoryRegionStore {
             }
             a.sweep(now.millis(), retain_ms);
             let unreconciled = reconciled.map_or(0, |n| a.usage_seq.saturating_sub(n));
-            let (taken, remaining) = match a.segments.get_mut(grant_id) {
-                Some(segment) => {
-                    let taken = if unreconciled == 0 {
-                        segment.remaining.min(amount.micros()).max(0)
-                    } else {
-                        0
-                    };
-                    segment.remaining -= taken;
-                    (taken, segment.remaining)
-                }
-                None => (0, 0),
+            let held = a.segments.get(grant_id).map_or(0, |s| s.remaining);
+            let taken = if unreconciled == 0 {
+                held.min(amount.micros()).max(0)
+            } else {
+                0
+            };
+            let remaining = if taken > 0 {
+                a.add_to_segment(grant_id, -taken)
+            } else {
+                held
             };
             let done = TakenBack {
                 taken: Credits::from_micros(taken),
@@ -959,9 +991,7 @@ impl RegionStore for MemoryRegionStore {
                 }
                 let take = left.min(segment.remaining);
                 left -= take;
-                if let Some(s) = a.segments.get_mut(&id) {
-                    s.remaining -= take;
-                }
+                a.add_to_segment(&id, -take);
                 match lease.slices.iter_mut().find(|(g, _)| *g == id) {
                     Some((_, amount)) => *amount += take,
                     None => lease.slices.push((id, take)),
@@ -978,7 +1008,7 @@ impl RegionStore for MemoryRegionStore {
                 .slices
                 .iter()
                 .filter_map(|(id, amount)| {
-                    let s = a.segments.get(id)?;
+                    let s = a.segment_terms(id)?;
                     Some(Segment {
                         grant_id: id.clone(),
                         remaining: Credits::from_micros(*amount),

@@ -40,6 +40,7 @@ macro_rules! conformance {
 
 conformance!(
     segments_install_top_up_and_take_back,
+    spent_segments_leave_and_come_back_with_their_terms,
     debit_draws_in_burn_down_order,
     debit_at_the_expiry_boundary,
     debit_honours_the_overdraft_limit,

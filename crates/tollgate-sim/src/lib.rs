@@ -19,6 +19,16 @@ pub use sim::{Config, Failure, Report, Sim, VirtualClock, FLUSH_INTERVAL_MS};
 /// Runs one seed to the end on a current-thread runtime of its own: `ops` steps, then the
 /// drain and the exact end-of-run checks.
 pub fn run(config: Config) -> Result<Report, Failure> {
+    run_observed(config, 0, |_| {})
+}
+
+/// [`run`], calling `progress` with the number of steps done after every `every` steps (never
+/// when `every` is 0), so a long run can say how far it is.
+pub fn run_observed(
+    config: Config,
+    every: u64,
+    mut progress: impl FnMut(u64),
+) -> Result<Report, Failure> {
     let seed = config.seed;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -37,8 +47,11 @@ pub fn run(config: Config) -> Result<Report, Failure> {
             message,
             recent: Vec::new(),
         })?;
-        for _ in 0..ops {
+        for done in 1..=ops {
             sim.step().await?;
+            if every > 0 && done.is_multiple_of(every) {
+                progress(done);
+            }
         }
         sim.finish().await
     })

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use tollgate_sim::{run, Config};
+use tollgate_sim::{run_observed, Config};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,6 +42,9 @@ struct Args {
     /// Print every step as it happens.
     #[arg(long)]
     trace: bool,
+    /// Print progress (steps done, rate over the last stretch) to stderr every this many steps.
+    #[arg(long, default_value_t = 0)]
+    progress: u64,
     /// Print the product's own logs (warnings and errors) while replaying a seed.
     #[arg(long)]
     log: bool,
@@ -67,7 +70,18 @@ fn main() -> ExitCode {
             print_trace: args.trace,
         };
         let started = Instant::now();
-        match run(config) {
+        let mut last = (0_u64, started);
+        let progress = |done: u64| {
+            let stretch = last.1.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "seed {seed}: {done} steps, {:.0} s, {:.0} steps/s over the last {}",
+                started.elapsed().as_secs_f64(),
+                (done - last.0) as f64 / stretch,
+                done - last.0
+            );
+            last = (done, Instant::now());
+        };
+        match run_observed(config, args.progress, progress) {
             Ok(report) => {
                 let seconds = started.elapsed().as_secs_f64();
                 println!(

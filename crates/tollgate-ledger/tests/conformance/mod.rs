@@ -114,6 +114,7 @@ macro_rules! conformance_suite {
             a_refund_to_an_expired_grant_lands_in_a_new_refund_grant,
             replayed_usage_is_a_no_op,
             usage_the_ledger_cannot_take_is_refused_per_debit,
+            grants_spent_to_zero_are_read_only_when_named,
             idempotent_mutations_replay_their_first_result,
             adjustments_and_voids_follow_the_rules,
             entries_page_and_filter,
@@ -718,6 +719,126 @@ pub async fn usage_the_ledger_cannot_take_is_refused_per_debit(f: &Fixture) {
         store.account(&account("acme")).await.unwrap().debt,
         Credits::ZERO
     );
+    assert_clean(&*store).await;
+}
+
+/// Mutations and allocations read an account's open grants that hold credits, so their work
+/// does not grow with every grant ever spent. A grant spent to zero stays open and is still
+/// found by what names it: a refund of a debit that drew it, usage that draws it, a new grant
+/// reusing its id.
+pub async fn grants_spent_to_zero_are_read_only_when_named(f: &Fixture) {
+    let store = f.store();
+    create(&*store, "acme", "0").await;
+    issue(&*store, "acme", terms("g1", "10"), at(1)).await;
+    let mut first = terms("g0", "5");
+    first.priority = Some(0);
+    issue(&*store, "acme", first, at(2)).await;
+    let ids = |grants: Vec<tollgate_core::Grant>| -> Vec<(String, String)> {
+        grants
+            .iter()
+            .map(|g| (g.id.to_string(), g.remaining.to_string()))
+            .collect()
+    };
+    store
+        .apply_usage(vec![usage("acme", "d1", at(3), &[("g0", "5")], "0")], at(4))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(store.grants_with_credits(&account("acme")).await.unwrap()),
+        [("g1".to_string(), "10".to_string())]
+    );
+    let open = store
+        .grants(&account("acme"), true, PageRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(open.items.len(), 2, "a grant spent to zero stays open");
+
+    // Usage naming the empty grant is refused for that debit only.
+    let outcomes = store
+        .apply_usage(
+            vec![
+                usage("acme", "stale", at(5), &[("g0", "1")], "0"),
+                usage("acme", "d2", at(5), &[("g1", "1")], "0"),
+            ],
+            at(6),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        &outcomes[0],
+        UsageOutcome::Refused { refusal, .. } if refusal.code == RefusalCode::DrawExceedsGrant
+    ));
+    assert!(matches!(outcomes[1], UsageOutcome::Applied { .. }));
+
+    // A refund of the debit that spent it gives its credits back to it.
+    let refunded = store
+        .refund(refund_cmd("acme", "k-r1", "d1", "2"), at(7))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(refunded.movements[0].grant_id, Some(grant_id("g0")));
+    assert_eq!(refunded.balance, credits("11"));
+    assert_eq!(
+        ids(store.grants_with_credits(&account("acme")).await.unwrap()),
+        [
+            ("g0".to_string(), "2".to_string()),
+            ("g1".to_string(), "9".to_string())
+        ]
+    );
+
+    // Spent to zero again, its id is still taken.
+    store
+        .apply_usage(vec![usage("acme", "d3", at(8), &[("g0", "2")], "0")], at(9))
+        .await
+        .unwrap();
+    let again = store
+        .issue_grant(
+            IssueGrant {
+                key: key("issue-g0-again"),
+                account: account("acme"),
+                terms: terms("g0", "1"),
+                metadata: Metadata::default(),
+                memo: Memo::default(),
+            },
+            at(10),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(again, Err(refusal) if refusal.code == RefusalCode::DuplicateGrant));
+    assert!(matches!(
+        store.grants_with_credits(&account("nobody")).await,
+        Err(LedgerError::UnknownAccount(_))
+    ));
+
+    // A refund that must land in a new grant, whose generated id a caller already took, is
+    // refused rather than written over a grant it never read.
+    store
+        .close_grant(
+            CloseGrant {
+                key: key("k-void-g0"),
+                account: account("acme"),
+                grant: grant_id("g0"),
+                kind: CloseKind::Void,
+                memo: Memo::default(),
+            },
+            at(11),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let entries = store.account(&account("acme")).await.unwrap().entry_count;
+    // The issue below is entry `entries + 1`; the refund would name its grant after the next.
+    let taken = format!("d3.refund.{}", entries + 2);
+    issue(&*store, "acme", terms(&taken, "1"), at(12)).await;
+    let refused = store
+        .refund(refund_cmd("acme", "k-r3", "d3", "2"), at(13))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&refused, Err(refusal) if refusal.code == RefusalCode::DuplicateGrant),
+        "{refused:?}"
+    );
+    assert_eq!(balance(&*store, "acme").await, credits("10"));
     assert_clean(&*store).await;
 }
 

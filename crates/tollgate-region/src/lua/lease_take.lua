@@ -29,7 +29,7 @@ for _, seg in ipairs(eligible) do
   if left == 0 then break end
   local take = math.min(left, seg.remaining)
   left = left - take
-  redis.call('HINCRBY', K_SEG, 'r:' .. seg.id, fmt(-take))
+  add_to_segment(seg.id, -take, seg.meta)
   if by_id[seg.id] then
     by_id[seg.id].amount = by_id[seg.id].amount + take
   else
@@ -50,7 +50,7 @@ local meta = {}
 for _, seg in ipairs(segments) do meta[seg.id] = seg end
 local slices = {}
 for _, s in ipairs(lease.slices) do
-  local m = meta[s.id]
+  local m = meta[s.id] or retired_segment(s.id)
   if m and s.amount > 0 then
     local expires_text = (m.expires and fmt(m.expires)) or ''
     slices[#slices + 1] = table.concat({ s.id, fmt(s.amount), fmt(m.priority), expires_text, fmt(m.effective), m.scope_text }, '/')

@@ -3,9 +3,11 @@
 -- KEYS (the same layout for every account script, all under the hash tag {account}):
 --   1 segments           HASH m:<grant> -> "priority|expires_at|effective_at|scope"
 --                             r:<grant> -> remaining micro-credits
+--                             (only segments holding credits: see add_to_segment)
 --   2 account            HASH od_limit, od_used, due (earliest time a hold or lease comes due),
 --                             useq (how many usage records the account has in the stream),
---                             l:<feature> -> "amount|period_ms|burst", b:<feature> -> "tokens|last_ms"
+--                             l:<feature> -> "amount|period_ms|burst", b:<feature> -> "tokens|last_ms",
+--                             z:<grant> -> the terms of a segment spent to zero
 --   3 holds              HASH hold_id -> "status|expires_at|created_at|feature|amount|overdraft|draws|price_version|price_rule|actor"
 --   4 hold schedule      ZSET hold_id by the time it is due (pending: expiry; ended: forgetting)
 --   5 leases             HASH lease_id -> "expires_at|overdraft|slices"
@@ -75,6 +77,7 @@ local function parse_meta(id, text, remaining)
   local priority, expires, effective, scope = string.match(text, '^(%d+)|(%d*)|(%d+)|(.*)$')
   return {
     id = id,
+    meta = text,
     remaining = remaining,
     priority = tonumber(priority),
     expires = tonumber(expires),
@@ -183,9 +186,40 @@ local function plan(feature, now, cost, overdraft_room)
   return nil, nil, from_segments + overdraft_room
 end
 
+-- Moves a segment's remainder by `delta` and returns it. Every decision reads the whole
+-- segments hash, so a segment spent to zero leaves it: its terms move to the account hash
+-- (z:<grant>, never read by a decision), and credits given back to it (a hold released, a
+-- lease returned, a debit reversed) bring it back. Credits for a grant the region never
+-- held are dropped. `meta` is the segment's terms when the caller has them at hand.
+local function add_to_segment(id, delta, meta)
+  local left = redis.call('HINCRBY', K_SEG, 'r:' .. id, fmt(delta))
+  if left == 0 then
+    meta = meta or redis.call('HGET', K_SEG, 'm:' .. id)
+    redis.call('HDEL', K_SEG, 'm:' .. id, 'r:' .. id)
+    if meta then redis.call('HSET', K_ACCT, 'z:' .. id, meta) end
+  elseif delta > 0 and left == delta then
+    local terms = redis.call('HGET', K_ACCT, 'z:' .. id)
+    if terms then
+      redis.call('HSET', K_SEG, 'm:' .. id, terms)
+      redis.call('HDEL', K_ACCT, 'z:' .. id)
+    elseif redis.call('HEXISTS', K_SEG, 'm:' .. id) == 0 then
+      redis.call('HDEL', K_SEG, 'r:' .. id)
+      left = 0
+    end
+  end
+  return left
+end
+
+-- A retired segment's terms (see add_to_segment), or nil.
+local function retired_segment(id)
+  local terms = redis.call('HGET', K_ACCT, 'z:' .. id)
+  if terms then return parse_meta(id, terms, 0) end
+  return nil
+end
+
 local function apply_draws(draws, sign)
   for _, d in ipairs(draws) do
-    if d.amount > 0 then redis.call('HINCRBY', K_SEG, 'r:' .. d.id, fmt(sign * d.amount)) end
+    if d.amount > 0 then add_to_segment(d.id, sign * d.amount, d.seg and d.seg.meta) end
   end
 end
 
