@@ -243,32 +243,30 @@ pub async fn spent_segments_leave_and_come_back_with_their_terms<S: RegionStore>
     monthly_is_back(&store.view(&a, at(4)).await.unwrap(), "5");
 
     // A hold spends it to zero; the release brings it back.
-    let hold =
-        |op: &str, id: &str, now: i64, ttl_ms: i64| hold_command(&a, op, id, "5", at(now), ttl_ms);
-    store
-        .authorize(&hold("a1", "h1", 10, 60_000))
-        .await
-        .unwrap();
-    gone(&store.view(&a, at(11)).await.unwrap());
+    let a_ref = &a;
+    let gone_ref = &gone;
+    let hold_all = |op: &'static str, id: &'static str, now: i64| async move {
+        store
+            .authorize(&hold_command(a_ref, op, id, "5", at(now), 60_000))
+            .await
+            .unwrap();
+        gone_ref(&store.view(a_ref, at(now + 1)).await.unwrap());
+        HoldId::new(id).unwrap()
+    };
     let release = ReleaseCommand {
         account: a.clone(),
         key: key("rel1"),
-        hold_id: HoldId::new("h1").unwrap(),
+        hold_id: hold_all("a1", "h1", 10).await,
         now: at(12),
     };
     store.release(&release).await.unwrap();
     monthly_is_back(&store.view(&a, at(13)).await.unwrap(), "5");
 
     // A partial capture gives the rest back.
-    store
-        .authorize(&hold("a2", "h2", 20, 60_000))
-        .await
-        .unwrap();
-    gone(&store.view(&a, at(21)).await.unwrap());
     let capture = CaptureCommand {
         account: a.clone(),
         key: key("cap2"),
-        hold_id: HoldId::new("h2").unwrap(),
+        hold_id: hold_all("a2", "h2", 20).await,
         amount: Some(credits("2")),
         now: at(22),
     };
