@@ -27,6 +27,9 @@ pub const IDLE_MS_DEFAULT: i64 = 15 * 60_000;
 pub const BURN_RATE_WEIGHT_PERCENT: i64 = 30;
 /// Most segments one allocation installs (a slice per grant).
 pub const ALLOCATION_SEGMENTS_MAX: usize = 64;
+/// Grants an allocation reads first, in burn-down order; it reads the rest of the account's
+/// grants holding credits only when these cannot decide the slices.
+pub const ALLOCATION_GRANTS_FIRST: usize = 128;
 
 /// How long before a grant expires `grant.expiring` fires.
 pub const EXPIRING_NOTICE_MS_DEFAULT: i64 = 3 * 24 * 3_600_000;

@@ -55,9 +55,12 @@ impl Store {
     }
 }
 
-/// PostgreSQL runs the templates as written (the `tg_*` functions come from the migration).
+/// PostgreSQL runs the templates as written (the `tg_*` functions come from the migration);
+/// `{bytes}` makes text compare byte-wise whatever the database's collation.
 fn sql(template: &str) -> String {
-    template.replace("{lock}", "FOR UPDATE")
+    template
+        .replace("{lock}", "FOR UPDATE")
+        .replace("{bytes}", " COLLATE \"C\"")
 }
 
 include!("sql_body.rs");

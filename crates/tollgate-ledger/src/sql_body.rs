@@ -123,25 +123,38 @@ where
     T::try_from(text).map_err(|e| corrupt_column(column, e))
 }
 
+/// Open grants holding credits in burn-down order (`tollgate_core::burn_order`: priority,
+/// expiry with none last, effective time, id byte-wise).
 fn with_credits_query() -> String {
     sql(&format!(
         "SELECT {GRANT_COLUMNS} FROM grants WHERE account_id = $1 AND state = 'open' \
-         AND remaining > 0 ORDER BY grant_id LIMIT $2"
+         AND remaining > 0 \
+         ORDER BY priority, expires_at IS NULL, expires_at, effective_at, grant_id{{bytes}} \
+         LIMIT $2"
     ))
 }
 
-fn with_credits_limit() -> i64 {
-    i64::try_from(OPEN_GRANTS_MAX.saturating_add(1)).unwrap_or(i64::MAX)
+/// What [`with_credits_query`] asks for to return at most `limit` grants and still tell
+/// whether there are more.
+fn with_credits_rows(limit: usize) -> i64 {
+    i64::try_from(limit.min(OPEN_GRANTS_MAX).saturating_add(1)).unwrap_or(i64::MAX)
 }
 
-/// The rows of [`with_credits_query`], refused when there are more than the limit.
-fn grants_with_credits_of(account: &AccountId, rows: &[DbRow]) -> Result<Vec<Grant>, LedgerError> {
+/// The rows of [`with_credits_query`], at most `limit` of them; more than
+/// [`OPEN_GRANTS_MAX`] is refused.
+fn grants_with_credits_of(
+    account: &AccountId,
+    rows: &[DbRow],
+    limit: usize,
+) -> Result<Vec<Grant>, LedgerError> {
+    let limit = limit.min(OPEN_GRANTS_MAX);
     if rows.len() > OPEN_GRANTS_MAX {
         return Err(LedgerError::corrupt(format!(
             "account {account} has more than {OPEN_GRANTS_MAX} open grants with credits"
         )));
     }
     rows.iter()
+        .take(limit)
         .map(|row| grant_record_of(row).map(|r| r.grant))
         .collect()
 }
@@ -372,10 +385,10 @@ impl Store {
     async fn open_grants(w: &mut WriteTx, account: &AccountId) -> Result<GrantMap, LedgerError> {
         let rows = sqlx::query(&with_credits_query())
             .bind(account.as_str())
-            .bind(with_credits_limit())
+            .bind(with_credits_rows(OPEN_GRANTS_MAX))
             .fetch_all(&mut *w.tx)
             .await?;
-        grants_with_credits_of(account, &rows)?
+        grants_with_credits_of(account, &rows, OPEN_GRANTS_MAX)?
             .into_iter()
             .map(|grant| Ok((grant.id.clone(), grant)))
             .collect()
@@ -1371,14 +1384,18 @@ impl LedgerStore for Store {
         self.list_accounts_impl(page).await
     }
 
-    async fn grants_with_credits(&self, account: &AccountId) -> Result<Vec<Grant>, LedgerError> {
+    async fn grants_with_credits(
+        &self,
+        account: &AccountId,
+        limit: usize,
+    ) -> Result<Vec<Grant>, LedgerError> {
         self.snapshot(account).await?;
         let rows = sqlx::query(&with_credits_query())
             .bind(account.as_str())
-            .bind(with_credits_limit())
+            .bind(with_credits_rows(limit))
             .fetch_all(&self.pool)
             .await?;
-        grants_with_credits_of(account, &rows)
+        grants_with_credits_of(account, &rows, limit)
     }
 
     async fn grants_expiring(

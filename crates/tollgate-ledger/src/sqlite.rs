@@ -73,7 +73,8 @@ impl Store {
 }
 
 /// SQLite columns already hold micro-credits and milliseconds: the conversions vanish, and
-/// there are no row locks (the writer lock and `BEGIN IMMEDIATE` do that job).
+/// there are no row locks (the writer lock and `BEGIN IMMEDIATE` do that job). Text compares
+/// byte-wise already (the `BINARY` collation).
 fn sql(template: &str) -> String {
     template
         .replace("tg_credits(", "(")
@@ -81,6 +82,7 @@ fn sql(template: &str) -> String {
         .replace("tg_time(", "(")
         .replace("tg_ms(", "(")
         .replace("{lock}", "")
+        .replace("{bytes}", "")
 }
 
 include!("sql_body.rs");

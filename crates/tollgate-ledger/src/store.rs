@@ -75,9 +75,15 @@ pub trait LedgerStore: Send + Sync {
         page: PageRequest,
     ) -> Result<Page<GrantRecord>, LedgerError>;
 
-    /// The account's open grants that still hold credits, in id order: what can still be
-    /// spent or allocated. More than [`crate::OPEN_GRANTS_MAX`] is an error, as for mutations.
-    async fn grants_with_credits(&self, account: &AccountId) -> Result<Vec<Grant>, LedgerError>;
+    /// The account's open grants that still hold credits (what can still be spent or
+    /// allocated) in burn-down order ([`tollgate_core::burn_order`]), the first `limit` of them.
+    /// An account holding more than [`crate::OPEN_GRANTS_MAX`] is an error when the read
+    /// reaches past that many.
+    async fn grants_with_credits(
+        &self,
+        account: &AccountId,
+        limit: usize,
+    ) -> Result<Vec<Grant>, LedgerError>;
 
     /// The account's entries matching `filter`, in sequence order, a page at a time.
     async fn entries(

@@ -16,7 +16,7 @@ use tollgate_core::{
 };
 use tollgate_ledger::{
     EntryFilter, LedgerError, LedgerStore, PageRequest, PostgresLedger, ProblemKind, Receipt,
-    RefusalCode, SqliteLedger, UsageOutcome,
+    RefusalCode, SqliteLedger, UsageOutcome, OPEN_GRANTS_MAX,
 };
 use tollgate_testkit::postgres::PostgresServer;
 
@@ -744,7 +744,10 @@ pub async fn grants_spent_to_zero_are_read_only_when_named(f: &Fixture) {
         .await
         .unwrap();
     assert_eq!(
-        ids(store.grants_with_credits(&account("acme")).await.unwrap()),
+        ids(store
+            .grants_with_credits(&account("acme"), OPEN_GRANTS_MAX)
+            .await
+            .unwrap()),
         [("g1".to_string(), "10".to_string())]
     );
     let open = store
@@ -779,7 +782,10 @@ pub async fn grants_spent_to_zero_are_read_only_when_named(f: &Fixture) {
     assert_eq!(refunded.movements[0].grant_id, Some(grant_id("g0")));
     assert_eq!(refunded.balance, credits("11"));
     assert_eq!(
-        ids(store.grants_with_credits(&account("acme")).await.unwrap()),
+        ids(store
+            .grants_with_credits(&account("acme"), OPEN_GRANTS_MAX)
+            .await
+            .unwrap()),
         [
             ("g0".to_string(), "2".to_string()),
             ("g1".to_string(), "9".to_string())
@@ -806,7 +812,9 @@ pub async fn grants_spent_to_zero_are_read_only_when_named(f: &Fixture) {
         .unwrap();
     assert!(matches!(again, Err(refusal) if refusal.code == RefusalCode::DuplicateGrant));
     assert!(matches!(
-        store.grants_with_credits(&account("nobody")).await,
+        store
+            .grants_with_credits(&account("nobody"), OPEN_GRANTS_MAX)
+            .await,
         Err(LedgerError::UnknownAccount(_))
     ));
 
@@ -839,6 +847,40 @@ pub async fn grants_spent_to_zero_are_read_only_when_named(f: &Fixture) {
         "{refused:?}"
     );
     assert_eq!(balance(&*store, "acme").await, credits("10"));
+
+    // Grants holding credits come in burn-down order: priority, expiry (none last), effective
+    // time, then id byte by byte ("B" before "a", whatever the database's collation).
+    for (id, priority, expires) in [
+        ("a-tie", 60, None),
+        ("B-tie", 60, None),
+        ("soon", 60, Some(at(100_000))),
+        ("first", 5, None),
+    ] {
+        let mut grant = terms(id, "1");
+        grant.priority = Some(priority);
+        grant.expires_at = expires;
+        issue(&*store, "acme", grant, at(14)).await;
+    }
+    let order = |grants: Vec<tollgate_core::Grant>| -> Vec<String> {
+        grants.iter().map(|g| g.id.to_string()).collect()
+    };
+    let all = order(
+        store
+            .grants_with_credits(&account("acme"), OPEN_GRANTS_MAX)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        all,
+        ["first", taken.as_str(), "g1", "soon", "B-tie", "a-tie"]
+    );
+    let first = order(
+        store
+            .grants_with_credits(&account("acme"), 3)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(first, all[..3]);
     assert_clean(&*store).await;
 }
 
