@@ -2,7 +2,7 @@
 //! grant, `bought`, of 1,000 credits.
 
 use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata};
-use tollgate_core::{AccountId, Credits, GrantId, GrantSource, IdempotencyKey, Scope, Timestamp};
+use tollgate_core::{AccountId, Credits, GrantId, GrantSource, IdempotencyKey, Timestamp};
 use tollgate_ledger::LedgerStore;
 
 pub const GRANTED_CREDITS: i64 = 1_000;
@@ -30,17 +30,11 @@ pub async fn open_account<L: LedgerStore + ?Sized>(ledger: &L, now: Timestamp) {
             IssueGrant {
                 key: IdempotencyKey::new("grant").unwrap(),
                 account: acct(),
-                terms: GrantTerms {
-                    id: GrantId::new("bought").unwrap(),
-                    amount: Credits::from_whole(GRANTED_CREDITS).unwrap(),
-                    source: GrantSource::Purchase,
-                    priority: None,
-                    effective_at: None,
-                    expires_at: None,
-                    scope: Scope::All,
-                    cost_basis: None,
-                    external_ref: None,
-                },
+                terms: GrantTerms::new(
+                    GrantId::new("bought").unwrap(),
+                    Credits::from_whole(GRANTED_CREDITS).unwrap(),
+                    GrantSource::Purchase,
+                ),
                 metadata: Metadata::default(),
                 memo: Memo::default(),
             },

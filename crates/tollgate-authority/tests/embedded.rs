@@ -55,15 +55,12 @@ async fn issue(
     now: Timestamp,
 ) {
     let terms = GrantTerms {
-        id: GrantId::new(id).unwrap(),
-        amount: Credits::from_micros(credits * MICROS),
-        source,
-        priority: None,
-        effective_at: None,
         expires_at,
-        scope: Scope::All,
-        cost_basis: None,
-        external_ref: None,
+        ..GrantTerms::new(
+            GrantId::new(id).unwrap(),
+            Credits::from_micros(credits * MICROS),
+            source,
+        )
     };
     ledger
         .issue_grant(

@@ -118,20 +118,14 @@ impl World {
     }
 
     async fn grant(&self, account: &str, id: &str, amount: &str, expires_at: Option<Timestamp>) {
+        let source = if expires_at.is_some() {
+            GrantSource::Promo
+        } else {
+            GrantSource::Purchase
+        };
         let terms = GrantTerms {
-            id: GrantId::new(id).unwrap(),
-            amount: credits(amount),
-            source: if expires_at.is_some() {
-                GrantSource::Promo
-            } else {
-                GrantSource::Purchase
-            },
-            priority: None,
-            effective_at: None,
             expires_at,
-            scope: Scope::All,
-            cost_basis: None,
-            external_ref: None,
+            ..GrantTerms::new(GrantId::new(id).unwrap(), credits(amount), source)
         };
         self.ledger
             .issue_grant(

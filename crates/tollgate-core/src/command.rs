@@ -154,6 +154,22 @@ pub struct GrantTerms {
 }
 
 impl GrantTerms {
+    /// Terms with every default: the source's priority, effective when issued, no expiry, every
+    /// feature, no cost basis or reference. Set the rest with struct update syntax.
+    pub fn new(id: GrantId, amount: Credits, source: GrantSource) -> Self {
+        GrantTerms {
+            id,
+            amount,
+            source,
+            priority: None,
+            effective_at: None,
+            expires_at: None,
+            scope: Scope::All,
+            cost_basis: None,
+            external_ref: None,
+        }
+    }
+
     /// The grant these terms give when issued at `now`.
     pub fn grant_at(&self, now: Timestamp) -> Grant {
         let mut grant = Grant::new(
@@ -334,17 +350,11 @@ mod tests {
 
     #[test]
     fn grant_terms_default_when_issued() {
-        let terms = GrantTerms {
-            id: GrantId::new("g").unwrap(),
-            amount: Credits::from_whole(5).unwrap(),
-            source: GrantSource::Promo,
-            priority: None,
-            effective_at: None,
-            expires_at: None,
-            scope: Scope::All,
-            cost_basis: None,
-            external_ref: None,
-        };
+        let terms = GrantTerms::new(
+            GrantId::new("g").unwrap(),
+            Credits::from_whole(5).unwrap(),
+            GrantSource::Promo,
+        );
         let now = Timestamp::from_millis(7).unwrap();
         let grant = terms.grant_at(now);
         assert_eq!(grant.effective_at, now);

@@ -10,7 +10,7 @@ use tollgate_core::command::UsageDebit;
 use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata};
 use tollgate_core::{
     AccountId, BurnPlan, Credits, DebitId, Draw, FeatureKey, GrantId, GrantSource, IdempotencyKey,
-    PriceRule, Scope, Timestamp,
+    PriceRule, Timestamp,
 };
 use tollgate_ledger::{LedgerStore, PostgresLedger};
 use tollgate_testkit::postgres::PostgresServer;
@@ -48,15 +48,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 key: IdempotencyKey::new("grant")?,
                 account: account.clone(),
                 terms: GrantTerms {
-                    id: GrantId::new("big")?,
-                    amount: Credits::from_whole(1_000_000_000)?,
-                    source: GrantSource::Purchase,
-                    priority: None,
                     effective_at: Some(t0),
-                    expires_at: None,
-                    scope: Scope::All,
-                    cost_basis: None,
-                    external_ref: None,
+                    ..GrantTerms::new(
+                        GrantId::new("big")?,
+                        Credits::from_whole(1_000_000_000)?,
+                        GrantSource::Purchase,
+                    )
                 },
                 metadata: Metadata::default(),
                 memo: Memo::default(),

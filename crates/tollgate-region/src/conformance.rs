@@ -96,6 +96,11 @@ fn allowed(outcome: DebitOutcome) -> Allowed {
     }
 }
 
+/// Runs a debit the check expects to be allowed.
+async fn debit_allowed<S: RegionStore>(store: &S, command: &DebitCommand) -> Allowed {
+    allowed(store.debit(command).await.unwrap())
+}
+
 fn draws(list: &[Draw]) -> Vec<(String, String)> {
     list.iter()
         .map(|d| (d.grant_id.to_string(), d.amount.to_string()))
@@ -221,12 +226,7 @@ pub async fn spent_segments_leave_and_come_back_with_their_terms<S: RegionStore>
     };
 
     // A debit spends it to zero; the reversal brings it back.
-    let first = allowed(
-        store
-            .debit(&debit_command(&a, "d1", "gen", "5", at(1)))
-            .await
-            .unwrap(),
-    );
+    let first = debit_allowed(store, &debit_command(&a, "d1", "gen", "5", at(1))).await;
     assert_eq!(draws(&first.draws), [("monthly".into(), "5".into())]);
     gone(&store.view(&a, at(2)).await.unwrap());
     let reversal = ReverseCommand {
@@ -364,12 +364,7 @@ pub async fn debit_draws_in_burn_down_order<S: RegionStore>(store: &S) {
     install(store, &a, segment("a-tie", "1", 60, None)).await;
     install(store, &a, segment("B-tie", "1", 60, None)).await;
 
-    let outcome = allowed(
-        store
-            .debit(&debit_command(&a, "d1", "gen", "7.5", at(10)))
-            .await
-            .unwrap(),
-    );
+    let outcome = debit_allowed(store, &debit_command(&a, "d1", "gen", "7.5", at(10))).await;
     assert_eq!(
         draws(&outcome.draws),
         [
@@ -384,12 +379,7 @@ pub async fn debit_draws_in_burn_down_order<S: RegionStore>(store: &S) {
         credits("109.5"),
         "the pool level after the debit"
     );
-    let outcome = allowed(
-        store
-            .debit(&debit_command(&a, "d2", "gen", "8.5", at(11)))
-            .await
-            .unwrap(),
-    );
+    let outcome = debit_allowed(store, &debit_command(&a, "d2", "gen", "8.5", at(11))).await;
     assert_eq!(
         draws(&outcome.draws),
         [
@@ -404,36 +394,16 @@ pub async fn debit_at_the_expiry_boundary<S: RegionStore>(store: &S) {
     let a = account("acct-expiry");
     install(store, &a, segment("expiring", "5", 10, Some(60_000))).await;
     install(store, &a, segment("lasting", "5", 50, None)).await;
-    let before = allowed(
-        store
-            .debit(&debit_command(&a, "d1", "gen", "1", at(59_999)))
-            .await
-            .unwrap(),
-    );
+    let before = debit_allowed(store, &debit_command(&a, "d1", "gen", "1", at(59_999))).await;
     assert_eq!(draws(&before.draws), [("expiring".into(), "1".into())]);
-    let at_expiry = allowed(
-        store
-            .debit(&debit_command(&a, "d2", "gen", "1", at(60_000)))
-            .await
-            .unwrap(),
-    );
+    let at_expiry = debit_allowed(store, &debit_command(&a, "d2", "gen", "1", at(60_000))).await;
     assert_eq!(draws(&at_expiry.draws), [("lasting".into(), "1".into())]);
     let mut early = segment("future", "5", 0, None);
     early.effective_at = at(70_000);
     install(store, &a, early).await;
-    let not_yet = allowed(
-        store
-            .debit(&debit_command(&a, "d3", "gen", "1", at(69_999)))
-            .await
-            .unwrap(),
-    );
+    let not_yet = debit_allowed(store, &debit_command(&a, "d3", "gen", "1", at(69_999))).await;
     assert_eq!(draws(&not_yet.draws), [("lasting".into(), "1".into())]);
-    let effective = allowed(
-        store
-            .debit(&debit_command(&a, "d4", "gen", "1", at(70_000)))
-            .await
-            .unwrap(),
-    );
+    let effective = debit_allowed(store, &debit_command(&a, "d4", "gen", "1", at(70_000))).await;
     assert_eq!(draws(&effective.draws), [("future".into(), "1".into())]);
 }
 
@@ -456,12 +426,7 @@ pub async fn debit_honours_the_overdraft_limit<S: RegionStore>(store: &S) {
             shortfall: credits("0.000001")
         })
     );
-    let outcome = allowed(
-        store
-            .debit(&debit_command(&a, "d1", "gen", "3", at(2)))
-            .await
-            .unwrap(),
-    );
+    let outcome = debit_allowed(store, &debit_command(&a, "d1", "gen", "3", at(2))).await;
     assert_eq!(
         (draws(&outcome.draws), outcome.overdraft),
         (vec![("g".into(), "1".into())], credits("2"))
@@ -485,18 +450,8 @@ pub async fn debit_honours_the_overdraft_limit<S: RegionStore>(store: &S) {
 pub async fn replays_are_charged_once<S: RegionStore>(store: &S) {
     let a = account("acct-replay");
     install(store, &a, segment("g", "10", 50, None)).await;
-    let first = allowed(
-        store
-            .debit(&debit_command(&a, "k1", "gen", "4", at(1)))
-            .await
-            .unwrap(),
-    );
-    let replay = allowed(
-        store
-            .debit(&debit_command(&a, "k1", "gen", "4", at(2)))
-            .await
-            .unwrap(),
-    );
+    let first = debit_allowed(store, &debit_command(&a, "k1", "gen", "4", at(1))).await;
+    let replay = debit_allowed(store, &debit_command(&a, "k1", "gen", "4", at(2))).await;
     assert!(replay.replayed && !first.replayed);
     assert_eq!(
         (replay.draws, replay.usage_id),
@@ -715,12 +670,11 @@ pub async fn leases_take_settle_and_return<S: RegionStore>(store: &S) {
     let a = account("acct-lease");
     install(store, &a, segment("monthly", "6", 10, Some(3_600_000))).await;
     install(store, &a, segment("bought", "10", 50, None)).await;
-    allowed(
-        store
-            .debit(&debit_command(&a, "already-charged", "gen", "1", at(1)))
-            .await
-            .unwrap(),
-    );
+    debit_allowed(
+        store,
+        &debit_command(&a, "already-charged", "gen", "1", at(1)),
+    )
+    .await;
     let lease_id = LeaseId::new("edge-1").unwrap();
     let request = LeaseRequest {
         account: a.clone(),
@@ -789,12 +743,7 @@ pub async fn leases_take_settle_and_return<S: RegionStore>(store: &S) {
         "the same key twice in one flush"
     );
     // A strict replay of a key first charged from the lease is a replay, not a second charge.
-    let replay = allowed(
-        store
-            .debit(&debit_command(&a, "u1", "gen", "2", at(6)))
-            .await
-            .unwrap(),
-    );
+    let replay = debit_allowed(store, &debit_command(&a, "u1", "gen", "2", at(6))).await;
     assert!(replay.replayed);
 
     let returned = store.return_lease(&a, &lease_id, at(7)).await.unwrap();
@@ -861,12 +810,7 @@ pub async fn rate_limits_refuse_and_refill<S: RegionStore>(store: &S) {
         .set_rate_limit(&a, &feature("gen"), Some(limit), at(0))
         .await
         .unwrap();
-    allowed(
-        store
-            .debit(&debit_command(&a, "r1", "gen", "15", at(0)))
-            .await
-            .unwrap(),
-    );
+    debit_allowed(store, &debit_command(&a, "r1", "gen", "15", at(0))).await;
     let refused = store
         .debit(&debit_command(&a, "r2", "gen", "10", at(100)))
         .await
@@ -879,18 +823,8 @@ pub async fn rate_limits_refuse_and_refill<S: RegionStore>(store: &S) {
             retry_after_ms: Some(400)
         })
     );
-    allowed(
-        store
-            .debit(&debit_command(&a, "r3", "lookup", "100", at(100)))
-            .await
-            .unwrap(),
-    );
-    allowed(
-        store
-            .debit(&debit_command(&a, "r4", "gen", "10", at(500)))
-            .await
-            .unwrap(),
-    );
+    debit_allowed(store, &debit_command(&a, "r3", "lookup", "100", at(100))).await;
+    debit_allowed(store, &debit_command(&a, "r4", "gen", "10", at(500))).await;
     let never = store
         .debit(&debit_command(&a, "r5", "gen", "20.000001", at(10_000)))
         .await
@@ -911,12 +845,7 @@ pub async fn rate_limits_refuse_and_refill<S: RegionStore>(store: &S) {
         .set_rate_limit(&a, &feature("gen"), None, at(10_002))
         .await
         .unwrap();
-    allowed(
-        store
-            .debit(&debit_command(&a, "r6", "gen", "500", at(10_003)))
-            .await
-            .unwrap(),
-    );
+    debit_allowed(store, &debit_command(&a, "r6", "gen", "500", at(10_003))).await;
 }
 
 /// Usage records reach a consumer group, are delivered again until acknowledged, then are gone.
@@ -927,13 +856,8 @@ pub async fn usage_stream_delivers_until_acknowledged<S: RegionStore>(store: &S)
     store.create_usage_group("authority").await.unwrap();
     let mut command = debit_command(&a, "s1", "gen", "2", at(1));
     command.actor = Some(tollgate_core::ActorId::new("ana@example.com").unwrap());
-    allowed(store.debit(&command).await.unwrap());
-    allowed(
-        store
-            .debit(&debit_command(&a, "s2", "gen", "3", at(2)))
-            .await
-            .unwrap(),
-    );
+    debit_allowed(store, &command).await;
+    debit_allowed(store, &debit_command(&a, "s2", "gen", "3", at(2))).await;
     store
         .authorize(&hold_command(&a, "auth", "h1", "1", at(3), 60_000))
         .await
@@ -1046,12 +970,7 @@ pub async fn take_back_waits_until_usage_is_reconciled<S: RegionStore>(store: &S
     install(store, &a, segment("g", "10", 50, None)).await;
     store.create_usage_group("authority").await.unwrap();
     assert_eq!(store.view(&a, at(1)).await.unwrap().usage_seq, 0);
-    allowed(
-        store
-            .debit(&debit_command(&a, "k1", "gen", "4", at(1_000)))
-            .await
-            .unwrap(),
-    );
+    debit_allowed(store, &debit_command(&a, "k1", "gen", "4", at(1_000))).await;
     let reversed = store
         .reverse(&ReverseCommand {
             account: a.clone(),
@@ -1155,12 +1074,7 @@ pub async fn reversals_give_a_debit_back<S: RegionStore>(store: &S) {
         .await
         .unwrap();
     store.create_usage_group("authority").await.unwrap();
-    allowed(
-        store
-            .debit(&debit_command(&a, "k1", "gen", "10.5", at(1_000)))
-            .await
-            .unwrap(),
-    );
+    debit_allowed(store, &debit_command(&a, "k1", "gen", "10.5", at(1_000))).await;
     let reverse = |k: &str, debit: &str, now: i64| ReverseCommand {
         account: a.clone(),
         key: key(k),
@@ -1186,12 +1100,7 @@ pub async fn reversals_give_a_debit_back<S: RegionStore>(store: &S) {
         store.reverse(&reverse("r2", "k1", 2_003)).await.unwrap(),
         ReverseOutcome::Refused(ReverseRefusal::AlreadyReversed)
     );
-    allowed(
-        store
-            .debit(&debit_command(&a, "k2", "gen", "1", at(3_000)))
-            .await
-            .unwrap(),
-    );
+    debit_allowed(store, &debit_command(&a, "k2", "gen", "1", at(3_000))).await;
     assert_eq!(
         store.reverse(&reverse("r3", "k2", 4_001)).await.unwrap(),
         ReverseOutcome::Refused(ReverseRefusal::WindowClosed)

@@ -546,15 +546,13 @@ impl Sim {
             key: key(&format!("grant.{id}")),
             account: self.accounts[account].id.clone(),
             terms: GrantTerms {
-                id: GrantId::new(id.clone()).map_err(|e| e.to_string())?,
-                amount: credits(amount),
-                source,
-                priority: None,
-                effective_at: None,
                 expires_at,
                 scope,
-                cost_basis: None,
-                external_ref: None,
+                ..GrantTerms::new(
+                    GrantId::new(id.clone()).map_err(|e| e.to_string())?,
+                    credits(amount),
+                    source,
+                )
             },
             metadata: Metadata::default(),
             memo: Memo::default(),

@@ -13,7 +13,7 @@ use tollgate_authority_service::coordination::CoordinationService;
 use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata};
 use tollgate_core::{
     AccountId, Credits, FeatureKey, GrantId, GrantSource, IdempotencyKey, PriceBookVersion,
-    Quantity, Rate, RegionId, Scope, Timestamp,
+    Quantity, Rate, RegionId, Timestamp,
 };
 use tollgate_edge::coordination::AuthorityClient;
 use tollgate_edge::{DebitRequest, Decision, EdgeSettings, Engine, Refused, Spend};
@@ -84,17 +84,11 @@ async fn a_cold_account_is_allocated_over_grpc_then_decided() {
         metadata: Metadata::default(),
     };
     ledger.create_account(create, now).await.unwrap();
-    let terms = GrantTerms {
-        id: GrantId::new("bought").unwrap(),
-        amount: Credits::from_whole(40).unwrap(),
-        source: GrantSource::Purchase,
-        priority: None,
-        effective_at: None,
-        expires_at: None,
-        scope: Scope::All,
-        cost_basis: None,
-        external_ref: None,
-    };
+    let terms = GrantTerms::new(
+        GrantId::new("bought").unwrap(),
+        Credits::from_whole(40).unwrap(),
+        GrantSource::Purchase,
+    );
     let grant = IssueGrant {
         key: key("grant"),
         account: acme.clone(),

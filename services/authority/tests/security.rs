@@ -484,17 +484,11 @@ async fn the_cold_path_runs_over_mutual_tls() {
             tollgate_core::command::IssueGrant {
                 key: key("grant"),
                 account: acme.clone(),
-                terms: tollgate_core::command::GrantTerms {
-                    id: tollgate_core::GrantId::new("bought").unwrap(),
-                    amount: tollgate_core::Credits::from_whole(40).unwrap(),
-                    source: tollgate_core::GrantSource::Purchase,
-                    priority: None,
-                    effective_at: None,
-                    expires_at: None,
-                    scope: tollgate_core::Scope::All,
-                    cost_basis: None,
-                    external_ref: None,
-                },
+                terms: tollgate_core::command::GrantTerms::new(
+                    tollgate_core::GrantId::new("bought").unwrap(),
+                    tollgate_core::Credits::from_whole(40).unwrap(),
+                    tollgate_core::GrantSource::Purchase,
+                ),
                 metadata: Default::default(),
                 memo: Default::default(),
             },

@@ -12,7 +12,7 @@ use tollgate_core::command::{
 };
 use tollgate_core::{
     AccountId, BurnPlan, Credits, DebitId, Draw, EntryKind, FeatureKey, GrantId, GrantSource,
-    GrantState, IdempotencyKey, PriceRule, Scope, Timestamp,
+    GrantState, IdempotencyKey, PriceRule, Timestamp,
 };
 use tollgate_ledger::{
     EntryFilter, LedgerError, LedgerStore, PageRequest, PostgresLedger, ProblemKind, Receipt,
@@ -182,15 +182,8 @@ pub async fn create(store: &dyn LedgerStore, id: &str, overdraft: &str) {
 
 pub fn terms(id: &str, amount: &str) -> GrantTerms {
     GrantTerms {
-        id: grant_id(id),
-        amount: credits(amount),
-        source: GrantSource::Purchase,
-        priority: None,
         effective_at: Some(at(0)),
-        expires_at: None,
-        scope: Scope::All,
-        cost_basis: None,
-        external_ref: None,
+        ..GrantTerms::new(grant_id(id), credits(amount), GrantSource::Purchase)
     }
 }
 
