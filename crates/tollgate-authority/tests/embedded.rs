@@ -235,6 +235,22 @@ impl World {
         );
     }
 
+    /// Reconciles `name` once and checks how many records it applied, reversed and parked.
+    async fn reconcile_expecting(
+        &self,
+        name: &str,
+        applied: usize,
+        reversed: usize,
+        parked: usize,
+    ) {
+        let report = self.node.reconcile_once(&region(name)).await.unwrap();
+        assert_eq!(
+            (report.applied, report.reversed, report.parked),
+            (applied, reversed, parked),
+            "{report:?}"
+        );
+    }
+
     /// Nothing parked, the balance at `balance` credits, the ledger's checks clean.
     async fn assert_settled(&self, balance: i64) {
         assert_eq!(self.node.state().parked_count().await.unwrap(), 0);
@@ -310,12 +326,7 @@ async fn credits_a_reversal_gave_back_can_be_spent_again_in_the_same_batch() {
     assert!(world.debit("eu", "first", 10).await);
     world.reverse("eu", "undo-first", "first").await;
     assert!(world.debit("eu", "second", 10).await);
-    let report = world.node.reconcile_once(&region("eu")).await.unwrap();
-    assert_eq!(
-        (report.applied, report.reversed, report.parked),
-        (2, 1, 0),
-        "{report:?}"
-    );
+    world.reconcile_expecting("eu", 2, 1, 0).await;
     world.assert_settled(0).await;
 }
 
@@ -340,12 +351,7 @@ async fn credits_a_reversal_gave_back_stay_in_the_region_until_it_is_reconciled(
     assert_eq!(world.held("eu").await.0, 0, "nothing is free for eu");
     world.assert_never_over_allocated().await;
 
-    let report = world.node.reconcile_once(&region("us")).await.unwrap();
-    assert_eq!(
-        (report.applied, report.reversed, report.parked),
-        (1, 1, 0),
-        "{report:?}"
-    );
+    world.reconcile_expecting("us", 1, 1, 0).await;
     world.clock.advance_ms(61_000);
     assert!(world.node.take_back_idle().await.unwrap() >= 1);
     assert_eq!(world.held("us").await.0, 0);
@@ -383,12 +389,7 @@ async fn a_reversal_reconciled_after_its_grant_expired_still_refunds_that_grant(
 
     // Reconciled only after the grant's end.
     world.clock.advance_ms(61_000);
-    let report = world.node.reconcile_once(&region("eu")).await.unwrap();
-    assert_eq!(
-        (report.applied, report.reversed, report.parked),
-        (2, 1, 0),
-        "{report:?}"
-    );
+    world.reconcile_expecting("eu", 2, 1, 0).await;
     world.assert_settled(0).await;
     let snapshot = world.ledger.account(&acct()).await.unwrap();
     assert_eq!(snapshot.totals.debited.micros(), 20 * MICROS);

@@ -991,17 +991,23 @@ pub async fn take_back_waits_until_usage_is_reconciled<S: RegionStore>(store: &S
     let numbered: Vec<(UsageKind, u64)> = records.iter().map(|r| (r.kind, r.seq)).collect();
     assert_eq!(numbered, [(UsageKind::Debit, 1), (UsageKind::Reverse, 2)]);
 
-    let early = store
-        .take_back(
-            &a,
-            &key("t1"),
-            &grant("g"),
-            credits("10"),
-            Some(1),
-            at(1_003),
-        )
-        .await
-        .unwrap();
+    let take_back = |op: &'static str, amount: &'static str, reconciled: Option<u64>, now: i64| {
+        let a = a.clone();
+        async move {
+            store
+                .take_back(
+                    &a,
+                    &key(op),
+                    &grant("g"),
+                    credits(amount),
+                    reconciled,
+                    at(now),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let early = take_back("t1", "10", Some(1), 1_003).await;
     assert_eq!(
         (early.taken, early.remaining, early.unreconciled),
         (Credits::ZERO, credits("10"), 1),
@@ -1011,17 +1017,7 @@ pub async fn take_back_waits_until_usage_is_reconciled<S: RegionStore>(store: &S
         store.view(&a, at(1_004)).await.unwrap().pool(),
         credits("10")
     );
-    let reconciled = store
-        .take_back(
-            &a,
-            &key("t2"),
-            &grant("g"),
-            credits("6"),
-            Some(2),
-            at(1_005),
-        )
-        .await
-        .unwrap();
+    let reconciled = take_back("t2", "6", Some(2), 1_005).await;
     assert_eq!(
         (
             reconciled.taken,
@@ -1030,25 +1026,12 @@ pub async fn take_back_waits_until_usage_is_reconciled<S: RegionStore>(store: &S
         ),
         (credits("6"), credits("4"), 0)
     );
-    let unconditional = store
-        .take_back(&a, &key("t3"), &grant("g"), credits("1"), None, at(1_006))
-        .await
-        .unwrap();
+    let unconditional = take_back("t3", "1", None, 1_006).await;
     assert_eq!(
         (unconditional.taken, unconditional.unreconciled),
         (credits("1"), 0)
     );
-    let replay = store
-        .take_back(
-            &a,
-            &key("t1"),
-            &grant("g"),
-            credits("10"),
-            Some(1),
-            at(1_007),
-        )
-        .await
-        .unwrap();
+    let replay = take_back("t1", "10", Some(1), 1_007).await;
     assert!(replay.replayed && replay.taken.is_zero());
     let other = store
         .take_back(
