@@ -93,6 +93,8 @@ impl Edge {
                 overdraft_limit: Credits::ZERO,
                 rate_limited: Default::default(),
                 published_at: Timestamp::from_millis(NOW_MS).expect("now"),
+                outside: Vec::new(),
+                debt_basis: Credits::ZERO,
             })
             .await
             .expect("account summary");

@@ -196,6 +196,7 @@ pub fn enforcement_requests(hold_id: &str) -> Vec<Seed> {
                 account_id: ACCOUNT.into(),
                 hold_id: hold_id.into(),
                 amount: "0.5".into(),
+                authorize_key: String::new(),
             },
         ),
         picked(
@@ -205,6 +206,7 @@ pub fn enforcement_requests(hold_id: &str) -> Vec<Seed> {
                 idempotency_key: "k-3".into(),
                 account_id: ACCOUNT.into(),
                 hold_id: hold_id.into(),
+                authorize_key: String::new(),
             },
         ),
         picked(

@@ -102,6 +102,8 @@ pub(crate) async fn seed(store: &RedisRegionStore, accounts: usize) -> anyhow::R
                     overdraft_limit: Credits::ZERO,
                     rate_limited: Default::default(),
                     published_at: Timestamp::EPOCH,
+                    outside: Vec::new(),
+                    debt_basis: Credits::ZERO,
                 })
                 .await?;
             anyhow::Ok(())

@@ -149,7 +149,9 @@ async fn drain(node: &Authority<PostgresLedger, RedisRegionStore>) -> usize {
 async fn postgres_restarted_during_reconciliation_applies_nothing_twice_and_loses_nothing() {
     let mut world = World::start().await;
     let node = world.authority().await;
-    node.request_allocation(&eu(), &acct(), None).await.unwrap();
+    node.request_allocation(&eu(), &acct(), None, tollgate_core::Credits::ZERO)
+        .await
+        .unwrap();
     let mut acknowledged = BTreeMap::new();
     for n in 0..DEBITS {
         let key = format!("d{n}");
@@ -189,7 +191,9 @@ async fn postgres_restarted_during_reconciliation_applies_nothing_twice_and_lose
 async fn redis_killed_and_restarted_with_aof_under_load_loses_no_acknowledged_debit() {
     let mut world = World::start().await;
     let node = world.authority().await;
-    node.request_allocation(&eu(), &acct(), None).await.unwrap();
+    node.request_allocation(&eu(), &acct(), None, tollgate_core::Credits::ZERO)
+        .await
+        .unwrap();
     let mut acknowledged = BTreeMap::new();
     let mut attempted = BTreeMap::new();
     let mut failed = 0;
@@ -250,7 +254,9 @@ async fn with_the_authority_down_the_region_serves_from_its_allocation_then_the_
 {
     let world = World::start().await;
     let node = world.authority().await;
-    node.request_allocation(&eu(), &acct(), None).await.unwrap();
+    node.request_allocation(&eu(), &acct(), None, tollgate_core::Credits::ZERO)
+        .await
+        .unwrap();
     // The authority goes away: nothing reconciles, nothing refills.
     drop(node);
     let mut acknowledged = 0_i64;
@@ -277,7 +283,9 @@ async fn with_the_authority_down_the_region_serves_from_its_allocation_then_the_
 async fn a_region_cut_off_from_the_authority_spends_no_more_than_it_was_allocated() {
     let world = World::start().await;
     let node = world.authority().await;
-    node.request_allocation(&eu(), &acct(), None).await.unwrap();
+    node.request_allocation(&eu(), &acct(), None, tollgate_core::Credits::ZERO)
+        .await
+        .unwrap();
     let allocated: i64 = node
         .state()
         .allocations(&acct())

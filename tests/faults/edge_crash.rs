@@ -86,7 +86,7 @@ async fn world(dir: &std::path::Path, redis: &RedisServer) -> (Node, Arc<SqliteL
     .await
     .unwrap();
     common::open_account(ledger.as_ref(), now).await;
-    node.request_allocation(&region(), &acct(), None)
+    node.request_allocation(&region(), &acct(), None, tollgate_core::Credits::ZERO)
         .await
         .unwrap();
     (node, ledger)

@@ -25,7 +25,8 @@ use crate::authority::Authority;
 use crate::error::{AuthorityError, Result};
 use crate::reconciler::derived_key;
 use crate::settings::{
-    ALLOCATION_GRANTS_FIRST, ALLOCATION_SEGMENTS_MAX, SWEEP_ACCOUNTS_PER_PASS_MAX,
+    ALLOCATION_GRANTS_FIRST, ALLOCATION_SEGMENTS_MAX, SUMMARY_OUTSIDE_GROUPS_MAX,
+    SWEEP_ACCOUNTS_PER_PASS_MAX,
 };
 use crate::state::{AllocationRow, InstallIntent};
 
@@ -41,6 +42,10 @@ pub struct Allocation {
     pub overdraft_room: Credits,
     pub mode: tollgate_region::EnforcementMode,
     pub generation: u64,
+    /// Credits of the account's grants effective now (covering the feature asked for, when
+    /// one was) that no region holds after this allocation: zero means the authority has
+    /// nothing more to hand out until something changes (a grant, a refund, a take-back).
+    pub unallocated: Credits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,15 +65,18 @@ enum Reason {
 }
 
 impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
-    /// Answers a region's request for an account it has no allocation for: installs slices up
-    /// to the target, publishes the account's summary there, and says what the region holds.
+    /// Answers a region's request (the cold path): installs slices up to the region's target
+    /// and at least `needed` (what a spend the region could not pay is short of), moving
+    /// credits from idle regions when the authority holds too few, publishes the account's
+    /// summary there, and says what the region holds.
     pub async fn request_allocation(
         &self,
         region: &RegionId,
         account: &AccountId,
         feature: Option<&FeatureKey>,
+        needed: Credits,
     ) -> Result<AllocationOutcome> {
-        self.allocate(region, account, feature, Reason::Requested)
+        self.allocate(region, account, feature, Reason::Requested, needed.micros())
             .await
     }
 
@@ -79,7 +87,8 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         };
         let target = self.target_micros(seen.burn_micros_per_s);
         if seen.pool.saturating_mul(100) < target.saturating_mul(self.settings.low_water_percent) {
-            self.allocate(region, account, None, Reason::Refill).await?;
+            self.allocate(region, account, None, Reason::Refill, 0)
+                .await?;
         }
         Ok(())
     }
@@ -90,7 +99,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let regions: Vec<RegionId> = self.regions.keys().cloned().collect();
         for region in &regions {
             if self.state.region_account(region, account).await?.is_some() {
-                self.allocate(region, account, None, Reason::Requested)
+                self.allocate(region, account, None, Reason::Requested, 0)
                     .await?;
             } else {
                 self.publish_summary(region, account).await?;
@@ -99,7 +108,12 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         Ok(())
     }
 
+    /// What a region should hold for an account. With one region there is nothing to share:
+    /// the region holds everything spendable, so its answer is the account's.
     fn target_micros(&self, burn_micros_per_s: i64) -> i64 {
+        if self.regions.len() == 1 {
+            return tollgate_region::REGION_MICROS_MAX;
+        }
         let horizon_s = (self.settings.allocation_horizon_ms / 1_000).max(1);
         burn_micros_per_s.saturating_mul(horizon_s).clamp(
             self.settings.allocation_micros_min,
@@ -113,6 +127,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         account: &AccountId,
         feature: Option<&FeatureKey>,
         reason: Reason,
+        needed: i64,
     ) -> Result<AllocationOutcome> {
         let lock = self.account_lock(account);
         let _held = lock.lock().await;
@@ -132,21 +147,36 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             .region_account(region, account)
             .await?
             .map_or(0, |seen| seen.burn_micros_per_s);
-        // Segments of grants that ended still show their remainder; they cannot be spent.
+        // Only segments that can be spent now count: a grant that ended, or one not yet
+        // effective, still shows its remainder.
         let pool: i64 = view
             .segments
             .iter()
-            .filter(|s| s.expires_at.is_none_or(|e| now < e))
+            .filter(|s| s.is_active_at(now))
             .map(|s| s.remaining.micros())
             .sum();
-        let need = self.target_micros(burn) - pool;
+        let need = (self.target_micros(burn) - pool).max(needed);
         let generation = self.state.note_allocation(region, account, now).await?;
-        let rows = self.state.allocations(account).await?;
+        let mut rows = self.state.allocations(account).await?;
+        let mut unallocated = 0;
         if need > 0 {
-            let slices = self.slices_for(account, &rows, feature, need, now).await?;
+            let (mut slices, mut free) =
+                self.slices_for(account, &rows, feature, need, now).await?;
+            let cut = slices_total(&slices);
+            if cut < needed && self.regions.len() > 1 {
+                // The authority holds too few: bring back what idle regions hold, then cut again.
+                let moved = self
+                    .move_from_idle_regions(region, account, feature, needed - cut, now)
+                    .await?;
+                if moved > 0 {
+                    rows = self.state.allocations(account).await?;
+                    (slices, free) = self.slices_for(account, &rows, feature, need, now).await?;
+                }
+            }
             for spec in &slices {
                 self.install(region, account, spec, generation, now).await?;
             }
+            unallocated = (free - slices_total(&slices)).max(0);
             debug!(%region, %account, ?reason, slices = slices.len(), "allocated");
         }
         let room = self
@@ -165,7 +195,65 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             overdraft_room: room,
             mode: settings.mode,
             generation,
+            unallocated: Credits::from_micros(unallocated),
         }))
+    }
+
+    /// Takes back, for a region short of `want`, what other regions hold of the account's
+    /// grants (covering `feature`) when they have not used the account for `move_idle_ms` and
+    /// their usage of it is reconciled (checked by the region in the take-back itself, as for
+    /// idle take-backs). Returns the micro-credits taken back. A region in use keeps its
+    /// credits: moving them would only make it ask back.
+    async fn move_from_idle_regions(
+        &self,
+        to: &RegionId,
+        account: &AccountId,
+        feature: Option<&FeatureKey>,
+        want: i64,
+        now: Timestamp,
+    ) -> Result<i64> {
+        let idle_before = now.millis() - self.settings.move_idle_ms;
+        let mut moved = 0;
+        let donors: Vec<RegionId> = self.regions.keys().filter(|r| *r != to).cloned().collect();
+        for donor in &donors {
+            let Some(seen) = self.state.region_account(donor, account).await? else {
+                continue;
+            };
+            if seen.last_usage_ms >= idle_before || seen.last_allocation_ms >= idle_before {
+                continue;
+            }
+            let store = self.region(donor)?;
+            let Ok(view) = store.view(account, now).await else {
+                // A region cut off keeps what it holds.
+                continue;
+            };
+            let reconciled = self.state.usage_seq(donor, account).await?;
+            if view.usage_seq > reconciled {
+                continue;
+            }
+            for segment in view
+                .segments
+                .iter()
+                .filter(|s| s.is_active_at(now) && feature.is_none_or(|f| s.scope.covers(f)))
+            {
+                let taken = self
+                    .take_back_grant(donor, account, &segment.grant_id, Some(reconciled), now)
+                    .await?;
+                moved += taken.taken.micros();
+                if taken.unreconciled > 0 || moved >= want {
+                    break;
+                }
+            }
+            // The donor's balance did not change, only where its credits are: say so there.
+            self.publish_summary(donor, account).await?;
+            if moved >= want {
+                break;
+            }
+        }
+        if moved > 0 {
+            debug!(%to, %account, moved, "credits moved from idle regions");
+        }
+        Ok(moved)
     }
 
     /// [`cut_slices`] over the account's grants holding credits, read from the first in
@@ -178,22 +266,26 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         feature: Option<&FeatureKey>,
         need: i64,
         now: Timestamp,
-    ) -> Result<Vec<SegmentSpec>> {
+    ) -> Result<(Vec<SegmentSpec>, i64)> {
         let first = self
             .ledger
             .grants_with_credits(account, ALLOCATION_GRANTS_FIRST)
             .await?;
         if first.len() < ALLOCATION_GRANTS_FIRST {
-            return Ok(cut_slices(&first, rows, feature, need, now));
+            let free = free_micros(&first, rows, feature, now);
+            return Ok((cut_slices(&first, rows, feature, need, now), free));
         }
         if let Some(slices) = slices_from_first(&first, rows, feature, need, now) {
-            return Ok(slices);
+            // Decided by the first grants: the need is met, so what is left is not asked for.
+            let free = free_micros(&first, rows, feature, now);
+            return Ok((slices, free));
         }
         let all = self
             .ledger
             .grants_with_credits(account, tollgate_ledger::OPEN_GRANTS_MAX)
             .await?;
-        Ok(cut_slices(&all, rows, feature, need, now))
+        let free = free_micros(&all, rows, feature, now);
+        Ok((cut_slices(&all, rows, feature, need, now), free))
     }
 
     pub(crate) fn region(&self, region: &RegionId) -> Result<&std::sync::Arc<R>> {
@@ -353,10 +445,17 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         Ok(Credits::from_micros(room_now.micros() + add))
     }
 
-    /// Publishes the account's summary (plan, mode, balance, overdraft limit) to one region.
+    /// Publishes the account's summary (plan, mode, balance, overdraft limit, the credits the
+    /// region does not hold and the debt basis) to one region.
     pub async fn publish_summary(&self, region: &RegionId, account: &AccountId) -> Result<()> {
         let snapshot = self.ledger.account(account).await?;
         let settings = self.state.account_settings(account).await?;
+        let rows = self.state.allocations(account).await?;
+        let grants = self
+            .ledger
+            .grants_with_credits(account, tollgate_ledger::OPEN_GRANTS_MAX)
+            .await?;
+        let (outside, debt_basis) = outside_of(region, &grants, &rows, &snapshot);
         let summary = AccountSummary {
             account: account.clone(),
             created_at: snapshot.created_at,
@@ -367,6 +466,8 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             overdraft_limit: snapshot.overdraft_limit,
             rate_limited: Default::default(),
             published_at: self.clock.now(),
+            outside,
+            debt_basis,
         };
         self.region(region)?
             .publish_account(&summary)
@@ -488,10 +589,103 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             self.state
                 .forget_region_account(&seen.region, &seen.account)
                 .await?;
+            // What the region held is the authority's again: the region's summary says so, so
+            // its edges go on telling the same balance.
+            self.publish_summary(&seen.region, &seen.account).await?;
             emptied += 1;
         }
         Ok(emptied)
     }
+}
+
+/// What a region's summary says of the credits it does not hold: per open grant, what the
+/// ledger says remains less what this region holds of it or has spent unreconciled, grouped by
+/// terms; and the debt basis, the ledger's debt plus the overdraft room this region has
+/// outstanding. Both stay put while this region decides and is reconciled (see
+/// `AccountSummary::outside`). Past `SUMMARY_OUTSIDE_GROUPS_MAX` groups the rest is left out
+/// (the balance an edge tells is then low, never high) and a warning says so.
+fn outside_of(
+    region: &RegionId,
+    grants: &[Grant],
+    rows: &[AllocationRow],
+    snapshot: &tollgate_ledger::AccountSnapshot,
+) -> (Vec<tollgate_region::OutsideCredits>, Credits) {
+    let here: Vec<AllocationRow> = rows
+        .iter()
+        .filter(|r| &r.region == region)
+        .cloned()
+        .collect();
+    let outstanding = outstanding_by_grant(&here);
+    let mut groups: Vec<tollgate_region::OutsideCredits> = Vec::new();
+    for grant in grants.iter().filter(|g| g.state == GrantState::Open) {
+        let held = outstanding.get(grant.id.as_str()).copied().unwrap_or(0);
+        let amount = grant.remaining.micros() - held;
+        if amount <= 0 {
+            continue;
+        }
+        let terms = |o: &tollgate_region::OutsideCredits| {
+            o.effective_at == grant.effective_at
+                && o.expires_at == grant.expires_at
+                && o.scope == grant.scope
+        };
+        if let Some(group) = groups.iter_mut().find(|o| terms(o)) {
+            group.amount = Credits::from_micros(group.amount.micros().saturating_add(amount));
+        } else if groups.len() < SUMMARY_OUTSIDE_GROUPS_MAX {
+            groups.push(tollgate_region::OutsideCredits {
+                amount: Credits::from_micros(amount),
+                effective_at: grant.effective_at,
+                expires_at: grant.expires_at,
+                scope: grant.scope.clone(),
+            });
+        } else {
+            warn!(%region, account = %snapshot.account, grant = %grant.id,
+                "too many kinds of grants to summarize; the balance edges tell leaves some out");
+        }
+    }
+    let room_outstanding = outstanding.get("").copied().unwrap_or(0);
+    let debt_basis = Credits::from_micros(snapshot.debt.micros().saturating_add(room_outstanding));
+    (groups, debt_basis)
+}
+
+fn slices_total(slices: &[SegmentSpec]) -> i64 {
+    slices.iter().map(|s| s.amount.micros()).sum()
+}
+
+/// Whether a grant's credits can be handed out at `now`: open, effective, not expired. A grant
+/// not yet effective is left with the authority until it is (a region holding it could not
+/// spend it, and its slice would take the place of credits it can spend).
+fn allocatable(grant: &Grant, now: Timestamp) -> bool {
+    grant.state == GrantState::Open
+        && grant.effective_at <= now
+        && grant.expires_at.is_none_or(|e| now < e)
+}
+
+/// What is outstanding in regions, per grant.
+fn outstanding_by_grant(rows: &[AllocationRow]) -> BTreeMap<&str, i64> {
+    let mut outstanding: BTreeMap<&str, i64> = BTreeMap::new();
+    for row in rows {
+        *outstanding.entry(row.grant_id.as_str()).or_default() += row.outstanding().max(0);
+    }
+    outstanding
+}
+
+/// Free micro-credits of the grants that can be handed out now (covering `feature`, when
+/// given): what the ledger says remains less what regions hold.
+pub fn free_micros(
+    grants: &[Grant],
+    rows: &[AllocationRow],
+    feature: Option<&FeatureKey>,
+    now: Timestamp,
+) -> i64 {
+    let outstanding = outstanding_by_grant(rows);
+    grants
+        .iter()
+        .filter(|g| allocatable(g, now) && feature.is_none_or(|f| g.scope.covers(f)))
+        .map(|g| {
+            let held = outstanding.get(g.id.as_str()).copied().unwrap_or(0);
+            (g.remaining.micros() - held).max(0)
+        })
+        .fold(0_i64, i64::saturating_add)
 }
 
 /// Slices for `need` micro-credits from the grants' free credits, in burn-down order, grants
@@ -503,14 +697,8 @@ pub fn cut_slices(
     need: i64,
     now: Timestamp,
 ) -> Vec<SegmentSpec> {
-    let mut outstanding: BTreeMap<&str, i64> = BTreeMap::new();
-    for row in rows {
-        *outstanding.entry(row.grant_id.as_str()).or_default() += row.outstanding().max(0);
-    }
-    let mut eligible: Vec<&Grant> = grants
-        .iter()
-        .filter(|g| g.state == GrantState::Open && g.expires_at.is_none_or(|e| now < e))
-        .collect();
+    let outstanding = outstanding_by_grant(rows);
+    let mut eligible: Vec<&Grant> = grants.iter().filter(|g| allocatable(g, now)).collect();
     eligible.sort_by(|a, b| {
         let covers = |g: &Grant| feature.is_some_and(|f| !g.scope.covers(f));
         covers(a).cmp(&covers(b)).then_with(|| burn_order(a, b))

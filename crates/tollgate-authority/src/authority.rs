@@ -75,6 +75,26 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         &self.settings
     }
 
+    /// Forgets what `region` holds, for a region whose store started again empty (the
+    /// embedded node's in-memory region after a restart), so the authority stops counting
+    /// credits that are gone and the next cold path allocates from the ledger again, in
+    /// burn-down order. See [`StateStore::forget_region_holdings`] for when it is safe.
+    pub async fn forget_region_holdings(
+        &self,
+        region: &RegionId,
+    ) -> crate::Result<crate::state::ForgottenHoldings> {
+        self.region(region)?;
+        let forgotten = self.state.forget_region_holdings(region).await?;
+        tracing::info!(
+            %region,
+            counters = forgotten.counters,
+            install_intents = forgotten.install_intents,
+            accounts = forgotten.accounts,
+            "forgot what the restarted region held"
+        );
+        Ok(forgotten)
+    }
+
     pub(crate) fn endpoint_names(&self) -> Vec<String> {
         self.settings
             .webhooks

@@ -23,6 +23,11 @@ pub const ALLOCATION_MICROS_MAX_DEFAULT: i64 = 1_000_000_000_000;
 pub const LOW_WATER_PERCENT_DEFAULT: i64 = 25;
 /// A region that has not used an account's allocation for this long gives it back.
 pub const IDLE_MS_DEFAULT: i64 = 15 * 60_000;
+/// A region short of credits for a spend may take what another region holds of the account
+/// once that region has not used it (nor been given any) for this long.
+pub const MOVE_IDLE_MS_DEFAULT: i64 = 5_000;
+/// Groups of outside credits (see `AccountSummary::outside`) one summary carries at most.
+pub const SUMMARY_OUTSIDE_GROUPS_MAX: usize = 256;
 /// Weight of the newest batch in the burn-rate average, in percent.
 pub const BURN_RATE_WEIGHT_PERCENT: i64 = 30;
 /// Most segments one allocation installs (a slice per grant).
@@ -81,6 +86,7 @@ pub struct AuthoritySettings {
     pub allocation_micros_max: i64,
     pub low_water_percent: i64,
     pub idle_ms: i64,
+    pub move_idle_ms: i64,
     pub expiring_notice_ms: i64,
     pub webhook_attempts_max: u32,
     pub retry_base_ms: i64,
@@ -101,6 +107,7 @@ impl Default for AuthoritySettings {
             allocation_micros_max: ALLOCATION_MICROS_MAX_DEFAULT,
             low_water_percent: LOW_WATER_PERCENT_DEFAULT,
             idle_ms: IDLE_MS_DEFAULT,
+            move_idle_ms: MOVE_IDLE_MS_DEFAULT,
             expiring_notice_ms: EXPIRING_NOTICE_MS_DEFAULT,
             webhook_attempts_max: WEBHOOK_ATTEMPTS_MAX_DEFAULT,
             retry_base_ms: RETRY_BASE_MS_DEFAULT,

@@ -109,6 +109,17 @@ impl AllocationRow {
     }
 }
 
+/// What [`StateStore::forget_region_holdings`] cleared: rows of each kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForgottenHoldings {
+    /// Allocation counters (grants and overdraft room) that had something outstanding.
+    pub counters: u64,
+    pub install_intents: u64,
+    pub accounts: u64,
+    pub usage_seqs: u64,
+    pub usage_markers: u64,
+}
+
 /// One account in one region, as the reconciler last saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionAccount {
@@ -730,6 +741,52 @@ impl StateStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Forgets everything the authority believes `region` holds, for a region whose store
+    /// started again empty (the embedded node's in-memory region after a restart): every
+    /// allocation counter of the region is marked taken back (nothing outstanding, overdraft
+    /// room included), and its install intents, account rows, usage record numbers and
+    /// applied-usage markers are dropped, in one transaction. Call it only once the region's
+    /// usage that can still be reconciled is in the ledger: from then on the ledger's remainder
+    /// is free to allocate again.
+    pub async fn forget_region_holdings(&self, region: &RegionId) -> Result<ForgottenHoldings> {
+        let mut tx = self.pool.begin().await?;
+        let counters = sqlx::query(
+            "UPDATE authority_allocations SET taken_back = installed - spent \
+             WHERE region = $1 AND installed - taken_back - spent <> 0",
+        )
+        .bind(region.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let mut dropped = [0_u64; 4];
+        // Intents would install into the empty region credits the counters no longer count;
+        // record numbers and markers start over with the region's new stream.
+        for (index, table) in [
+            "authority_install_intents",
+            "authority_region_accounts",
+            "authority_usage_seq",
+            "authority_applied_usage",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            dropped[index] = sqlx::query(&format!("DELETE FROM {table} WHERE region = $1"))
+                .bind(region.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        let [install_intents, accounts, usage_seqs, usage_markers] = dropped;
+        Ok(ForgottenHoldings {
+            counters,
+            install_intents,
+            accounts,
+            usage_seqs,
+            usage_markers,
+        })
     }
 
     // ---- Catalogue --------------------------------------------------------------------------

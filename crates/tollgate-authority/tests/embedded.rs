@@ -175,7 +175,7 @@ impl World {
     async fn allocate(&self, name: &str) {
         let outcome = self
             .node
-            .request_allocation(&region(name), &acct(), None)
+            .request_allocation(&region(name), &acct(), None, tollgate_core::Credits::ZERO)
             .await
             .unwrap();
         assert!(
@@ -298,7 +298,8 @@ impl World {
 
 #[tokio::test]
 async fn a_pool_under_its_low_water_mark_is_refilled_to_its_target() {
-    let world = World::start(&["eu"], 0, 100, 10).await;
+    // Two regions: one region alone is never sliced (it holds everything spendable).
+    let world = World::start(&["eu", "us"], 0, 100, 10).await;
     world.allocate("eu").await;
     assert_eq!(world.held("eu").await, (10 * MICROS, 0));
     // Spending 4 leaves 6, above half the target: nothing moves.
@@ -529,6 +530,89 @@ async fn install_intents_left_by_a_crash_are_replayed_once_or_kept_on_the_safe_s
     assert_eq!(world.held("eu").await.0, 7 * MICROS);
     assert_eq!(world.installed_outstanding("bought").await, 9 * MICROS);
     world.assert_never_over_allocated().await;
+}
+
+/// The embedded node's region lives in memory and starts again empty after a restart, while
+/// the counters still say it holds what it held. Once they are forgotten, the next allocation
+/// hands out the ledger's remainder again in burn-down order (the promo's rest before the
+/// purchase) and the overdraft room again; an install intent left open is not replayed into
+/// the new region.
+#[tokio::test]
+async fn a_region_that_restarted_empty_is_allocated_the_ledgers_credits_again() {
+    let world = World::start(&["eu"], 2, 100, 10).await;
+    let now = world.clock.now();
+    issue(&world.ledger, "promo", 10, GrantSource::Promo, None, now).await;
+    world.allocate("eu").await;
+    assert_eq!(world.held("eu").await, (10 * MICROS, 2 * MICROS));
+    assert!(world.debit("eu", "d1", 3).await);
+    world.reconcile_expecting("eu", 1, 0, 0).await;
+    let open = InstallIntent {
+        key: key("alloc:open"),
+        region: region("eu"),
+        account: acct(),
+        spec: SegmentSpec {
+            grant_id: GrantId::new("bought").unwrap(),
+            amount: Credits::from_micros(5 * MICROS),
+            priority: 50,
+            effective_at: now,
+            expires_at: None,
+            scope: Scope::All,
+        },
+        created_at: now,
+    };
+    world.node.state().begin_install(&open).await.unwrap();
+
+    let restarted = Arc::new(MemoryRegionStore::new(RETAIN_MS_DEFAULT));
+    let node = Authority::new(
+        Arc::clone(&world.ledger),
+        world.node.state().clone(),
+        BTreeMap::from([(region("eu"), Arc::clone(&restarted))]),
+        world.clock.clone(),
+        world.node.settings().clone(),
+    );
+    let forgotten = node.forget_region_holdings(&region("eu")).await.unwrap();
+    assert_eq!(
+        (
+            forgotten.counters,
+            forgotten.install_intents,
+            forgotten.accounts,
+            forgotten.usage_seqs
+        ),
+        (3, 1, 1, 1),
+        "promo, bought and the overdraft room; the open intent; the account; its record number"
+    );
+    let state = node.state();
+    assert!(state.allocations(&acct()).await.unwrap().is_empty());
+    assert!(state.open_installs(10).await.unwrap().is_empty());
+    assert_eq!(state.usage_seq(&region("eu"), &acct()).await.unwrap(), 0);
+    assert_eq!(node.recover_installs().await.unwrap(), 0);
+
+    let outcome = node
+        .request_allocation(&region("eu"), &acct(), None, Credits::ZERO)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, AllocationOutcome::Allocated(_)),
+        "{outcome:?}"
+    );
+    let view = restarted.view(&acct(), world.clock.now()).await.unwrap();
+    let segments: Vec<(String, i64)> = view
+        .segments
+        .iter()
+        .map(|s| (s.grant_id.to_string(), s.remaining.micros()))
+        .collect();
+    assert_eq!(
+        segments,
+        vec![("promo".into(), 7 * MICROS), ("bought".into(), 3 * MICROS)],
+        "burn-down order: the promo's rest first"
+    );
+    assert_eq!(view.overdraft_limit.micros(), 2 * MICROS);
+    assert!(
+        node.forget_region_holdings(&region("nowhere"))
+            .await
+            .is_err(),
+        "a region the authority does not drive"
+    );
 }
 
 fn ts(text: &str) -> Timestamp {

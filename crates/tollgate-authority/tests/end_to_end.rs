@@ -203,7 +203,12 @@ async fn debit(
 
 async fn allocate(node: &Node, name: &str, account: &str) {
     let outcome = node
-        .request_allocation(&region(name), &acct(account), None)
+        .request_allocation(
+            &region(name),
+            &acct(account),
+            None,
+            tollgate_core::Credits::ZERO,
+        )
         .await
         .expect("allocation");
     assert!(

@@ -5,12 +5,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tollgate_core::{AccountId, FeatureKey, RegionId};
+use tollgate_core::{AccountId, Credits, FeatureKey, RegionId};
 use tollgate_proto::pb;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use crate::engine::AllocationRequester;
+use crate::engine::{AllocationAnswer, AllocationRequester};
 use crate::error::EngineError;
 
 /// How long the authority may take to answer the cold path.
@@ -83,7 +83,8 @@ impl AllocationRequester for AuthorityClient {
         &'a self,
         account: &'a AccountId,
         feature: Option<&'a FeatureKey>,
-    ) -> Pin<Box<dyn Future<Output = Result<bool, EngineError>> + Send + 'a>> {
+        needed: Credits,
+    ) -> Pin<Box<dyn Future<Output = Result<AllocationAnswer, EngineError>> + Send + 'a>> {
         Box::pin(async move {
             let n = self.sequence.fetch_add(1, Ordering::Relaxed);
             let mut request = tonic::Request::new(pb::RequestAllocationRequest {
@@ -91,6 +92,11 @@ impl AllocationRequester for AuthorityClient {
                 region: self.region.to_string(),
                 account_id: account.to_string(),
                 feature: feature.map(ToString::to_string).unwrap_or_default(),
+                needed: if needed.is_positive() {
+                    needed.to_string()
+                } else {
+                    String::new()
+                },
             });
             if let Some(authorization) = &self.authorization {
                 request
@@ -105,10 +111,16 @@ impl AllocationRequester for AuthorityClient {
                     EngineError::Unavailable(format!("authority: {}", status.message()))
                 })?
                 .into_inner();
-            Ok(matches!(
-                reply.outcome,
-                Some(pb::request_allocation_reply::Outcome::Allocation(_))
-            ))
+            Ok(match reply.outcome {
+                Some(pb::request_allocation_reply::Outcome::Allocation(allocation)) => {
+                    AllocationAnswer {
+                        exists: true,
+                        // An authority that does not say is asked again next time.
+                        unallocated: Credits::parse(&allocation.unallocated).ok(),
+                    }
+                }
+                _ => AllocationAnswer::UNKNOWN,
+            })
         })
     }
 }

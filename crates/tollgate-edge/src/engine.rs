@@ -82,6 +82,14 @@ pub enum Refused {
         feature: FeatureKey,
         retry_after_ms: Option<u64>,
     },
+    /// The region could not pay and the authority, which may hold the rest of the account's
+    /// credits, could not be reached: not the account's answer, and said so. `balance` is the
+    /// account's balance as this edge last knew it.
+    AuthorityUnreachable {
+        cost: Credits,
+        available: Credits,
+        balance: Credits,
+    },
     UnknownFeature(FeatureKey),
     UnknownAccount(AccountId),
     Hold(HoldRefusal),
@@ -110,6 +118,8 @@ pub struct Debited {
     pub replayed: bool,
     /// What the account can still spend in this region after the decision.
     pub available_after: Credits,
+    /// The account's balance after the decision (see [`account_balance`]).
+    pub balance_after: Credits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,20 +165,69 @@ pub struct Quote {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BalanceView {
     pub summary: Arc<AccountSummary>,
-    /// What can be spent now in this region: segments (all, or those covering the feature),
-    /// this edge's lease, and overdraft room.
+    /// The account's balance (see [`account_balance`]).
+    pub balance: Credits,
+    /// What the account can spend now (on the feature, when one was named): its credits
+    /// effective now, in this region or outside it, less holds, plus overdraft room.
     pub available: Credits,
+    /// What this region can spend now without asking the authority: segments (all, or those
+    /// covering the feature), this edge's lease, and the region's overdraft room.
+    pub region_available: Credits,
     pub held: Credits,
 }
 
-/// The cold path: asks the authority for an allocation in this region. Returns whether the
-/// account exists.
+/// One view's figures of an account (see [`BalanceView`]).
+struct Figures {
+    balance: Credits,
+    available: Credits,
+    region_available: Credits,
+    held: Credits,
+}
+
+/// The authority's answer to a cold-path request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocationAnswer {
+    pub exists: bool,
+    /// Credits the authority still holds for the account after allocating (covering the
+    /// feature asked for), when it said.
+    pub unallocated: Option<Credits>,
+}
+
+impl AllocationAnswer {
+    pub const UNKNOWN: AllocationAnswer = AllocationAnswer {
+        exists: false,
+        unallocated: None,
+    };
+}
+
+/// The cold path: asks the authority for an allocation in this region, of at least `needed`
+/// when a spend the region could not pay is short of it.
 pub trait AllocationRequester: Send + Sync + 'static {
     fn request_allocation<'a>(
         &'a self,
         account: &'a AccountId,
         feature: Option<&'a FeatureKey>,
-    ) -> Pin<Box<dyn Future<Output = Result<bool, EngineError>> + Send + 'a>>;
+        needed: Credits,
+    ) -> Pin<Box<dyn Future<Output = Result<AllocationAnswer, EngineError>> + Send + 'a>>;
+}
+
+/// The account's balance as one region sees it: what the region holds that can be spent at
+/// `at` (its active segments, `region_credits`), plus what the authority's summary says is
+/// held outside the region and effective at `at`, less the debt (the summary's debt basis
+/// less the overdraft room the region has left). Holds are already out of the segments.
+pub fn account_balance(
+    summary: &AccountSummary,
+    region_credits: Credits,
+    overdraft_room: Credits,
+    at: Timestamp,
+) -> Credits {
+    let debt = summary.debt_basis.saturating_sub_floor_zero(overdraft_room);
+    let credits = region_credits
+        .checked_add(summary.outside_at(at, None))
+        .unwrap_or(Credits::MAX);
+    credits
+        .checked_sub(debt)
+        .unwrap_or(Credits::from_micros(-tollgate_region::REGION_MICROS_MAX))
 }
 
 pub struct Engine<S: RegionStore> {
@@ -182,7 +241,36 @@ pub struct Engine<S: RegionStore> {
     /// lock makes the request single-flight: concurrent cold requests for one account wait for
     /// the one in flight and use its answer instead of being refused meanwhile.
     asked: DashMap<AccountId, Arc<tokio::sync::Mutex<Option<Asked>>>>,
+    /// Per account, the last request for credits a spend was short of (single-flight too).
+    short: DashMap<AccountId, Arc<tokio::sync::Mutex<Option<AskedForCredits>>>>,
 }
+
+/// The authority's last answer to a request for missing credits.
+#[derive(Clone, Debug)]
+struct AskedForCredits {
+    at_ms: i64,
+    /// The authority said it holds nothing more for this feature (`None`: for any feature).
+    exhausted: Option<Option<FeatureKey>>,
+}
+
+/// What asking the authority for missing credits came to.
+enum Asking {
+    /// Credits may have arrived: decide again. `last`: this decision asked, and the authority
+    /// has nothing more, so deciding again gives the account's answer.
+    Brought { last: bool },
+    /// The authority holds nothing more for the account: the region's refusal is the account's.
+    NothingMore,
+    /// The authority could not be reached.
+    Unreachable,
+}
+
+/// After the authority said it has nothing more for an account, asks for the same feature
+/// wait this long unless the account's summary is published again (a grant, a refund, a
+/// take-back publish it), so a refused account does not send every refusal to the authority.
+pub const COLD_PATH_EXHAUSTED_TTL_MS: i64 = 1_000;
+/// Times one decision asks the authority for missing credits at most (a concurrent decision
+/// may take what the first answer brought).
+pub const COLD_PATH_ASKS_MAX: usize = 3;
 
 /// The authority's answer to a cold-path request.
 #[derive(Clone, Copy, Debug)]
@@ -209,6 +297,7 @@ impl<S: RegionStore> Engine<S> {
             clock,
             allocator: None,
             asked: DashMap::new(),
+            short: DashMap::new(),
         }
     }
 
@@ -349,8 +438,11 @@ impl<S: RegionStore> Engine<S> {
                 return Ok(false);
             }
         }
-        match allocator.request_allocation(account, feature).await {
-            Ok(exists) => {
+        match allocator
+            .request_allocation(account, feature, Credits::ZERO)
+            .await
+        {
+            Ok(AllocationAnswer { exists, .. }) => {
                 *answer = Some(Asked {
                     at_ms: self.clock.now().millis().max(arrived_ms),
                     exists,
@@ -364,24 +456,113 @@ impl<S: RegionStore> Engine<S> {
         }
     }
 
-    /// Runs a spending call on the regional store. When the region has nothing for the account
-    /// (the cold path), asks the authority once for an allocation and runs the call again.
+    /// Runs a spending call on the regional store. When the region cannot pay (a slice is a
+    /// means, never the answer), asks the authority for what is missing and runs the call
+    /// again, so the refusal that comes back is the account's. Returns the outcome and whether
+    /// the authority could not be reached when it was needed.
     async fn with_cold_path<T, F, Fut>(
         &self,
-        account: &AccountId,
+        summary: &AccountSummary,
         feature: &FeatureKey,
         call: F,
-        nothing_here: impl Fn(&T) -> bool,
-    ) -> Result<T, EngineError>
+        shortfall_of: impl Fn(&T) -> Option<Credits>,
+    ) -> Result<(T, bool), EngineError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, tollgate_region::RegionError>>,
     {
-        let outcome = self.call(call()).await?;
-        if nothing_here(&outcome) && self.ask_authority(account, Some(feature)).await? {
-            return self.call(call()).await;
+        // When the region call was made, while another decision's answer may still be shared.
+        let mut called_ms = Some(self.clock.now().millis());
+        let mut outcome = self.call(call()).await?;
+        for _ in 0..COLD_PATH_ASKS_MAX {
+            let Some(shortfall) = shortfall_of(&outcome) else {
+                break;
+            };
+            let asked = self
+                .ask_for_credits(summary, feature, shortfall, called_ms)
+                .await?;
+            // Another decision's answer is shared once; if that was not enough, ask ourselves.
+            called_ms = None;
+            let last = match asked {
+                Asking::Brought { last } => last,
+                Asking::NothingMore => break,
+                Asking::Unreachable => return Ok((outcome, true)),
+            };
+            outcome = self.call(call()).await?;
+            if last {
+                // This decision's own request found the authority with nothing more.
+                break;
+            }
         }
-        Ok(outcome)
+        Ok((outcome, false))
+    }
+
+    /// Asks the authority for `shortfall` more credits of the account in this region. One
+    /// request per account at a time: a decision arriving while one is in flight waits for it
+    /// and decides again with what it brought. After the authority said it has nothing more,
+    /// the account is not asked about again for the same feature until its summary is
+    /// published anew or [`COLD_PATH_EXHAUSTED_TTL_MS`] has passed.
+    async fn ask_for_credits(
+        &self,
+        summary: &AccountSummary,
+        feature: &FeatureKey,
+        shortfall: Credits,
+        called_ms: Option<i64>,
+    ) -> Result<Asking, EngineError> {
+        let Some(allocator) = &self.allocator else {
+            return Ok(Asking::NothingMore);
+        };
+        let arrived_ms = self.clock.now().millis();
+        if self.short.len() >= COLD_PATH_ANSWERS_MAX {
+            self.short.retain(|_, cell| {
+                cell.try_lock().map_or(true, |last| {
+                    last.as_ref()
+                        .is_some_and(|l| arrived_ms - l.at_ms < COLD_PATH_EXHAUSTED_TTL_MS)
+                })
+            });
+        }
+        let cell = Arc::clone(
+            self.short
+                .entry(summary.account.clone())
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
+                .value(),
+        );
+        let mut last = cell.lock().await;
+        if let Some(previous) = last.as_ref() {
+            if called_ms.is_some_and(|called| previous.at_ms >= called) {
+                // Answered since this decision's region call: decide again with what it brought.
+                return Ok(Asking::Brought { last: false });
+            }
+            let same_feature = |f: &Option<FeatureKey>| f.as_ref().is_none_or(|f| f == feature);
+            let republished = summary.published_at.millis() > previous.at_ms;
+            if previous.exhausted.as_ref().is_some_and(same_feature)
+                && !republished
+                && arrived_ms - previous.at_ms < COLD_PATH_EXHAUSTED_TTL_MS
+            {
+                return Ok(Asking::NothingMore);
+            }
+        }
+        let answer = allocator
+            .request_allocation(&summary.account, Some(feature), shortfall)
+            .await;
+        let at_ms = self.clock.now().millis().max(arrived_ms);
+        match answer {
+            Ok(answer) => {
+                let nothing_more = !answer.exists || answer.unallocated == Some(Credits::ZERO);
+                let exhausted = nothing_more.then(|| Some(feature.clone()));
+                *last = Some(AskedForCredits { at_ms, exhausted });
+                Ok(Asking::Brought { last: nothing_more })
+            }
+            Err(EngineError::Unavailable(reason)) => {
+                *last = None;
+                warn!(account = %summary.account, %reason, "authority unreachable on the cold path");
+                Ok(Asking::Unreachable)
+            }
+            Err(other) => {
+                *last = None;
+                Err(other)
+            }
+        }
     }
 
     /// An edge may start before the authority has published a price book: with none in memory,
@@ -478,13 +659,14 @@ impl<S: RegionStore> Engine<S> {
         let mode = request.mode.unwrap_or(summary.mode);
         // A feature with a token bucket is decided in strict mode, so the bucket stays exact.
         if mode == EnforcementMode::Cached && !summary.rate_limited.contains(&request.feature) {
-            return self.debit_cached(&request, &priced, at).await;
+            return self.debit_cached(&summary, &request, &priced, at).await;
         }
-        self.debit_strict(&request, &priced, at).await
+        self.debit_strict(&summary, &request, &priced, at).await
     }
 
     async fn debit_strict(
         &self,
+        summary: &AccountSummary,
         request: &DebitRequest,
         priced: &Priced,
         at: Timestamp,
@@ -498,31 +680,60 @@ impl<S: RegionStore> Engine<S> {
             actor: request.actor.clone(),
             price: priced.tag(),
         };
-        let nothing_here = |o: &DebitOutcome| matches!(o, DebitOutcome::Refused(Refusal::Insufficient { available, .. }) if available.is_zero());
-        let outcome = self
+        let shortfall_of = |o: &DebitOutcome| match o {
+            DebitOutcome::Refused(Refusal::Insufficient { shortfall, .. }) => Some(*shortfall),
+            _ => None,
+        };
+        let (outcome, unreachable) = self
             .with_cold_path(
-                &request.account,
+                summary,
                 &request.feature,
                 || self.store.debit(&command),
-                nothing_here,
+                shortfall_of,
             )
             .await?;
         Ok(match outcome {
             DebitOutcome::Allowed(allowed) => Decision::Done(Debited {
                 priced: *priced,
                 available_after: allowed.pool,
+                balance_after: account_balance(summary, allowed.pool, allowed.overdraft_room, at),
                 draws: allowed.draws,
                 overdraft: allowed.overdraft,
                 usage_id: Some(allowed.usage_id),
                 mode: EnforcementMode::Strict,
                 replayed: allowed.replayed,
             }),
-            DebitOutcome::Refused(refusal) => Decision::Refused(refused_of(refusal, priced.cost)),
+            DebitOutcome::Refused(refusal) => {
+                Decision::Refused(self.refused(summary, refusal, priced.cost, unreachable, at))
+            }
         })
+    }
+
+    /// A region's refusal as the caller gets it: when the authority could not be reached to
+    /// bring what was missing, it says so, with the account's balance as last known.
+    fn refused(
+        &self,
+        summary: &AccountSummary,
+        refusal: Refusal,
+        cost: Credits,
+        unreachable: bool,
+        at: Timestamp,
+    ) -> Refused {
+        match refusal {
+            Refusal::Insufficient { available, .. } if unreachable => {
+                Refused::AuthorityUnreachable {
+                    cost,
+                    available,
+                    balance: account_balance(summary, available, Credits::ZERO, at),
+                }
+            }
+            other => refused_of(other, cost),
+        }
     }
 
     async fn debit_cached(
         &self,
+        summary: &AccountSummary,
         request: &DebitRequest,
         priced: &Priced,
         at: Timestamp,
@@ -531,7 +742,7 @@ impl<S: RegionStore> Engine<S> {
         // taken in the background: a long tail of accounts seen once never waits for a lease.
         if !self.leases.holds(&request.account) {
             self.leases.warm(&request.account);
-            let strict = self.debit_strict(request, priced, at).await?;
+            let strict = self.debit_strict(summary, request, priced, at).await?;
             // The region may be short only because this edge's own lease is taking its credits
             // right now: then the lease pays.
             if !matches!(strict, Decision::Refused(Refused::Insufficient { .. })) {
@@ -564,13 +775,52 @@ impl<S: RegionStore> Engine<S> {
                 mode: EnforcementMode::Cached,
                 replayed,
                 available_after,
+                // From memory only: this edge's lease and the credits outside the region (the
+                // region's unleased credits would need a call to the store).
+                balance_after: account_balance(summary, available_after, Credits::ZERO, at),
             }),
-            LeaseDecision::Insufficient { available } => Decision::Refused(Refused::Insufficient {
-                cost: priced.cost,
-                available,
-                shortfall: priced.cost.saturating_sub_floor_zero(available),
-            }),
+            // The lease and the region cannot pay: the region, with what the authority brings,
+            // decides (a strict debit under the same key; nothing was charged from the lease).
+            LeaseDecision::Insufficient { .. } => {
+                return self.debit_strict(summary, request, priced, at).await;
+            }
         })
+    }
+
+    /// The account's balance from a fresh view of the region (for replies that do not carry
+    /// the region's figures).
+    async fn balance_now(
+        &self,
+        summary: &AccountSummary,
+        at: Timestamp,
+    ) -> Result<Credits, EngineError> {
+        let view = self.call(self.store.view(&summary.account, at)).await?;
+        let (credits, room) = self.region_credits(&summary.account, &view, at);
+        Ok(account_balance(summary, credits, room, at))
+    }
+
+    /// What the region holds for the account that can be spent at `at` (active segments, and
+    /// credits out on leases less what this edge has spent from its lease and not yet
+    /// flushed), and the region's overdraft room.
+    fn region_credits(
+        &self,
+        account: &AccountId,
+        view: &tollgate_region::AccountView,
+        at: Timestamp,
+    ) -> (Credits, Credits) {
+        let segments = view
+            .segments
+            .iter()
+            .filter(|s| s.is_active_at(at))
+            .map(|s| s.remaining);
+        let leased = view
+            .leased
+            .saturating_sub_floor_zero(self.leases.unflushed(account));
+        let credits = Credits::checked_sum(segments.chain([leased])).unwrap_or(Credits::MAX);
+        let room = view
+            .overdraft_limit
+            .saturating_sub_floor_zero(view.overdraft_used);
+        (credits, room)
     }
 
     pub async fn authorize(
@@ -591,7 +841,7 @@ impl<S: RegionStore> Engine<S> {
         };
         check_cost(request.spend, &priced)?;
         // The hold's id is derived from the caller's key, so a replay names the same hold.
-        let hold_id = HoldId::new(format!("h.{}", hex_digest(request.key.as_str())))
+        let hold_id = hold_id_for_key(&request.key)
             .map_err(|e| EngineError::Internal(format!("hold id: {e}")))?;
         let expires_at =
             now.checked_add_ms(request.ttl_ms)
@@ -610,13 +860,16 @@ impl<S: RegionStore> Engine<S> {
             actor: request.actor.clone(),
             price: priced.tag(),
         };
-        let nothing_here = |o: &AuthorizeOutcome| matches!(o, AuthorizeOutcome::Refused(Refusal::Insufficient { available, .. }) if available.is_zero());
-        let outcome = self
+        let shortfall_of = |o: &AuthorizeOutcome| match o {
+            AuthorizeOutcome::Refused(Refusal::Insufficient { shortfall, .. }) => Some(*shortfall),
+            _ => None,
+        };
+        let (outcome, unreachable) = self
             .with_cold_path(
-                &request.account,
+                &summary,
                 &request.feature,
                 || self.store.authorize(&command),
-                nothing_here,
+                shortfall_of,
             )
             .await?;
         Ok(match outcome {
@@ -627,9 +880,24 @@ impl<S: RegionStore> Engine<S> {
                 replayed: placed.replayed,
             }),
             AuthorizeOutcome::Refused(refusal) => {
-                Decision::Refused(refused_of(refusal, priced.cost))
+                Decision::Refused(self.refused(&summary, refusal, priced.cost, unreachable, now))
             }
         })
+    }
+
+    /// The account's balance now, for a reply after a decision that did not carry the region's
+    /// figures (authorize, capture, release, reverse): one more read of the region. `None` when
+    /// it cannot be read; the decision stands either way.
+    pub async fn balance_after(&self, account: &AccountId) -> Option<Credits> {
+        let now = self.clock.now();
+        let summary = self.call_catalogue(account, now).await.ok().flatten()?;
+        match self.balance_now(&summary, now).await {
+            Ok(balance) => Some(balance),
+            Err(error) => {
+                warn!(%account, %error, "balance after a decision not read");
+                None
+            }
+        }
     }
 
     /// Captures `amount` of a hold, or all of it when `None`.
@@ -693,26 +961,39 @@ impl<S: RegionStore> Engine<S> {
         })
     }
 
-    /// What the account can spend now in this region, on `feature` when given.
-    async fn available(
+    /// The account's balance, what it can spend now (on `feature` when given) and what this
+    /// region alone can spend, from one view of the region and the account's summary.
+    async fn figures(
         &self,
-        account: &AccountId,
+        summary: &AccountSummary,
         feature: Option<&FeatureKey>,
-    ) -> Result<(Credits, Credits), EngineError> {
+    ) -> Result<Figures, EngineError> {
         let now = self.clock.now();
+        let account = &summary.account;
         let view = self.call(self.store.view(account, now)).await?;
+        let (credits, room) = self.region_credits(account, &view, now);
+        let balance = account_balance(summary, credits, room, now);
         let segments = view
             .segments
             .iter()
             .filter(|s| s.is_active_at(now) && feature.is_none_or(|f| s.scope.covers(f)))
             .map(|s| s.remaining);
-        let room = view
-            .overdraft_limit
-            .saturating_sub_floor_zero(view.overdraft_used);
         let leased = self.leases.available(account, feature, now);
-        let available =
+        let region_available =
             Credits::checked_sum(segments.chain([room, leased])).unwrap_or(Credits::MAX);
-        Ok((available, view.held))
+        // The account's overdraft room: its limit less its debt as this region sees it.
+        let debt = summary.debt_basis.saturating_sub_floor_zero(room);
+        let account_room = summary.overdraft_limit.saturating_sub_floor_zero(debt);
+        let outside = summary.outside_at(now, feature);
+        let region_spendable = region_available.saturating_sub_floor_zero(room);
+        let available =
+            Credits::checked_sum([region_spendable, outside, account_room]).unwrap_or(Credits::MAX);
+        Ok(Figures {
+            balance,
+            available,
+            region_available,
+            held: view.held,
+        })
     }
 
     pub async fn quote(
@@ -730,11 +1011,11 @@ impl<S: RegionStore> Engine<S> {
             Ok(priced) => priced,
             Err(refused) => return Ok(Decision::Refused(refused)),
         };
-        let (available, _) = self.available(&account, Some(&feature)).await?;
+        let figures = self.figures(&summary, Some(&feature)).await?;
         Ok(Decision::Done(Quote {
             priced,
-            available,
-            affordable: priced.cost <= available,
+            available: figures.available,
+            affordable: priced.cost <= figures.available,
         }))
     }
 
@@ -746,11 +1027,13 @@ impl<S: RegionStore> Engine<S> {
         let Some(summary) = self.summary(&account, feature.as_ref()).await? else {
             return Ok(Decision::Refused(Refused::UnknownAccount(account)));
         };
-        let (available, held) = self.available(&account, feature.as_ref()).await?;
+        let figures = self.figures(&summary, feature.as_ref()).await?;
         Ok(Decision::Done(BalanceView {
             summary,
-            available,
-            held,
+            balance: figures.balance,
+            available: figures.available,
+            region_available: figures.region_available,
+            held: figures.held,
         }))
     }
 }
@@ -790,6 +1073,12 @@ fn refused_of(refusal: Refusal, cost: Credits) -> Refused {
             retry_after_ms,
         },
     }
+}
+
+/// The hold an `Authorize` under `key` places: Capture and Release may name a hold by the
+/// caller's key instead of by its id.
+pub fn hold_id_for_key(key: &IdempotencyKey) -> Result<HoldId, tollgate_core::IdError> {
+    HoldId::new(format!("h.{}", hex_digest(key.as_str())))
 }
 
 /// A short, stable, id-safe digest of a caller's key (FNV-1a, 64 bits, twice with two seeds).

@@ -116,7 +116,7 @@ impl<S: RegionStore> EnvoyRateLimit<S> {
             event_time: None,
         };
         match self.engine.debit(debit).await {
-            Ok(Decision::Done(done)) => Ok((ok, Some(format!("balance={}", done.available_after)))),
+            Ok(Decision::Done(done)) => Ok((ok, Some(format!("balance={}", done.balance_after)))),
             Ok(Decision::Refused(refused)) => Ok(over_limit(&refused)),
             Err(EngineError::InvalidArgument { field, message }) => Err(Status::invalid_argument(
                 format!("descriptors[{index}].{field}: {message}"),
@@ -150,6 +150,9 @@ fn over_limit(refused: &Refused) -> (DescriptorStatus, Option<String>) {
                 });
             }
             format!("rate_limited; feature={feature}")
+        }
+        Refused::AuthorityUnreachable { cost, balance, .. } => {
+            format!("authority_unreachable; cost={cost}; balance={balance}")
         }
         Refused::UnknownFeature(feature) => format!("unknown_feature; feature={feature}"),
         Refused::UnknownAccount(account) => format!("unknown_account; account={account}"),

@@ -274,6 +274,14 @@ impl<S: RegionStore> Leases<S> {
         )
     }
 
+    /// What this edge has spent from its lease on the account and not yet flushed to the region.
+    pub fn unflushed(&self, account: &AccountId) -> Credits {
+        self.accounts.get(account).map_or(Credits::ZERO, |lease| {
+            Credits::checked_sum(lease.local().pending.iter().map(LeaseUsage::cost))
+                .unwrap_or(Credits::MAX)
+        })
+    }
+
     /// Whether this edge holds a lease on the account (even an empty one).
     pub fn holds(&self, account: &AccountId) -> bool {
         self.accounts.get(account).is_some_and(|lease| {

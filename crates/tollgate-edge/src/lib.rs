@@ -21,8 +21,8 @@ pub mod settings;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{
-    AllocationRequester, AuthorizeRequest, Authorized, BalanceView, Captured, DebitRequest,
-    Debited, Decision, Engine, Priced, Quote, Refused, Spend,
+    account_balance, AllocationAnswer, AllocationRequester, AuthorizeRequest, Authorized,
+    BalanceView, Captured, DebitRequest, Debited, Decision, Engine, Priced, Quote, Refused, Spend,
 };
 pub use error::EngineError;
 pub use leases::{LeaseDecision, LeaseStats, Leases};

@@ -15,7 +15,9 @@ use tollgate_region::{EnforcementMode, HoldRefusal, RegionStore, ReverseRefusal}
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::engine::{AuthorizeRequest, DebitRequest, Decision, Engine, Priced, Refused, Spend};
+use crate::engine::{
+    hold_id_for_key, AuthorizeRequest, DebitRequest, Decision, Engine, Priced, Refused, Spend,
+};
 use crate::error::EngineError;
 use crate::metrics::{Metrics, Rpc};
 use tollgate_core::hold::{HOLD_TTL_MS_DEFAULT, HOLD_TTL_MS_MAX, HOLD_TTL_MS_MIN};
@@ -95,6 +97,27 @@ fn ttl_ms(seconds: u32) -> Decoded<i64> {
     Ok(millis)
 }
 
+/// The hold a Capture or Release names: by its id, or by the idempotency key of the Authorize
+/// that placed it (the id is derived from that key), exactly one of the two.
+fn hold(hold_id: &str, authorize_key: &str) -> Decoded<HoldId> {
+    match (hold_id.is_empty(), authorize_key.is_empty()) {
+        (false, true) => decode::id("hold_id", hold_id),
+        (true, false) => {
+            let key: IdempotencyKey = decode::id("authorize_key", authorize_key)?;
+            hold_id_for_key(&key)
+                .map_err(|e| ServiceError::new(ErrorCode::Internal, format!("hold id: {e}")))
+        }
+        (true, true) => Err(ServiceError::invalid(
+            "hold_id",
+            "set hold_id or authorize_key",
+        )),
+        (false, false) => Err(ServiceError::invalid(
+            "authorize_key",
+            "set hold_id or authorize_key, not both",
+        )),
+    }
+}
+
 fn priced(priced: &Priced) -> pb::PricedCost {
     pb::PricedCost {
         cost: priced.cost.to_string(),
@@ -102,6 +125,11 @@ fn priced(priced: &Priced) -> pb::PricedCost {
         price_version: priced.version,
         price_rule: decode::price_rule_to_pb(priced.rule) as i32,
     }
+}
+
+/// A reply's `balance_after`: empty only when the region could not be read after the decision.
+fn balance_text(balance: Option<Credits>) -> String {
+    balance.map(|b| b.to_string()).unwrap_or_default()
 }
 
 fn refusal(refused: &Refused) -> pb::Refusal {
@@ -122,6 +150,7 @@ fn refusal(refused: &Refused) -> pb::Refusal {
             cost: cost.to_string(),
             available: available.to_string(),
             shortfall: shortfall.to_string(),
+            ..pb::Refusal::default()
         },
         Refused::RateLimited {
             feature,
@@ -135,6 +164,22 @@ fn refusal(refused: &Refused) -> pb::Refusal {
                 ),
             },
         ),
+        Refused::AuthorityUnreachable {
+            cost,
+            available,
+            balance,
+        } => pb::Refusal {
+            code: Code::AuthorityUnreachable as i32,
+            message: format!(
+                "this region can pay {available} of {cost} and the authority holding the rest \
+                 of the account's credits could not be reached; the account's balance was \
+                 {balance} when last known"
+            ),
+            cost: cost.to_string(),
+            available: available.to_string(),
+            shortfall: cost.saturating_sub_floor_zero(*available).to_string(),
+            balance: balance.to_string(),
+        },
         Refused::UnknownFeature(feature) => plain(
             Code::UnknownFeature,
             format!("feature {feature} has no price"),
@@ -214,7 +259,7 @@ impl<S: RegionStore> Calls<S> {
                     })
                     .collect(),
                 overdraft: done.overdraft.to_string(),
-                balance_after: done.available_after.to_string(),
+                balance_after: done.balance_after.to_string(),
                 replayed: done.replayed,
             }),
             Decision::Refused(refused) => pb::debit_reply::Outcome::Refused(refusal(&refused)),
@@ -226,7 +271,7 @@ impl<S: RegionStore> Calls<S> {
 
     async fn authorize(&self, request: pb::AuthorizeRequest) -> Decoded<pb::AuthorizeReply> {
         let key = decode::idempotency_key(&request.idempotency_key)?;
-        let account = decode::id("account_id", &request.account_id)?;
+        let account: AccountId = decode::id("account_id", &request.account_id)?;
         let (feature, spend) = usage(request.usage.as_ref())?;
         let ttl_ms = ttl_ms(request.ttl_seconds)?;
         let actor = decode::optional_id("actor_id", &request.actor_id)?;
@@ -234,7 +279,7 @@ impl<S: RegionStore> Calls<S> {
         mode(request.mode)?;
         decode::metadata("metadata", &request.metadata)?;
         let authorize = AuthorizeRequest {
-            account,
+            account: account.clone(),
             key,
             feature,
             spend,
@@ -246,7 +291,8 @@ impl<S: RegionStore> Calls<S> {
                 hold_id: done.hold_id.to_string(),
                 priced: Some(priced(&done.priced)),
                 expires_at: Some(decode::timestamp_to_pb(done.expires_at)),
-                balance_after: String::new(),
+                balance_after: balance_text(self.0.balance_after(&account).await),
+                replayed: done.replayed,
             }),
             Decision::Refused(refused) => pb::authorize_reply::Outcome::Refused(refusal(&refused)),
         };
@@ -258,7 +304,7 @@ impl<S: RegionStore> Calls<S> {
     async fn capture(&self, request: pb::CaptureRequest) -> Decoded<pb::CaptureReply> {
         let key = decode::idempotency_key(&request.idempotency_key)?;
         let account: AccountId = decode::id("account_id", &request.account_id)?;
-        let hold_id: HoldId = decode::id("hold_id", &request.hold_id)?;
+        let hold_id = hold(&request.hold_id, &request.authorize_key)?;
         let amount = if request.amount.is_empty() {
             None
         } else {
@@ -266,7 +312,7 @@ impl<S: RegionStore> Calls<S> {
         };
         let outcome = match self
             .0
-            .capture(account, key.clone(), hold_id, amount)
+            .capture(account.clone(), key.clone(), hold_id, amount)
             .await
             .map_err(engine_error)?
         {
@@ -274,7 +320,7 @@ impl<S: RegionStore> Calls<S> {
                 debit_id: key.to_string(),
                 captured: done.captured.to_string(),
                 released: done.released.to_string(),
-                balance_after: String::new(),
+                balance_after: balance_text(self.0.balance_after(&account).await),
             }),
             Decision::Refused(refused) => pb::capture_reply::Outcome::Refused(refusal(&refused)),
         };
@@ -286,16 +332,16 @@ impl<S: RegionStore> Calls<S> {
     async fn release(&self, request: pb::ReleaseRequest) -> Decoded<pb::ReleaseReply> {
         let key = decode::idempotency_key(&request.idempotency_key)?;
         let account: AccountId = decode::id("account_id", &request.account_id)?;
-        let hold_id: HoldId = decode::id("hold_id", &request.hold_id)?;
+        let hold_id = hold(&request.hold_id, &request.authorize_key)?;
         let outcome = match self
             .0
-            .release(account, key, hold_id)
+            .release(account.clone(), key, hold_id)
             .await
             .map_err(engine_error)?
         {
             Decision::Done(released) => pb::release_reply::Outcome::Released(pb::Released {
                 released: released.to_string(),
-                balance_after: String::new(),
+                balance_after: balance_text(self.0.balance_after(&account).await),
             }),
             Decision::Refused(refused) => pb::release_reply::Outcome::Refused(refusal(&refused)),
         };
@@ -310,13 +356,13 @@ impl<S: RegionStore> Calls<S> {
         let debit_key: IdempotencyKey = decode::id("debit_id", &request.debit_id)?;
         let outcome = match self
             .0
-            .reverse(account, key, debit_key)
+            .reverse(account.clone(), key, debit_key)
             .await
             .map_err(engine_error)?
         {
             Decision::Done(reversed) => pb::reverse_reply::Outcome::Reversed(pb::Reversed {
                 reversed: reversed.to_string(),
-                balance_after: String::new(),
+                balance_after: balance_text(self.0.balance_after(&account).await),
             }),
             Decision::Refused(refused) => pb::reverse_reply::Outcome::Refused(refusal(&refused)),
         };
@@ -339,9 +385,9 @@ impl<S: RegionStore> Calls<S> {
                 Ok(pb::GetBalanceReply {
                     balance: Some(pb::Balance {
                         account_id: account.to_string(),
-                        balance: summary.balance.to_string(),
+                        balance: view.balance.to_string(),
                         debt: Credits::ZERO
-                            .saturating_sub_floor_zero(summary.balance)
+                            .saturating_sub_floor_zero(view.balance)
                             .to_string(),
                         overdraft_limit: summary.overdraft_limit.to_string(),
                         totals: None,
@@ -350,6 +396,7 @@ impl<S: RegionStore> Calls<S> {
                     }),
                     available: view.available.to_string(),
                     held: view.held.to_string(),
+                    region_available: view.region_available.to_string(),
                 })
             }
             Decision::Refused(_) => Err(ServiceError::new(

@@ -572,8 +572,14 @@ impl tollgate_edge::AllocationRequester for SlowAuthority {
         &'a self,
         account: &'a AccountId,
         _feature: Option<&'a tollgate_core::FeatureKey>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, EngineError>> + Send + 'a>>
-    {
+        _needed: Credits,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<tollgate_edge::AllocationAnswer, EngineError>>
+                + Send
+                + 'a,
+        >,
+    > {
         Box::pin(async move {
             use std::sync::atomic::Ordering::SeqCst;
             self.calls.fetch_add(1, SeqCst);
@@ -592,7 +598,10 @@ impl tollgate_edge::AllocationRequester for SlowAuthority {
                 EnforcementMode::Strict,
             )
             .await;
-            Ok(true)
+            Ok(tollgate_edge::AllocationAnswer {
+                exists: true,
+                unallocated: None,
+            })
         })
     }
 }

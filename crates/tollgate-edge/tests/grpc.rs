@@ -355,6 +355,7 @@ async fn holds_reversal_balance_and_quote() {
         account_id: "acme".into(),
         hold_id: hold.hold_id.clone(),
         amount: amount.into(),
+        authorize_key: String::new(),
     };
     let too_much = client
         .capture(capture("c0", "4.000001"))
@@ -384,6 +385,7 @@ async fn holds_reversal_balance_and_quote() {
         idempotency_key: "r1".into(),
         account_id: "acme".into(),
         hold_id: hold.hold_id.clone(),
+        authorize_key: String::new(),
     };
     let released = client.release(release).await.unwrap().into_inner();
     assert!(
@@ -402,6 +404,7 @@ async fn holds_reversal_balance_and_quote() {
         idempotency_key: "r0".into(),
         account_id: "acme".into(),
         hold_id: second.hold_id,
+        authorize_key: String::new(),
     };
     let released = client.release(release_second).await.unwrap().into_inner();
     assert!(
@@ -411,6 +414,7 @@ async fn holds_reversal_balance_and_quote() {
         idempotency_key: "r2".into(),
         account_id: "acme".into(),
         hold_id: String::new(),
+        authorize_key: String::new(),
     };
     assert_eq!(
         client.release(bad_release).await.unwrap_err().code(),
@@ -517,6 +521,219 @@ async fn holds_reversal_balance_and_quote() {
             .code(),
         Code::InvalidArgument
     );
+    edge.stop().await;
+}
+
+fn authorize_request(key: &str, quantity: &str, ttl_seconds: u32) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        idempotency_key: key.into(),
+        account_id: "acme".into(),
+        usage: usage("gen", quantity),
+        ttl_seconds,
+        actor_id: "ada@example.com".into(),
+        ..pb::AuthorizeRequest::default()
+    }
+}
+
+fn authorized(reply: pb::AuthorizeReply) -> pb::Authorized {
+    match reply.outcome {
+        Some(pb::authorize_reply::Outcome::Authorized(hold)) => hold,
+        other => panic!("expected a hold, got {other:?}"),
+    }
+}
+
+/// A retried Authorize (same key, same request, sent later) answers the first hold with its first
+/// expiry and sets nothing more aside; another request under the key is a conflict. Capture and
+/// Release may name the hold by the Authorize's key instead of its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_authorize_returns_the_first_hold_and_its_key_names_it() {
+    let edge = Edge::start(RedisServer::start().unwrap(), settings()).await;
+    seed(edge.store.as_ref(), "acme", "10", EnforcementMode::Strict).await;
+    let mut client = edge.client(Some(ENFORCE_KEY)).await;
+
+    let first = authorized(
+        client
+            .authorize(authorize_request("a1", "8", 60))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    // A retry comes later, so a hold computed afresh would expire later.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let retry = authorized(
+        client
+            .authorize(authorize_request("a1", "8", 60))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(retry.replayed && !first.replayed);
+    assert_eq!(
+        (&retry.hold_id, &retry.expires_at),
+        (&first.hold_id, &first.expires_at)
+    );
+    for other in [
+        authorize_request("a1", "6", 60),
+        authorize_request("a1", "8", 30),
+        pb::AuthorizeRequest {
+            actor_id: "bob@example.com".into(),
+            ..authorize_request("a1", "8", 60)
+        },
+    ] {
+        let conflict = client.authorize(other).await.unwrap_err();
+        assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
+    }
+    let balance = || pb::GetBalanceRequest {
+        account_id: "acme".into(),
+        feature: String::new(),
+    };
+    let reply = client.get_balance(balance()).await.unwrap().into_inner();
+    assert_eq!((reply.available.as_str(), reply.held.as_str()), ("6", "4"));
+
+    let capture = |hold_id: &str, authorize_key: &str| pb::CaptureRequest {
+        idempotency_key: "c1".into(),
+        account_id: "acme".into(),
+        hold_id: hold_id.into(),
+        amount: "1".into(),
+        authorize_key: authorize_key.into(),
+    };
+    let captured = client
+        .capture(capture("", "a1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(captured.outcome, Some(pb::capture_reply::Outcome::Captured(ref c)) if c.captured == "1" && c.released == "3"),
+        "{captured:?}"
+    );
+    let unknown = client
+        .capture(pb::CaptureRequest {
+            idempotency_key: "c2".into(),
+            ..capture("", "never-authorized")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(unknown.outcome, Some(pb::capture_reply::Outcome::Refused(ref r)) if refusal_code(r) == pb::RefusalCode::UnknownHold),
+        "{unknown:?}"
+    );
+    for (bad, field) in [
+        (capture(&first.hold_id, "a1"), "authorize_key"),
+        (capture("", ""), "hold_id"),
+    ] {
+        let status = client.capture(bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with(field), "{status:?}");
+    }
+
+    authorized(
+        client
+            .authorize(authorize_request("a2", "4", 60))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let release = |hold_id: &str, authorize_key: &str| pb::ReleaseRequest {
+        idempotency_key: "r1".into(),
+        account_id: "acme".into(),
+        hold_id: hold_id.into(),
+        authorize_key: authorize_key.into(),
+    };
+    for (bad, field) in [
+        (release("h.1", "a2"), "authorize_key"),
+        (release("", ""), "hold_id"),
+    ] {
+        let status = client.release(bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with(field), "{status:?}");
+    }
+    let released = client
+        .release(release("", "a2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(released.outcome, Some(pb::release_reply::Outcome::Released(ref r)) if r.released == "2"),
+        "{released:?}"
+    );
+    let reply = client.get_balance(balance()).await.unwrap().into_inner();
+    assert_eq!((reply.available.as_str(), reply.held.as_str()), ("9", "0"));
+    edge.stop().await;
+}
+
+/// What a node lists over server reflection, asked with `v1` and with `v1alpha`.
+async fn reflected_services(address: std::net::SocketAddr) -> (Vec<String>, Vec<String>) {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let reply = v1::server_reflection_client::ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .expect("one v1 reply");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("a v1 service list: {reply:?}");
+    };
+    let listed_v1 = list.service.into_iter().map(|s| s.name).collect();
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let reply = v1alpha::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .expect("one v1alpha reply");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("a v1alpha service list: {reply:?}");
+    };
+    (
+        listed_v1,
+        list.service.into_iter().map(|s| s.name).collect(),
+    )
+}
+
+/// Reflection lists every service the edge answers, Envoy's rate-limit service included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_every_service_the_edge_answers() {
+    let edge = Edge::start(RedisServer::start().unwrap(), settings()).await;
+    let (listed_v1, listed_v1alpha) = reflected_services(edge.address).await;
+    for listed in [&listed_v1, &listed_v1alpha] {
+        for service in [
+            "tollgate.v1.Enforcement",
+            "envoy.service.ratelimit.v3.RateLimitService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                listed.iter().any(|name| name == service),
+                "{service}: {listed:?}"
+            );
+        }
+    }
     edge.stop().await;
 }
 

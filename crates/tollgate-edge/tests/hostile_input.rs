@@ -273,6 +273,7 @@ fn capture_calls(holds: &[String]) -> BoxedStrategy<Call> {
                 account_id: account,
                 hold_id: hold,
                 amount,
+                authorize_key: String::new(),
             })
         })
         .boxed()
@@ -285,6 +286,7 @@ fn release_calls(holds: &[String]) -> BoxedStrategy<Call> {
                 idempotency_key: key,
                 account_id: account,
                 hold_id: hold,
+                authorize_key: String::new(),
             })
         })
         .boxed()
@@ -979,11 +981,13 @@ fn valid_calls(edge: &Edge) -> Vec<Call> {
             account_id: ACCOUNT.into(),
             hold_id: edge.holds[0].clone(),
             amount: "0.5".into(),
+            authorize_key: String::new(),
         }),
         Call::Release(pb::ReleaseRequest {
             idempotency_key: "wire-release".into(),
             account_id: ACCOUNT.into(),
             hold_id: edge.holds[1].clone(),
+            authorize_key: String::new(),
         }),
         Call::Debit(pb::DebitRequest {
             idempotency_key: "wire-debit".into(),

@@ -18,4 +18,10 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("tollgate_v1_descriptor");
 
+/// The encoded file descriptor set of Envoy's rate-limit service
+/// (`envoy.service.ratelimit.v3.RateLimitService`) and every file it imports, for server
+/// reflection on the nodes that answer it. Built from `proto/third_party`.
+pub const ENVOY_RATE_LIMIT_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("envoy_rate_limit_descriptor");
+
 pub use error::{ErrorCode, ServiceError};

@@ -469,6 +469,67 @@ pub async fn replays_are_charged_once<S: RegionStore>(store: &S) {
     );
 }
 
+fn placed(outcome: AuthorizeOutcome) -> HoldPlaced {
+    match outcome {
+        AuthorizeOutcome::Held(placed) => placed,
+        AuthorizeOutcome::Refused(refusal) => panic!("expected a hold, got {refusal:?}"),
+    }
+}
+
+/// A retried authorization (same key and request, sent later, so with a later expiry) returns
+/// the first hold with its first expiry and moves nothing; another request under the key,
+/// including another TTL or actor, is a conflict.
+pub async fn authorize_replays_return_the_first_hold<S: RegionStore>(store: &S) {
+    let a = account("acct-authorize-replay");
+    install(store, &a, segment("g", "10", 50, None)).await;
+    let request = |now: i64| hold_command(&a, "auth1", "h1", "4", at(now), 60_000);
+    let first = placed(store.authorize(&request(10)).await.unwrap());
+    let retry = placed(store.authorize(&request(1_510)).await.unwrap());
+    assert!(retry.replayed && !first.replayed);
+    assert_eq!(
+        (retry.draws, retry.overdraft, retry.expires_at),
+        (first.draws, first.overdraft, at(60_010)),
+        "a replay names the first hold and its first expiry"
+    );
+    let view = store.view(&a, at(1_520)).await.unwrap();
+    assert_eq!(
+        (view.held, view.holds_pending, view.pool()),
+        (credits("4"), 1, credits("6")),
+        "a replay moves nothing"
+    );
+    let others = [
+        AuthorizeCommand {
+            cost: credits("5"),
+            ..request(2_000)
+        },
+        hold_command(&a, "auth1", "h1", "4", at(2_000), 30_000),
+        AuthorizeCommand {
+            actor: Some(tollgate_core::ActorId::new("ada@example.com").unwrap()),
+            ..request(2_000)
+        },
+        AuthorizeCommand {
+            price: PriceTag {
+                version: 8,
+                ..PRICE
+            },
+            ..request(2_000)
+        },
+    ];
+    for other in &others {
+        assert_eq!(
+            store.authorize(other).await,
+            Err(RegionError::IdempotencyConflict),
+            "another request under the key: {other:?}"
+        );
+    }
+    let view = store.view(&a, at(2_010)).await.unwrap();
+    assert_eq!(
+        (view.held, view.pool()),
+        (credits("4"), credits("6")),
+        "a conflict moves nothing"
+    );
+}
+
 /// A capture takes up to the hold and gives the rest back, overdraft first.
 pub async fn holds_capture_partially<S: RegionStore>(store: &S) {
     let a = account("acct-capture");
@@ -1154,6 +1215,8 @@ pub async fn publications_reach_readers_with_a_notice<S: RegionStore>(store: &S)
         overdraft_limit: credits("1"),
         rate_limited: [feature("gen")].into(),
         published_at: at(5),
+        outside: Vec::new(),
+        debt_basis: Credits::ZERO,
     };
     assert_eq!(store.account_summary(&a).await.unwrap(), None);
     store.publish_account(&summary).await.unwrap();

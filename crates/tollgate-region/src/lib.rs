@@ -166,14 +166,22 @@ pub(crate) fn install_fingerprint(segment: &SegmentSpec) -> String {
     )
 }
 
+/// Fingerprints the hold's TTL, not its expiry: a retry is sent later, so its expiry is later,
+/// and it must still name the first hold. The actor comes last so its text cannot be confused
+/// with the fields before it.
 pub(crate) fn authorize_fingerprint(command: &AuthorizeCommand) -> String {
+    let ttl_ms = command
+        .expires_at
+        .millis()
+        .saturating_sub(command.now.millis());
+    let actor = command.actor.as_ref().map_or("", |actor| actor.as_str());
     format!(
-        "authorize|{}|{}|{}|{}|{}",
+        "authorize|{}|{}|{}|{ttl_ms}|{}|{}|{actor}",
         command.hold_id,
         command.feature,
         command.cost.micros(),
-        command.expires_at.millis(),
-        command.price.version
+        command.price.version,
+        command.price.rule.as_str()
     )
 }
 

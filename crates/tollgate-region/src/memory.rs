@@ -276,6 +276,15 @@ impl AccountState {
         self.segments.values().map(|s| s.remaining).sum()
     }
 
+    /// The scripts' `plan` pool: credits of the segments that can be spent at `now`.
+    fn active_pool(&self, now: Timestamp) -> i64 {
+        self.segments
+            .values()
+            .filter(|s| active(s, now))
+            .map(|s| s.remaining)
+            .sum()
+    }
+
     /// The scripts' `plan`: draws over eligible segments in burn-down order, then overdraft.
     fn plan(
         &self,
@@ -633,7 +642,7 @@ impl RegionStore for MemoryRegionStore {
                     Ok(spent) => spent,
                     Err(refusal) => return Ok(DebitOutcome::Refused(refusal)),
                 };
-            let pool = a.pool();
+            let pool = a.active_pool(command.now);
             let od_room = a.od_limit - a.od_used;
             let record = UsageRecord {
                 id: UsageId(String::new()),
@@ -657,6 +666,7 @@ impl RegionStore for MemoryRegionStore {
                 draws: record.draws.clone(),
                 overdraft: record.overdraft,
                 pool: record.pool,
+                overdraft_room: record.overdraft_room,
                 usage_id: UsageId(String::new()),
                 at: command.now,
                 replayed: false,
@@ -1100,6 +1110,7 @@ impl RegionStore for MemoryRegionStore {
                     draws: entry.draws.clone(),
                     overdraft: entry.overdraft,
                     pool: record.pool,
+                    overdraft_room: record.overdraft_room,
                     usage_id: UsageId(String::new()),
                     at: entry.at,
                     replayed: false,

@@ -454,11 +454,19 @@ impl RegionStore for RedisRegionStore {
         let (status, rest) = split_reply(&reply)?;
         match result_of(status, rest) {
             Some((result, replayed)) => {
-                let [draws, overdraft, pool, usage_id, at] = fields(result)?;
+                // Results stored before the overdraft room was part of them have five fields.
+                let (draws, overdraft, pool, usage_id, at, room) = match fields(result) {
+                    Ok([d, o, p, u, a, r]) => (d, o, p, u, a, r),
+                    Err(_) => {
+                        let [d, o, p, u, a] = fields(result)?;
+                        (d, o, p, u, a, "0")
+                    }
+                };
                 Ok(DebitOutcome::Allowed(Allowed {
                     draws: parse_draws(draws)?,
                     overdraft: micros(overdraft)?,
                     pool: micros(pool)?,
+                    overdraft_room: micros(room)?,
                     usage_id: UsageId(usage_id.to_string()),
                     at: millis(at)?,
                     replayed,

@@ -83,8 +83,11 @@ pub enum Refusal {
 pub struct Allowed {
     pub draws: Vec<Draw>,
     pub overdraft: Credits,
-    /// Credits left in the account's segments in this region after the decision.
+    /// Credits left in the account's segments in this region after the decision, counting
+    /// only segments effective and unexpired at the decision's time.
     pub pool: Credits,
+    /// Overdraft room left in this region after the decision.
+    pub overdraft_room: Credits,
     pub usage_id: UsageId,
     /// The event time the decision was made at (a reversal's window counts from it).
     pub at: Timestamp,
@@ -440,12 +443,56 @@ pub struct AccountSummary {
     #[serde(default)]
     pub rate_limited: std::collections::BTreeSet<FeatureKey>,
     pub published_at: Timestamp,
+    /// The account's credits this region does not hold: what the ledger says remains of each
+    /// open grant less what this region holds of it or has spent without the ledger knowing
+    /// yet. Neither this region's decisions nor their reconciliation change it (both move a
+    /// grant's remainder and this region's share of it together), so an edge adds it to what
+    /// the region holds to tell the account's balance. Grouped by terms, so an edge counts only
+    /// what is effective and unexpired at the moment it answers.
+    #[serde(default)]
+    pub outside: Vec<OutsideCredits>,
+    /// The ledger's debt plus the overdraft room this region was given and has not given back
+    /// nor had reconciled: the account's debt as this region sees it is this less the room the
+    /// region has left (`od_limit − od_used`). Invariant under this region's own decisions
+    /// and their reconciliation, like `outside`.
+    #[serde(default)]
+    pub debt_basis: Credits,
+}
+
+/// Credits of one account's grants sharing the same terms, held outside one region (by the
+/// authority or by other regions).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OutsideCredits {
+    pub amount: Credits,
+    pub effective_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub scope: tollgate_core::Scope,
+}
+
+impl OutsideCredits {
+    /// Whether these credits can pay at `at` (for `feature`, when given).
+    pub fn counts_at(&self, at: Timestamp, feature: Option<&FeatureKey>) -> bool {
+        self.effective_at <= at
+            && self.expires_at.is_none_or(|end| at < end)
+            && feature.is_none_or(|f| self.scope.covers(f))
+    }
 }
 
 impl AccountSummary {
     /// The contract in force at `at`, if any.
     pub fn contract_at(&self, at: Timestamp) -> Option<&tollgate_core::Contract> {
         self.contracts.iter().find(|c| c.is_active_at(at))
+    }
+
+    /// The credits outside this region that can pay at `at` (for `feature`, when given).
+    pub fn outside_at(&self, at: Timestamp, feature: Option<&FeatureKey>) -> Credits {
+        Credits::checked_sum(
+            self.outside
+                .iter()
+                .filter(|o| o.counts_at(at, feature))
+                .map(|o| o.amount),
+        )
+        .unwrap_or(Credits::MAX)
     }
 }
 

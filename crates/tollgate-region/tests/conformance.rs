@@ -45,6 +45,7 @@ conformance!(
     debit_at_the_expiry_boundary,
     debit_honours_the_overdraft_limit,
     replays_are_charged_once,
+    authorize_replays_return_the_first_hold,
     holds_capture_partially,
     expired_holds_give_credits_back,
     hold_refusals_are_typed,

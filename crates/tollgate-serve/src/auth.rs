@@ -29,6 +29,23 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Every scope, in the order configuration lists them.
+    pub const ALL: [Scope; 3] = [Scope::Enforce, Scope::Read, Scope::Admin];
+
+    /// The scope's name in configuration (`enforce`, `read`, `admin`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Enforce => "enforce",
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    /// The scope named `name` in configuration, if any.
+    pub fn from_name(name: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|scope| scope.name() == name)
+    }
+
     fn allows(self, needed: Scope) -> bool {
         match needed {
             Scope::Admin => self == Scope::Admin,
@@ -66,24 +83,30 @@ impl ApiKeyConfig {
 impl KeyRing {
     /// The key ring of a configuration; an error names the entry (`api_keys[3].sha256: …`).
     pub fn from_config(entries: &[ApiKeyConfig]) -> Result<KeyRing, String> {
-        if entries.len() > API_KEYS_MAX {
-            return Err(format!(
-                "api_keys: {} keys, at most {API_KEYS_MAX}",
-                entries.len()
-            ));
-        }
-        let mut keys = Vec::with_capacity(entries.len());
-        for (index, entry) in entries.iter().enumerate() {
-            let digest = decode_hex_digest(&entry.sha256)
-                .ok_or_else(|| format!("api_keys[{index}].sha256: must be 64 hex digits"))?;
-            keys.push(KeyEntry {
-                name: entry.name.clone(),
-                digest,
-                scope: entry.scope,
-            });
-        }
-        Ok(KeyRing::new(keys))
+        key_entries(entries).map(KeyRing::new)
     }
+}
+
+/// The keys of a configuration's `[[api_keys]]` entries, for a ring that holds other keys too;
+/// an error names the entry (`api_keys[3].sha256: …`).
+pub fn key_entries(entries: &[ApiKeyConfig]) -> Result<Vec<KeyEntry>, String> {
+    if entries.len() > API_KEYS_MAX {
+        return Err(format!(
+            "api_keys: {} keys, at most {API_KEYS_MAX}",
+            entries.len()
+        ));
+    }
+    let mut keys = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        let digest = decode_hex_digest(&entry.sha256)
+            .ok_or_else(|| format!("api_keys[{index}].sha256: must be 64 hex digits"))?;
+        keys.push(KeyEntry {
+            name: entry.name.clone(),
+            digest,
+            scope: entry.scope,
+        });
+    }
+    Ok(keys)
 }
 
 fn decode_hex_digest(text: &str) -> Option<[u8; 32]> {

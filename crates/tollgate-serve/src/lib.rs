@@ -9,11 +9,13 @@ pub mod auth;
 pub mod limits;
 pub mod tls;
 
-/// Server reflection, answering for the whole Tollgate contract and for gRPC health; build it
-/// with `build_v1()` and `build_v1alpha()` (every node serves both).
+/// Server reflection, answering for the whole Tollgate contract, Envoy's rate-limit service
+/// (the edges and the embedded node answer it) and gRPC health; build it with `build_v1()` and
+/// `build_v1alpha()` (every node serves both).
 pub fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tollgate_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tollgate_proto::ENVOY_RATE_LIMIT_FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 

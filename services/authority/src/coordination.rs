@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use tollgate_authority::allocator::{Allocation, AllocationOutcome};
 use tollgate_authority::{Authority, AuthorityError};
-use tollgate_core::{AccountId, FeatureKey, RegionId, Scope};
-use tollgate_edge::{AllocationRequester, EngineError};
+use tollgate_core::{AccountId, Credits, FeatureKey, RegionId, Scope};
+use tollgate_edge::{AllocationAnswer, AllocationRequester, EngineError};
 use tollgate_ledger::LedgerStore;
 use tollgate_proto::{decode, pb, ErrorCode, ServiceError};
 use tollgate_region::{EnforcementMode, RegionStore};
@@ -74,6 +74,7 @@ fn allocation_to_pb(allocation: &Allocation) -> pb::Allocation {
         overdraft_room: allocation.overdraft_room.to_string(),
         mode: mode.into(),
         generation: allocation.generation,
+        unallocated: allocation.unallocated.to_string(),
     }
 }
 
@@ -113,9 +114,14 @@ impl<R: RegionStore> pb::coordination_server::Coordination for CoordinationServi
         let region: RegionId = decode::id("region", &request.region)?;
         let account: AccountId = decode::id("account_id", &request.account_id)?;
         let feature: Option<FeatureKey> = decode::optional_id("feature", &request.feature)?;
+        let needed = if request.needed.is_empty() {
+            Credits::ZERO
+        } else {
+            decode::non_negative_credits("needed", &request.needed)?
+        };
         let outcome = self
             .authority
-            .request_allocation(&region, &account, feature.as_ref())
+            .request_allocation(&region, &account, feature.as_ref(), needed)
             .await
             .map_err(authority_error)?;
         let outcome = match outcome {
@@ -153,15 +159,19 @@ impl<R: RegionStore> AllocationRequester for LocalAllocator<R> {
         &'a self,
         account: &'a AccountId,
         feature: Option<&'a FeatureKey>,
-    ) -> Pin<Box<dyn Future<Output = Result<bool, EngineError>> + Send + 'a>> {
+        needed: Credits,
+    ) -> Pin<Box<dyn Future<Output = Result<AllocationAnswer, EngineError>> + Send + 'a>> {
         Box::pin(async move {
             match self
                 .authority
-                .request_allocation(&self.region, account, feature)
+                .request_allocation(&self.region, account, feature, needed)
                 .await
             {
-                Ok(AllocationOutcome::Allocated(_)) => Ok(true),
-                Ok(AllocationOutcome::UnknownAccount) => Ok(false),
+                Ok(AllocationOutcome::Allocated(allocation)) => Ok(AllocationAnswer {
+                    exists: true,
+                    unallocated: Some(allocation.unallocated),
+                }),
+                Ok(AllocationOutcome::UnknownAccount) => Ok(AllocationAnswer::UNKNOWN),
                 Err(error) => Err(EngineError::Unavailable(error.to_string())),
             }
         })

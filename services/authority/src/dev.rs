@@ -131,6 +131,14 @@ pub async fn run_with(
         Arc::new(SystemClock),
         AuthoritySettings::default(),
     ));
+    // The region lives in memory and starts empty, while the authority's counters still say
+    // it holds what the previous run allocated. That run reconciled what it could on the way
+    // out (a crash loses its unreconciled usage with the region), so the ledger's remainder is
+    // now the account's to allocate again, in burn-down order.
+    authority
+        .forget_region_holdings(&region)
+        .await
+        .context("forgetting what the previous run's region held")?;
     let engine = Engine::new(
         store,
         EdgeSettings::new(region.clone()),
@@ -148,6 +156,8 @@ pub async fn run_with(
         Some(key) => (false, key),
         None => (true, generate_key()?),
     };
+    crate::dev_keys::check_distinct(&key, &extra_keys)?;
+    let extra_described = crate::dev_keys::describe(&extra_keys);
     let keys = Arc::new(key_ring(&key, extra_keys));
     let grpc = TcpListener::bind(options.listen)
         .await
@@ -161,6 +171,7 @@ pub async fn run_with(
         &options.data,
         &key,
         generated,
+        &extra_described,
         if options.stripe_webhook_secret.is_some() {
             "signed with TOLLGATE_STRIPE_WEBHOOK_SECRET"
         } else {
@@ -294,12 +305,18 @@ fn print_welcome(
     data: &std::path::Path,
     key: &str,
     generated: bool,
+    extra_keys: &[String],
     stripe: &str,
 ) {
     let origin = if generated {
         "generated for this run; set TOLLGATE_DEV_API_KEY to choose your own"
     } else {
         "from TOLLGATE_DEV_API_KEY"
+    };
+    let extra_keys = if extra_keys.is_empty() {
+        "none (TOLLGATE_DEV_EXTRA_KEYS=name:scope[+scope]:secret,… or --keys FILE)".to_owned()
+    } else {
+        extra_keys.join(", ")
     };
     println!(
         "\
@@ -310,6 +327,7 @@ Tollgate embedded node (authority + edge, SQLite in {data}, in-memory region \"{
   stripe   http://{http}/webhooks/stripe   ({stripe})
   API key  {key}
            ({origin}; it has every scope)
+  keys     {extra_keys}
 
 Try it (grpcurl):
   K='authorization: Bearer {key}'

@@ -12,6 +12,7 @@ pub mod config;
 pub mod console;
 pub mod coordination;
 pub mod dev;
+pub mod dev_keys;
 pub mod encode;
 pub mod lifecycle;
 pub mod plans;

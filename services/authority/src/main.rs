@@ -48,6 +48,11 @@ enum Command {
         /// Directory of the SQLite files (created if missing).
         #[arg(long, default_value = tollgate_authority_service::dev::DATA_DEFAULT)]
         data: PathBuf,
+        /// More keys, each with its own scopes: a TOML file of `[[api_keys]]` entries (name,
+        /// sha256, scope), as in the `serve` configuration. TOLLGATE_DEV_EXTRA_KEYS adds keys
+        /// in clear: `name:scope[+scope]:secret,…`.
+        #[arg(long)]
+        keys: Option<PathBuf>,
         #[command(flatten)]
         tls: TlsFlags,
     },
@@ -112,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             http_listen,
             data,
+            keys,
             tls,
         } => {
             let tls = tls.load()?;
@@ -129,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|secret| !secret.is_empty()),
             };
             // A key with the read scope only, to try the console as support staff see it.
-            let read_keys = std::env::var("TOLLGATE_DEV_READ_API_KEY")
+            let mut extra_keys: Vec<_> = std::env::var("TOLLGATE_DEV_READ_API_KEY")
                 .ok()
                 .filter(|key| !key.is_empty())
                 .map(|key| tollgate_authority_service::auth::KeyEntry {
@@ -139,15 +145,35 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .into_iter()
                 .collect();
+            extra_keys.extend(dev_extra_keys(keys.as_deref())?);
             tollgate_authority_service::dev::run_with(
                 options,
                 tls,
-                read_keys,
+                extra_keys,
                 tollgate_serve::shutdown_signal(),
             )
             .await
         }
     }
+}
+
+/// The embedded node's keys besides its development key: `TOLLGATE_DEV_EXTRA_KEYS` (in
+/// clear) and the `--keys` file (digests).
+fn dev_extra_keys(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<tollgate_authority_service::auth::KeyEntry>> {
+    use tollgate_authority_service::dev_keys;
+    let mut keys = match std::env::var(dev_keys::EXTRA_KEYS_ENV) {
+        Ok(text) if !text.trim().is_empty() => dev_keys::parse_extra_keys(&text)?,
+        Ok(_) | Err(std::env::VarError::NotPresent) => Vec::new(),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("{}: not valid UTF-8", dev_keys::EXTRA_KEYS_ENV)
+        }
+    };
+    if let Some(file) = file {
+        keys.extend(dev_keys::load_keys_file(file)?);
+    }
+    Ok(keys)
 }
 
 async fn serve(

@@ -103,6 +103,7 @@ pub async fn capture(conn: &Connection, out: &Out, args: CaptureArgs) -> Result<
                 account_id: args.account,
                 hold_id: args.hold,
                 amount,
+                authorize_key: String::new(),
             })),
         )
         .await?;
@@ -157,6 +158,7 @@ pub async fn release(conn: &Connection, out: &Out, args: ReleaseArgs) -> Result<
                 idempotency_key: key.clone(),
                 account_id: args.account,
                 hold_id: args.hold,
+                authorize_key: String::new(),
             })),
         )
         .await?;

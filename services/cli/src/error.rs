@@ -36,7 +36,7 @@ pub enum CliError {
     Connect { endpoint: String, detail: String },
     /// A typed refusal: nothing moved.
     #[error("refused: {}", render::refusal_line(.0))]
-    Refused(pb::Refusal),
+    Refused(Box<pb::Refusal>),
     /// The request was not found on the client side (for example no ledger entry names a debit).
     #[error("{0}")]
     NotFound(String),

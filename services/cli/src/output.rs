@@ -51,7 +51,7 @@ impl Out {
         } else if !key.is_empty() {
             println!("idempotency key: {key}");
         }
-        Err(CliError::Refused(refusal))
+        Err(CliError::Refused(Box::new(refusal)))
     }
 
     /// A list: one page or all of them; JSON `{ <name>: [...], next_page_token }`.

@@ -101,6 +101,8 @@ async fn seed(store: &RedisRegionStore) -> AccountId {
         overdraft_limit: Credits::ZERO,
         rate_limited: Default::default(),
         published_at: Timestamp::EPOCH,
+        outside: Vec::new(),
+        debt_basis: Credits::ZERO,
     };
     store.publish_account(&summary).await.unwrap();
     account

@@ -60,6 +60,8 @@ pub async fn seed<S: RegionStore>(
             overdraft_limit: Credits::ZERO,
             rate_limited: Default::default(),
             published_at: now(),
+            outside: Vec::new(),
+            debt_basis: Credits::ZERO,
         })
         .await
         .unwrap();

@@ -1,6 +1,7 @@
 -- Debit: one atomic decision. ARGV: now, retain_ms, fingerprint, account, key, feature, cost,
 -- actor, price_version, price_rule.
--- Returns {'ok'|'replay', "draws|overdraft|pool|usage_id|at"}, {'insufficient', available, shortfall},
+-- Returns {'ok'|'replay', "draws|overdraft|pool|usage_id|at|od_room"} (pool: active segments after
+-- the debit; od_room: overdraft room left), {'insufficient', available, shortfall},
 -- {'rate_limited', feature, retry_after_ms} or {'conflict'}.
 local fingerprint, account, key, feature = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local cost = tonumber(ARGV[7])
@@ -27,6 +28,7 @@ local id = redis.call('XADD', K_STREAM, '*',
   'cost', fmt(cost), 'draws', encoded, 'overdraft', fmt(overdraft), 'pool', fmt(pool),
   'od_room', fmt(od_limit - od_used - overdraft), 'actor', actor,
   'price_version', price_version, 'price_rule', price_rule, 'hold', '', 'lease', '', 'seq', next_usage_seq())
-local result = table.concat({ encoded, fmt(overdraft), fmt(pool), id, fmt(NOW) }, '|')
+local result = table.concat({ encoded, fmt(overdraft), fmt(pool), id, fmt(NOW),
+  fmt(od_limit - od_used - overdraft) }, '|')
 idem_store(fingerprint, result)
 return { 'ok', result }

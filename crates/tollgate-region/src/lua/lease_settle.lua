@@ -44,7 +44,8 @@ for i = 7, #ARGV, ENTRY_FIELDS do
         'cost', fmt(cost), 'draws', ARGV[i + 5], 'overdraft', fmt(overdraft), 'pool', fmt(pool),
         'od_room', fmt(od_limit - od_used), 'actor', ARGV[i + 7],
         'price_version', ARGV[i + 8], 'price_rule', ARGV[i + 9], 'hold', '', 'lease', lease_id, 'seq', next_usage_seq())
-      local result = table.concat({ ARGV[i + 5], fmt(overdraft), fmt(pool), id, fmt(at) }, '|')
+      local result = table.concat({ ARGV[i + 5], fmt(overdraft), fmt(pool), id, fmt(at),
+        fmt(od_limit - od_used) }, '|')
       redis.call('SET', idem_key, fingerprint .. '\n' .. result, 'PX', fmt(RETAIN_MS))
       statuses[#statuses + 1] = 'ok:' .. id
     end

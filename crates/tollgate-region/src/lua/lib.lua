@@ -164,7 +164,9 @@ local function plan(feature, now, cost, overdraft_room)
   local eligible = {}
   local pool = 0
   for _, seg in ipairs(load_segments()) do
-    pool = pool + seg.remaining
+    -- The pool counts what can be spent now: segments not yet effective or already ended
+    -- hold credits the account cannot use.
+    if active(seg, now) then pool = pool + seg.remaining end
     if active(seg, now) and seg.remaining > 0 and covers(seg, feature) then
       eligible[#eligible + 1] = seg
     end
