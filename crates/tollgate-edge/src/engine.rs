@@ -253,6 +253,25 @@ struct AskedForCredits {
     exhausted: Option<Option<FeatureKey>>,
 }
 
+/// How the authority took part in a decision.
+enum ColdPath {
+    NotAsked,
+    /// Credits were asked for; the account's summary as published after.
+    Asked(Arc<AccountSummary>),
+    /// Credits were missing and the authority could not be reached.
+    Unreachable,
+}
+
+impl ColdPath {
+    /// The summary to tell the balance from.
+    fn summary<'a>(&'a self, before: &'a AccountSummary) -> &'a AccountSummary {
+        match self {
+            ColdPath::Asked(fresh) => fresh,
+            _ => before,
+        }
+    }
+}
+
 /// What asking the authority for missing credits came to.
 enum Asking {
     /// Credits may have arrived: decide again. `last`: this decision asked, and the authority
@@ -458,15 +477,15 @@ impl<S: RegionStore> Engine<S> {
 
     /// Runs a spending call on the regional store. When the region cannot pay (a slice is a
     /// means, never the answer), asks the authority for what is missing and runs the call
-    /// again, so the refusal that comes back is the account's. Returns the outcome and whether
-    /// the authority could not be reached when it was needed.
+    /// again, so the refusal that comes back is the account's. Returns the outcome and how the
+    /// authority took part.
     async fn with_cold_path<T, F, Fut>(
         &self,
-        summary: &AccountSummary,
+        summary: &Arc<AccountSummary>,
         feature: &FeatureKey,
         call: F,
         shortfall_of: impl Fn(&T) -> Option<Credits>,
-    ) -> Result<(T, bool), EngineError>
+    ) -> Result<(T, ColdPath), EngineError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, tollgate_region::RegionError>>,
@@ -474,6 +493,7 @@ impl<S: RegionStore> Engine<S> {
         // When the region call was made, while another decision's answer may still be shared.
         let mut called_ms = Some(self.clock.now().millis());
         let mut outcome = self.call(call()).await?;
+        let mut cold = ColdPath::NotAsked;
         for _ in 0..COLD_PATH_ASKS_MAX {
             let Some(shortfall) = shortfall_of(&outcome) else {
                 break;
@@ -486,15 +506,23 @@ impl<S: RegionStore> Engine<S> {
             let last = match asked {
                 Asking::Brought { last } => last,
                 Asking::NothingMore => break,
-                Asking::Unreachable => return Ok((outcome, true)),
+                Asking::Unreachable => return Ok((outcome, ColdPath::Unreachable)),
             };
+            // The allocation moved credits from outside the region into it and published the
+            // account's summary anew: the balance is told from that one.
+            let now = self.clock.now();
+            let fresh = self
+                .catalogue
+                .load_account(self.store.as_ref(), &summary.account, now)
+                .await?;
+            cold = ColdPath::Asked(fresh.unwrap_or_else(|| Arc::clone(summary)));
             outcome = self.call(call()).await?;
             if last {
                 // This decision's own request found the authority with nothing more.
                 break;
             }
         }
-        Ok((outcome, false))
+        Ok((outcome, cold))
     }
 
     /// Asks the authority for `shortfall` more credits of the account in this region. One
@@ -666,7 +694,7 @@ impl<S: RegionStore> Engine<S> {
 
     async fn debit_strict(
         &self,
-        summary: &AccountSummary,
+        summary: &Arc<AccountSummary>,
         request: &DebitRequest,
         priced: &Priced,
         at: Timestamp,
@@ -684,7 +712,7 @@ impl<S: RegionStore> Engine<S> {
             DebitOutcome::Refused(Refusal::Insufficient { shortfall, .. }) => Some(*shortfall),
             _ => None,
         };
-        let (outcome, unreachable) = self
+        let (outcome, cold) = self
             .with_cold_path(
                 summary,
                 &request.feature,
@@ -692,11 +720,12 @@ impl<S: RegionStore> Engine<S> {
                 shortfall_of,
             )
             .await?;
+        let told = cold.summary(summary);
         Ok(match outcome {
             DebitOutcome::Allowed(allowed) => Decision::Done(Debited {
                 priced: *priced,
                 available_after: allowed.pool,
-                balance_after: account_balance(summary, allowed.pool, allowed.overdraft_room, at),
+                balance_after: account_balance(told, allowed.pool, allowed.overdraft_room, at),
                 draws: allowed.draws,
                 overdraft: allowed.overdraft,
                 usage_id: Some(allowed.usage_id),
@@ -704,7 +733,7 @@ impl<S: RegionStore> Engine<S> {
                 replayed: allowed.replayed,
             }),
             DebitOutcome::Refused(refusal) => {
-                Decision::Refused(self.refused(summary, refusal, priced.cost, unreachable, at))
+                Decision::Refused(self.refused(told, refusal, priced.cost, &cold, at))
             }
         })
     }
@@ -716,11 +745,11 @@ impl<S: RegionStore> Engine<S> {
         summary: &AccountSummary,
         refusal: Refusal,
         cost: Credits,
-        unreachable: bool,
+        cold: &ColdPath,
         at: Timestamp,
     ) -> Refused {
         match refusal {
-            Refusal::Insufficient { available, .. } if unreachable => {
+            Refusal::Insufficient { available, .. } if matches!(cold, ColdPath::Unreachable) => {
                 Refused::AuthorityUnreachable {
                     cost,
                     available,
@@ -733,7 +762,7 @@ impl<S: RegionStore> Engine<S> {
 
     async fn debit_cached(
         &self,
-        summary: &AccountSummary,
+        summary: &Arc<AccountSummary>,
         request: &DebitRequest,
         priced: &Priced,
         at: Timestamp,
@@ -864,7 +893,7 @@ impl<S: RegionStore> Engine<S> {
             AuthorizeOutcome::Refused(Refusal::Insufficient { shortfall, .. }) => Some(*shortfall),
             _ => None,
         };
-        let (outcome, unreachable) = self
+        let (outcome, cold) = self
             .with_cold_path(
                 &summary,
                 &request.feature,
@@ -879,9 +908,13 @@ impl<S: RegionStore> Engine<S> {
                 expires_at: placed.expires_at,
                 replayed: placed.replayed,
             }),
-            AuthorizeOutcome::Refused(refusal) => {
-                Decision::Refused(self.refused(&summary, refusal, priced.cost, unreachable, now))
-            }
+            AuthorizeOutcome::Refused(refusal) => Decision::Refused(self.refused(
+                cold.summary(&summary),
+                refusal,
+                priced.cost,
+                &cold,
+                now,
+            )),
         })
     }
 

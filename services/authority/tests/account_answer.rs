@@ -492,14 +492,26 @@ async fn cached_mode_spends_what_the_account_holds() {
     grant(&mut admin, "cached-small", "g1", "100").await;
 
     let outcome = debit(&mut node.edge(), "cached-big", "d1", "50", cached).await;
-    assert_eq!(debited(outcome).balance_after, "950");
-
+    let balance_after = debited(outcome).balance_after;
     let (allowed, insufficient, other) = drain(&node, "cached-small", 200, cached).await;
-    assert_eq!(
-        (allowed, insufficient, other.len()),
-        (100, 100, 0),
-        "{other:?}"
-    );
     let balance = edge_balance(&mut node.edge(), "cached-small").await;
-    assert_eq!(balance.balance.expect("a balance").balance, "0");
+
+    // Both halves observed before either is judged, so a failure reports all the figures.
+    assert_eq!(
+        (
+            balance_after.as_str(),
+            allowed,
+            insufficient,
+            other.len(),
+            balance
+                .balance
+                .as_ref()
+                .expect("a balance")
+                .balance
+                .as_str(),
+        ),
+        ("950", 100, 100, 0, "0"),
+        "(balance_after of 50 from 1000, allowed, insufficient, other refusals, balance); \
+         other: {other:?}; GetBalance {balance:?}"
+    );
 }
