@@ -542,8 +542,9 @@ async fn a_region_that_restarted_empty_is_allocated_the_ledgers_credits_again() 
     let world = World::start(&["eu"], 2, 100, 10).await;
     let now = world.clock.now();
     issue(&world.ledger, "promo", 10, GrantSource::Promo, None, now).await;
+    // The only region holds everything: both grants and the whole overdraft limit.
     world.allocate("eu").await;
-    assert_eq!(world.held("eu").await, (10 * MICROS, 2 * MICROS));
+    assert_eq!(world.held("eu").await, (110 * MICROS, 2 * MICROS));
     assert!(world.debit("eu", "d1", 3).await);
     world.reconcile_expecting("eu", 1, 0, 0).await;
     let open = InstallIntent {
@@ -596,17 +597,49 @@ async fn a_region_that_restarted_empty_is_allocated_the_ledgers_credits_again() 
         "{outcome:?}"
     );
     let view = restarted.view(&acct(), world.clock.now()).await.unwrap();
-    let segments: Vec<(String, i64)> = view
+    let mut segments: Vec<(String, i64, u32)> = view
         .segments
         .iter()
-        .map(|s| (s.grant_id.to_string(), s.remaining.micros()))
+        .map(|s| (s.grant_id.to_string(), s.remaining.micros(), s.priority))
         .collect();
+    segments.sort();
     assert_eq!(
         segments,
-        vec![("promo".into(), 7 * MICROS), ("bought".into(), 3 * MICROS)],
-        "burn-down order: the promo's rest first"
+        vec![
+            ("bought".into(), 100 * MICROS, 50),
+            ("promo".into(), 7 * MICROS, 30)
+        ],
+        "what the ledger says remains, nothing counted twice"
     );
     assert_eq!(view.overdraft_limit.micros(), 2 * MICROS);
+    let spent = restarted
+        .debit(&DebitCommand {
+            account: acct(),
+            key: key("d2"),
+            feature: FeatureKey::new("chat").unwrap(),
+            cost: Credits::from_micros(8 * MICROS),
+            now: world.clock.now(),
+            actor: None,
+            price: PriceTag {
+                version: 1,
+                rule: PriceRule::Default,
+            },
+        })
+        .await
+        .unwrap();
+    let DebitOutcome::Allowed(allowed) = spent else {
+        panic!("{spent:?}");
+    };
+    let draws: Vec<(String, i64)> = allowed
+        .draws
+        .iter()
+        .map(|d| (d.grant_id.to_string(), d.amount.micros()))
+        .collect();
+    assert_eq!(
+        draws,
+        vec![("promo".into(), 7 * MICROS), ("bought".into(), MICROS)],
+        "burn-down order: the promo's rest first"
+    );
     assert!(
         node.forget_region_holdings(&region("nowhere"))
             .await

@@ -462,8 +462,8 @@ async fn holds_reversal_balance_and_quote() {
     );
     assert_eq!(
         balance.balance.unwrap().balance,
-        "10",
-        "the authority's last published balance"
+        "7",
+        "the account's balance: what the region holds, nothing held outside it"
     );
     let missing = client
         .get_balance(pb::GetBalanceRequest {

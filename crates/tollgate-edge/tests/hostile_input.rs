@@ -264,29 +264,48 @@ fn authorize_calls() -> BoxedStrategy<Call> {
         .boxed()
 }
 
+/// The idempotency key of the `n`th hold the edge places at setup.
+fn setup_hold_key(n: usize) -> String {
+    format!("setup-hold-{n}")
+}
+
+/// How a capture or release names its hold, as (`hold_id`, `authorize_key`): by id (known or
+/// hostile), by the key of the Authorize that placed it (a setup key or any text), by both, or
+/// by neither.
+fn hold_reference(holds: &[String]) -> impl Strategy<Value = (String, String)> {
+    let setup_keys: Vec<String> = (0..holds.len()).map(setup_hold_key).collect();
+    let by_key = prop_oneof![3 => prop::sample::select(setup_keys), 1 => key_text()];
+    prop_oneof![
+        6 => known_or_hostile(holds).prop_map(|id| (id, String::new())),
+        3 => by_key.prop_map(|key| (String::new(), key)),
+        1 => (known_or_hostile(holds), key_text()),
+        1 => Just((String::new(), String::new())),
+    ]
+}
+
 fn capture_calls(holds: &[String]) -> BoxedStrategy<Call> {
     let amount = prop_oneof![1 => Just(String::new()), 3 => decimal_text()];
-    (key_text(), account_text(), known_or_hostile(holds), amount)
-        .prop_map(|(key, account, hold, amount)| {
+    (key_text(), account_text(), hold_reference(holds), amount)
+        .prop_map(|(key, account, (hold_id, authorize_key), amount)| {
             Call::Capture(pb::CaptureRequest {
                 idempotency_key: key,
                 account_id: account,
-                hold_id: hold,
+                hold_id,
                 amount,
-                authorize_key: String::new(),
+                authorize_key,
             })
         })
         .boxed()
 }
 
 fn release_calls(holds: &[String]) -> BoxedStrategy<Call> {
-    (key_text(), account_text(), known_or_hostile(holds))
-        .prop_map(|(key, account, hold)| {
+    (key_text(), account_text(), hold_reference(holds))
+        .prop_map(|(key, account, (hold_id, authorize_key))| {
             Call::Release(pb::ReleaseRequest {
                 idempotency_key: key,
                 account_id: account,
-                hold_id: hold,
-                authorize_key: String::new(),
+                hold_id,
+                authorize_key,
             })
         })
         .boxed()
@@ -469,6 +488,16 @@ fn malformed_event_time(at: Option<&prost_types::Timestamp>) -> bool {
     }
 }
 
+/// A hold is named by `hold_id` or by `authorize_key`, exactly one: neither blames `hold_id`,
+/// both blame `authorize_key`.
+fn judge_hold(verdict: &mut Verdict, hold_id: &str, authorize_key: &str) {
+    match (hold_id.is_empty(), authorize_key.is_empty()) {
+        (_, true) => verdict.field("hold_id", malformed_id::<HoldId>(hold_id)),
+        (true, false) => verdict.field("authorize_key", malformed_key(authorize_key)),
+        (false, false) => verdict.field("authorize_key", true),
+    };
+}
+
 /// A capture amount: empty (the whole hold), or credits within the region's range.
 fn malformed_capture_amount(text: &str) -> bool {
     !text.is_empty() && Credits::parse_non_negative(text).map_or(true, beyond_region)
@@ -490,13 +519,13 @@ impl Call {
             Call::Capture(r) => {
                 v.field("idempotency_key", malformed_key(&r.idempotency_key))
                     .field("account_id", malformed_id::<AccountId>(&r.account_id))
-                    .field("hold_id", malformed_id::<HoldId>(&r.hold_id))
                     .field("amount", malformed_capture_amount(&r.amount));
+                judge_hold(&mut v, &r.hold_id, &r.authorize_key);
             }
             Call::Release(r) => {
                 v.field("idempotency_key", malformed_key(&r.idempotency_key))
-                    .field("account_id", malformed_id::<AccountId>(&r.account_id))
-                    .field("hold_id", malformed_id::<HoldId>(&r.hold_id));
+                    .field("account_id", malformed_id::<AccountId>(&r.account_id));
+                judge_hold(&mut v, &r.hold_id, &r.authorize_key);
             }
             Call::Debit(r) => {
                 v.field("idempotency_key", malformed_key(&r.idempotency_key))
@@ -683,7 +712,7 @@ impl Edge {
             let held = edge
                 .service
                 .authorize(Request::new(pb::AuthorizeRequest {
-                    idempotency_key: format!("setup-hold-{n}"),
+                    idempotency_key: setup_hold_key(n),
                     account_id: ACCOUNT.into(),
                     usage: usage.clone(),
                     ttl_seconds: 3_600,

@@ -140,6 +140,9 @@ pub struct OracleFigures {
     pub false_refusals: BTreeMap<(&'static str, &'static str), u64>,
     /// Spends or holds the edges allowed that the model would have refused, by kind.
     pub overspends: BTreeMap<&'static str, u64>,
+    /// Debits whose draws were not the burn-down rules' draws (the model applies the draws
+    /// the edge reported, as the ledger does), by kind.
+    pub off_order: BTreeMap<&'static str, u64>,
     /// Captures and refunds the model could not apply as the edges did.
     pub model_disagreements: u64,
     /// Balances an edge reported after a debit (`Debited::balance_after`), compared with the
@@ -175,6 +178,10 @@ impl OracleFigures {
         bump(&mut self.overspends, kind.name());
     }
 
+    pub fn off_order(&mut self, kind: DecisionKind) {
+        bump(&mut self.off_order, kind.name());
+    }
+
     pub fn balance(&mut self, kind: DecisionKind, matches: bool) {
         bump(&mut self.balances_compared, kind.name());
         if !matches {
@@ -192,6 +199,7 @@ impl OracleFigures {
         add_all(&mut self.true_refusals, &other.true_refusals);
         add_all(&mut self.false_refusals, &other.false_refusals);
         add_all(&mut self.overspends, &other.overspends);
+        add_all(&mut self.off_order, &other.off_order);
         self.model_disagreements += other.model_disagreements;
         add_all(&mut self.balances_compared, &other.balances_compared);
         add_all(&mut self.balance_mismatches, &other.balance_mismatches);
@@ -232,9 +240,11 @@ impl fmt::Display for OracleFigures {
         let mismatched: u64 = self.balance_mismatches.values().sum();
         write!(
             f,
-            "allowed beyond the model {} ({}); model disagreements {}; balances compared {compared}, differing {mismatched} ({})",
+            "allowed beyond the model {} ({}); drawn off the burn-down order {} ({}); model disagreements {}; balances compared {compared}, differing {mismatched} ({})",
             self.overspends.values().sum::<u64>(),
             list(&self.overspends, |k| k.to_string()),
+            self.off_order.values().sum::<u64>(),
+            list(&self.off_order, |k| k.to_string()),
             self.model_disagreements,
             list(&self.balance_mismatches, |k| k.to_string())
         )

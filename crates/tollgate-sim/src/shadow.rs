@@ -12,6 +12,20 @@
 //! later. The test at the end drives both books with the same random operations and asserts
 //! that they agree.
 //!
+//! **Which grants a spend consumed.** An acknowledged debit is applied with the draws the
+//! edge reported (`Debited::draws` and `overdraft`): those are exactly what the ledger applies
+//! when the debit is reconciled, so the model's grants stay what the account's ledger will
+//! hold, even where a region or a lease drew off the burn-down order (a lease holds slices
+//! taken before a newer grant arrived). Planning the draws again by the rules instead would
+//! let the model drift from the ledger through scopes and expiries, and then call refusals
+//! false that the ledger itself would make. The rules still judge: a spend is checked against
+//! the planner before it is applied (beyond the account's credits?) and its draws against the
+//! planner's (off the burn-down order?), and both are counted. Holds and captures are planned
+//! by the rules (the edge does not report a hold's draws); refunds go back to the recorded
+//! draws, as in the ledger. A refund grant the ledger creates is named after its debit
+//! (`<debit>.refund.<n>`); the model names its own `<debit>.model-refund.<n>` and takes a
+//! ledger name found in a region's draws as the next of its refund grants for that debit.
+//!
 //! [`ShadowAccount`] adds history: a cached decision acknowledged by an edge that then crashed
 //! before flushing never reaches the ledger, so from then on the account's ledger is the
 //! history without it. The account keeps the events since the oldest spend that may still be
@@ -20,8 +34,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use tollgate_core::{
-    plan_burn, BurnPlan, BurnRequest, Credits, DebitId, DebitRecord, FeatureKey, Grant, GrantId,
-    GrantSource, HoldId, Reserved, Shortfall, Timestamp,
+    plan_burn, BurnPlan, BurnRequest, Credits, DebitId, DebitRecord, Draw, FeatureKey, Grant,
+    GrantId, GrantSource, HoldId, Reserved, Shortfall, Timestamp,
 };
 
 /// An acknowledged spend as the simulator names it: region and idempotency key.
@@ -47,6 +61,33 @@ pub struct ShadowBook {
     grants: BTreeMap<GrantId, Grant>,
     holds: BTreeMap<HoldId, ShadowHold>,
     debits: BTreeMap<DebitId, DebitRecord>,
+    /// The refund grants the model made for each debit, in the order it made them.
+    refund_grants: BTreeMap<DebitId, Vec<GrantId>>,
+    /// The ledger's name for a refund grant → the model's.
+    aliases: BTreeMap<GrantId, GrantId>,
+}
+
+/// How the model took a spend (or a capture, release, refund: then `in_order` says nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Within the rules: the account could pay (or the hold or debit could be captured,
+    /// released, refunded as the edges did).
+    pub allowed: bool,
+    /// The draws were the burn-down rules' draws.
+    pub in_order: bool,
+    /// Applied as the edge reported it (draws naming grants the model knows, each within
+    /// what the grant has left).
+    pub as_reported: bool,
+}
+
+impl Applied {
+    fn ruled(allowed: bool) -> Self {
+        Applied {
+            allowed,
+            in_order: true,
+            as_reported: allowed,
+        }
+    }
 }
 
 impl ShadowBook {
@@ -57,6 +98,8 @@ impl ShadowBook {
             grants: BTreeMap::new(),
             holds: BTreeMap::new(),
             debits: BTreeMap::new(),
+            refund_grants: BTreeMap::new(),
+            aliases: BTreeMap::new(),
         }
     }
 
@@ -214,6 +257,75 @@ impl ShadowBook {
         allowed
     }
 
+    /// A debit at `at` with the draws an edge reported. Judged against the rules first; when
+    /// the draws cannot be applied (a grant the model does not know, or short), the rules'
+    /// plan is applied instead and `as_reported` is false.
+    pub fn debit_drawn(
+        &mut self,
+        id: DebitId,
+        feature: &FeatureKey,
+        at: Timestamp,
+        cost: Credits,
+        drawn: &BurnPlan,
+    ) -> Applied {
+        self.expire_holds(at);
+        let ruled = self.plan(feature, at, cost);
+        let reported = self.resolve(drawn);
+        let applied = Applied {
+            allowed: ruled.is_ok(),
+            in_order: reported.as_ref() == ruled.as_ref().ok(),
+            as_reported: reported.is_some(),
+        };
+        let plan = match (reported, ruled) {
+            (Some(plan), _) | (None, Ok(plan)) => plan,
+            (None, Err(_)) => self.forced_plan(feature, at, cost),
+        };
+        self.apply_debit(id, at, plan);
+        applied
+    }
+
+    /// The reported draws in the model's grant names, when every one names a grant the model
+    /// knows and is within what it has left.
+    fn resolve(&mut self, drawn: &BurnPlan) -> Option<BurnPlan> {
+        let mut plan = BurnPlan {
+            draws: Vec::with_capacity(drawn.draws.len()),
+            overdraft: drawn.overdraft,
+        };
+        for draw in &drawn.draws {
+            let grant_id = self.model_grant_id(&draw.grant_id)?;
+            let grant = self.grants.get(&grant_id)?;
+            if draw.amount > grant.remaining {
+                return None;
+            }
+            plan.draws.push(Draw {
+                grant_id,
+                amount: draw.amount,
+            });
+        }
+        Some(plan)
+    }
+
+    /// The model's name for a grant a region drew from: the same, or for a refund grant the
+    /// ledger named `<debit>.refund.<n>`, the model's next refund grant for that debit.
+    fn model_grant_id(&mut self, id: &GrantId) -> Option<GrantId> {
+        if self.grants.contains_key(id) {
+            return Some(id.clone());
+        }
+        if let Some(known) = self.aliases.get(id) {
+            return Some(known.clone());
+        }
+        let (debit, _) = id.as_str().rsplit_once(".refund.")?;
+        let debit = DebitId::new(debit).ok()?;
+        let next = self
+            .refund_grants
+            .get(&debit)?
+            .iter()
+            .find(|candidate| !self.aliases.values().any(|taken| taken == *candidate))?
+            .clone();
+        self.aliases.insert(id.clone(), next.clone());
+        Some(next)
+    }
+
     fn apply_debit(&mut self, id: DebitId, at: Timestamp, plan: BurnPlan) {
         for draw in &plan.draws {
             if let Some(grant) = self.grants.get_mut(&draw.grant_id) {
@@ -340,7 +452,7 @@ impl ShadowBook {
         self.debits.insert(id.clone(), record);
         if pool > 0 {
             let mut grant = Grant::new(
-                grant_id,
+                grant_id.clone(),
                 Credits::from_micros(pool),
                 GrantSource::Refund,
                 at,
@@ -351,6 +463,10 @@ impl ShadowBook {
                     .with_scope(template.scope);
             }
             self.insert_grant(grant, at);
+            self.refund_grants
+                .entry(id.clone())
+                .or_default()
+                .push(grant_id);
         }
         true
     }
@@ -384,6 +500,8 @@ enum Event {
         ack: AckRef,
         feature: FeatureKey,
         cost: Credits,
+        /// What the edge drew.
+        drawn: BurnPlan,
         at: Timestamp,
         /// Lost with a crashed edge: never reaches the ledger, so not applied.
         lost: bool,
@@ -415,42 +533,43 @@ enum Event {
 }
 
 impl Event {
-    /// Applies the event; returns whether the rules allowed it as the edges did.
-    fn apply(&self, book: &mut ShadowBook) -> bool {
+    /// Applies the event; says how the model took it.
+    fn apply(&self, book: &mut ShadowBook) -> Applied {
         match self {
             Event::Grant { grant, at } => {
                 book.add_grant(grant.clone(), *at);
-                true
+                Applied::ruled(true)
             }
-            Event::Debit { lost: true, .. } => true,
+            Event::Debit { lost: true, .. } => Applied::ruled(true),
             Event::Debit {
                 id,
                 feature,
                 cost,
+                drawn,
                 at,
                 ..
-            } => book.debit(id.clone(), feature, *at, *cost),
+            } => book.debit_drawn(id.clone(), feature, *at, *cost, drawn),
             Event::Authorize {
                 hold,
                 feature,
                 cost,
                 at,
                 expires_at,
-            } => book.authorize(hold.clone(), feature, *at, *cost, *expires_at),
+            } => Applied::ruled(book.authorize(hold.clone(), feature, *at, *cost, *expires_at)),
             Event::Capture {
                 hold,
                 amount,
                 id,
                 feature,
                 at,
-            } => book.capture(hold, *amount, id.clone(), feature, *at),
-            Event::Release { hold, at } => book.release(hold, *at),
+            } => Applied::ruled(book.capture(hold, *amount, id.clone(), feature, *at)),
+            Event::Release { hold, at } => Applied::ruled(book.release(hold, *at)),
             Event::Refund {
                 id,
                 amount,
                 at,
                 grant_id,
-            } => book.refund(id, *amount, *at, grant_id.clone()),
+            } => Applied::ruled(book.refund(id, *amount, *at, grant_id.clone())),
         }
     }
 
@@ -468,9 +587,9 @@ pub struct ShadowAccount {
     log: VecDeque<Event>,
     /// `base` with every event of `log` applied.
     live: ShadowBook,
-    /// The model's debit for each acknowledged spend that stands.
+    /// The debit (the ledger's id) of each acknowledged spend that stands.
     charges: BTreeMap<AckRef, DebitId>,
-    /// Numbers the model's own debit and refund grant ids.
+    /// Numbers the model's refund grants.
     next_id: u64,
 }
 
@@ -490,44 +609,39 @@ impl ShadowAccount {
         &self.live
     }
 
-    fn record(&mut self, event: Event) -> bool {
-        let allowed = event.apply(&mut self.live);
+    fn record(&mut self, event: Event) -> Applied {
+        let applied = event.apply(&mut self.live);
         self.log.push_back(event);
-        allowed
+        applied
     }
 
-    fn next_debit_id(&mut self) -> DebitId {
+    fn next_refund_grant_id(&mut self, debit: &DebitId) -> GrantId {
         self.next_id += 1;
-        DebitId::new(format!("model.d{}", self.next_id))
-            .unwrap_or_else(|e| panic!("model debit id: {e}"))
-    }
-
-    fn next_grant_id(&mut self) -> GrantId {
-        self.next_id += 1;
-        GrantId::new(format!("model.refund{}", self.next_id))
-            .unwrap_or_else(|e| panic!("model grant id: {e}"))
+        GrantId::new(format!("{debit}.model-refund.{}", self.next_id))
+            .unwrap_or_else(|e| panic!("model refund grant id: {e}"))
     }
 
     pub fn grant(&mut self, grant: Grant, at: Timestamp) {
         self.record(Event::Grant { grant, at });
     }
 
-    /// An acknowledged debit (or a lost one made again by a retry). Returns whether the
-    /// rules allowed it.
+    /// An acknowledged debit `id` (the ledger's id for it), or a lost one made again by a
+    /// retry, with what the edge drew.
     pub fn debit(
         &mut self,
-        ack: AckRef,
+        (ack, id): (AckRef, DebitId),
         feature: FeatureKey,
         cost: Credits,
+        drawn: BurnPlan,
         at: Timestamp,
-    ) -> bool {
-        let id = self.next_debit_id();
+    ) -> Applied {
         self.charges.insert(ack.clone(), id.clone());
         self.record(Event::Debit {
             id,
             ack,
             feature,
             cost,
+            drawn,
             at,
             lost: false,
         })
@@ -541,37 +655,39 @@ impl ShadowAccount {
         at: Timestamp,
         expires_at: Timestamp,
     ) -> bool {
-        self.record(Event::Authorize {
+        let event = Event::Authorize {
             hold,
             feature,
             cost,
             at,
             expires_at,
-        })
+        };
+        self.record(event).allowed
     }
 
-    /// A capture of `amount` (zero ends the hold and charges nothing), acknowledged as `ack`.
+    /// A capture of `amount` as debit `id` (zero ends the hold and charges nothing),
+    /// acknowledged as `ack`.
     pub fn capture(
         &mut self,
         hold: HoldId,
         amount: Credits,
-        ack: AckRef,
+        (ack, id): (AckRef, DebitId),
         feature: FeatureKey,
         at: Timestamp,
     ) -> bool {
-        let id = self.next_debit_id();
         self.charges.insert(ack, id.clone());
-        self.record(Event::Capture {
+        let event = Event::Capture {
             hold,
             amount,
             id,
             feature,
             at,
-        })
+        };
+        self.record(event).allowed
     }
 
     pub fn release(&mut self, hold: HoldId, at: Timestamp) -> bool {
-        self.record(Event::Release { hold, at })
+        self.record(Event::Release { hold, at }).allowed
     }
 
     /// A reversal (the whole cost) or an operator's refund of an acknowledged spend. Returns
@@ -580,13 +696,14 @@ impl ShadowAccount {
         let Some(id) = self.charges.get(ack).cloned() else {
             return false;
         };
-        let grant_id = self.next_grant_id();
-        self.record(Event::Refund {
+        let grant_id = self.next_refund_grant_id(&id);
+        let event = Event::Refund {
             id,
             amount,
             at,
             grant_id,
-        })
+        };
+        self.record(event).allowed
     }
 
     /// A spend lost with a crashed edge never reaches the ledger: the account is its history
@@ -697,7 +814,22 @@ mod tests {
                 assert_eq!(planned.err(), Some(*shortfall));
                 return;
             }
-            assert!(self.shadow.debit(id.clone(), &feature(name), at(now), cost));
+            // Half as the rules plan it, half with the draws the reference made.
+            if rng.chance(50) {
+                assert!(self.shadow.debit(id.clone(), &feature(name), at(now), cost));
+            } else {
+                let drawn = self.reference.debit_record(&id).map(|r| r.plan.clone());
+                let drawn = drawn.unwrap_or_default();
+                let applied =
+                    self.shadow
+                        .debit_drawn(id.clone(), &feature(name), at(now), cost, &drawn);
+                let expected = Applied {
+                    allowed: true,
+                    in_order: true,
+                    as_reported: true,
+                };
+                assert_eq!(applied, expected);
+            }
             self.debits.push((id, cost));
         }
 
@@ -811,62 +943,90 @@ mod tests {
         }
     }
 
+    fn id<T>(made: Result<T, tollgate_core::IdError>) -> T {
+        made.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// An account with one 10-credit grant `g`.
+    fn account_with_ten() -> ShadowAccount {
+        let mut account = ShadowAccount::new(Credits::ZERO);
+        let ten = Credits::from_micros(10_000_000);
+        account.grant(
+            Grant::new(id(GrantId::new("g")), ten, GrantSource::Purchase, at(0)),
+            at(0),
+        );
+        account
+    }
+
+    /// Debits `micros` of `grant` as acknowledged spend `key` at `ms`.
+    fn debit(account: &mut ShadowAccount, key: &str, grant: &str, micros: i64, ms: i64) -> Applied {
+        let drawn = BurnPlan {
+            draws: vec![Draw {
+                grant_id: id(GrantId::new(grant)),
+                amount: Credits::from_micros(micros),
+            }],
+            overdraft: Credits::ZERO,
+        };
+        let charge = ((0, key.to_owned()), id(DebitId::new(format!("r0.{key}"))));
+        let cost = Credits::from_micros(micros);
+        account.debit(charge, feature("gen"), cost, drawn, at(ms))
+    }
+
     #[test]
     fn a_lost_spend_is_taken_out_of_the_history() {
         let gen = feature("gen");
-        let mut account = ShadowAccount::new(Credits::ZERO);
-        let grant = Grant::new(
-            GrantId::new("g").unwrap_or_else(|e| panic!("{e}")),
+        let five = Credits::from_micros(5_000_000);
+        let mut account = account_with_ten();
+        let applied = debit(&mut account, "d1", "g", 6_000_000, 1);
+        assert!(applied.allowed && applied.in_order && applied.as_reported);
+        // Only 4 left: the model refuses 5 until the first spend is known lost.
+        assert!(account.book().plan(&gen, at(2), five).is_err());
+        assert!(account.lose(&(0, "d1".to_owned())));
+        assert!(account.book().plan(&gen, at(2), five).is_ok());
+        assert!(debit(&mut account, "d2", "g", 5_000_000, 3).allowed);
+        assert_eq!(account.book().balance(at(3)), five);
+        // Settled spends fold into the base; a lost spend can then no longer be taken out.
+        for n in 0..FOLD_LOG_MIN {
+            let one = Grant::new(
+                id(GrantId::new(format!("f{n}"))),
+                Credits::MICRO,
+                GrantSource::Promo,
+                at(4),
+            );
+            account.grant(one, at(4));
+        }
+        account.fold(|_| false);
+        assert!(!account.lose(&(0, "d2".to_owned())));
+        let left = Credits::from_micros(5_000_000 + FOLD_LOG_MIN as i64);
+        assert_eq!(account.book().balance(at(5)), left);
+    }
+
+    #[test]
+    fn a_refund_grant_the_ledger_named_is_the_models_refund_grant() {
+        let mut grant = Grant::new(
+            id(GrantId::new("g")),
             Credits::from_micros(10_000_000),
             GrantSource::Purchase,
             at(0),
         );
+        grant = grant.with_expiry(at(100));
+        let mut account = ShadowAccount::new(Credits::ZERO);
         account.grant(grant, at(0));
-        let first = (0, "d1".to_owned());
-        let second = (0, "d2".to_owned());
-        assert!(account.debit(
-            first.clone(),
-            gen.clone(),
-            Credits::from_micros(6_000_000),
-            at(1)
+        assert!(debit(&mut account, "d1", "g", 4_000_000, 1).allowed);
+        // Refunded after the grant ended: the credits land in a new refund grant.
+        assert!(account.refund(
+            &(0, "d1".to_owned()),
+            Credits::from_micros(3_000_000),
+            at(200)
         ));
-        // Only 4 left: the model refuses 5 until the first spend is known lost.
-        assert!(account
-            .book()
-            .plan(&gen, at(2), Credits::from_micros(5_000_000))
-            .is_err());
-        assert!(account.lose(&first));
-        assert!(account
-            .book()
-            .plan(&gen, at(2), Credits::from_micros(5_000_000))
-            .is_ok());
-        assert!(account.debit(
-            second.clone(),
-            gen.clone(),
-            Credits::from_micros(5_000_000),
-            at(3)
-        ));
+        let applied = debit(&mut account, "d2", "r0.d1.refund.7", 2_000_000, 201);
+        assert!(applied.allowed && applied.in_order && applied.as_reported);
         assert_eq!(
-            account.book().balance(at(3)),
-            Credits::from_micros(5_000_000)
+            account.book().balance(at(202)),
+            Credits::from_micros(1_000_000)
         );
-        // Settled spends fold into the base; a lost spend can then no longer be taken out.
-        for n in 0..FOLD_LOG_MIN {
-            account.grant(
-                Grant::new(
-                    GrantId::new(format!("f{n}")).unwrap_or_else(|e| panic!("{e}")),
-                    Credits::from_micros(1),
-                    GrantSource::Promo,
-                    at(4),
-                ),
-                at(4),
-            );
-        }
-        account.fold(|_| false);
-        assert!(!account.lose(&second));
-        assert_eq!(
-            account.book().balance(at(5)),
-            Credits::from_micros(5_000_000 + FOLD_LOG_MIN as i64)
-        );
+        // A name that is no refund grant of the model's is not applied as reported.
+        let unknown = debit(&mut account, "d3", "r0.d9.refund.8", 1_000_000, 203);
+        assert!(unknown.allowed && !unknown.as_reported);
     }
 }

@@ -281,6 +281,12 @@ fn credits(micros: i64) -> Credits {
     Credits::from_micros(micros)
 }
 
+/// The ledger's id for the spend acknowledged under `key` in `region`.
+fn debit_id(region: &RegionId, key_text: &str) -> Result<DebitId, String> {
+    let key = IdempotencyKey::new(key_text).map_err(|e| e.to_string())?;
+    tollgate_authority::reconciler::debit_id(region, &key).map_err(|e| e.to_string())
+}
+
 fn authority_settings() -> AuthoritySettings {
     AuthoritySettings {
         allocation_micros_min: 20 * MICROS,
@@ -681,12 +687,7 @@ impl Sim {
         let region = self.edges[edge].region;
         let uid = self.edges[edge].uid;
         let now = self.clock.ms();
-        let debit_id = tollgate_authority::reconciler::debit_id(
-            &self.region_ids[region],
-            &tollgate_core::IdempotencyKey::new(key).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?
-        .to_string();
+        let debit_id = debit_id(&self.region_ids[region], key)?.to_string();
         let id = (region, key.to_owned());
         let mut charged = false;
         if !self.acks.contains_key(&id) {
@@ -848,7 +849,7 @@ impl Sim {
                         kind,
                         feature: feature_name,
                     };
-                    self.judge_debit(&decision, k, cost, done.balance_after);
+                    self.judge_debit(&decision, k, &done);
                 }
                 self.report.acknowledged += 1;
                 Ok((
@@ -1002,7 +1003,8 @@ impl Sim {
                     let (ack, at) = ((region, k.clone()), self.clock.at());
                     let captured = done.captured;
                     let shadow = &mut self.shadows[account];
-                    let applied = shadow.capture(hold, captured, ack, feature("gen"), at);
+                    let charge = (ack, debit_id(&self.region_ids[region], &k)?);
+                    let applied = shadow.capture(hold, captured, charge, feature("gen"), at);
                     self.model_applied(applied);
                     Ok(format!("{k} captured {}", done.captured))
                 }
@@ -1862,6 +1864,18 @@ impl Sim {
 
     async fn final_checks(&mut self) -> Result<(), String> {
         self.check().await?;
+        if std::env::var("SIM_DEBUG").is_ok() {
+            for (n, snap) in self.snapshots.iter().enumerate() {
+                eprintln!(
+                    "DEBUG final acct{n}: ledger {} (debt {}, expired {}) model {} (debt {})",
+                    snap.balance,
+                    snap.debt,
+                    snap.totals.expired,
+                    self.shadows[n].book().balance(self.clock.at()),
+                    self.shadows[n].book().debt()
+                );
+            }
+        }
         self.deep_check(true).await?;
         let acked = self.acknowledged();
         for (n, (account, snap)) in self.accounts.iter().zip(&self.snapshots).enumerate() {

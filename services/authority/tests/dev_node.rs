@@ -665,3 +665,112 @@ async fn catalogues_plans_and_contracts_over_the_wire_with_every_problem_named()
     drop(edge);
     node.stop().await;
 }
+
+/// Reflection lists every service the embedded node answers, with `v1` and `v1alpha`, and
+/// describes Envoy's rate-limit service down to the files it imports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_every_service_the_embedded_node_answers() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let node = Node::start().await;
+    let ask_v1 = |message: v1::server_reflection_request::MessageRequest| {
+        let mut client =
+            v1::server_reflection_client::ServerReflectionClient::new(node.channel.clone());
+        async move {
+            let request = v1::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(message),
+            };
+            let mut replies = client
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await
+                .unwrap()
+                .into_inner();
+            replies.message().await.unwrap().expect("one reply")
+        }
+    };
+    let reply = ask_v1(v1::server_reflection_request::MessageRequest::ListServices(
+        String::new(),
+    ))
+    .await;
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("a v1 service list: {reply:?}");
+    };
+    let listed_v1: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let reply =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(node.channel.clone())
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap()
+            .expect("one reply");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("a v1alpha service list: {reply:?}");
+    };
+    let listed_v1alpha: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for listed in [&listed_v1, &listed_v1alpha] {
+        for service in [
+            "tollgate.v1.Enforcement",
+            "tollgate.v1.Admin",
+            "tollgate.v1.Coordination",
+            "envoy.service.ratelimit.v3.RateLimitService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                listed.iter().any(|name| name == service),
+                "{service}: {listed:?}"
+            );
+        }
+    }
+
+    // A client describing the service fetches its file, then each import by name.
+    let file_names = |reply: v1::ServerReflectionResponse| match reply.message_response {
+        Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) => {
+            files
+                .file_descriptor_proto
+                .iter()
+                .map(|bytes| {
+                    <prost_types::FileDescriptorProto as prost::Message>::decode(bytes.as_slice())
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        }
+        other => panic!("file descriptors: {other:?}"),
+    };
+    let files = file_names(
+        ask_v1(
+            v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "envoy.service.ratelimit.v3.RateLimitService".into(),
+            ),
+        )
+        .await,
+    );
+    let rls = files
+        .iter()
+        .find(|file| file.name() == "envoy/service/ratelimit/v3/rls.proto")
+        .expect("the service's own file");
+    for import in &rls.dependency {
+        let found = file_names(
+            ask_v1(v1::server_reflection_request::MessageRequest::FileByFilename(import.clone()))
+                .await,
+        );
+        assert!(
+            found.iter().any(|file| file.name() == import),
+            "{import} is described"
+        );
+    }
+    node.stop().await;
+}

@@ -2,8 +2,8 @@
 //! reference model (`crate::shadow`) at the same event time, and every refusal for want of
 //! credits is judged against it (`crate::oracle`).
 
-use tollgate_core::Credits;
-use tollgate_edge::{Authorized, Refused};
+use tollgate_core::{BurnPlan, Credits, DebitId};
+use tollgate_edge::{Authorized, Debited, Refused};
 use tollgate_region::RegionStore;
 
 use super::{credits, feature, Sim};
@@ -53,27 +53,40 @@ fn answer_of(refused: &Refused) -> Option<(Credits, Answer)> {
 }
 
 impl Sim {
-    /// A new acknowledged debit: the model takes it at the same event time. Counts it beyond
-    /// the model when the rules would have refused it, and compares the balance the edge
-    /// reported after it with the model's.
-    pub(super) fn judge_debit(
-        &mut self,
-        decided: &Decided<'_>,
-        key: &str,
-        cost: Credits,
-        balance_after: Credits,
-    ) {
+    /// A new acknowledged debit: the model takes it at the same event time, with the draws
+    /// the edge reported. Counts it beyond the model when the rules would have refused it, off
+    /// the burn-down order when the rules would have drawn otherwise, and compares the
+    /// balance the edge reported after it with the model's.
+    pub(super) fn judge_debit(&mut self, decided: &Decided<'_>, key: &str, done: &Debited) {
         let at = self.clock.at();
         let ack = (self.edges[decided.edge].region, key.to_owned());
+        let Some(debit_id) = self.acks.get(&ack).map(|a| a.debit_id.clone()) else {
+            return;
+        };
+        let charge = (
+            ack,
+            DebitId::new(debit_id).unwrap_or_else(|e| panic!("debit id: {e}")),
+        );
+        let drawn = BurnPlan {
+            draws: done.draws.clone(),
+            overdraft: done.overdraft,
+        };
         let shadow = &mut self.shadows[decided.account];
-        let allowed = shadow.debit(ack, feature(decided.feature), cost, at);
+        let cost = done.priced.cost;
+        let applied = shadow.debit(charge, feature(decided.feature), cost, drawn, at);
         let balance = shadow.book().balance(at);
         let figures = &mut self.report.oracle;
         figures.decision(decided.kind);
-        if !allowed {
+        if !applied.allowed {
             figures.overspend(decided.kind);
         }
-        figures.balance(decided.kind, balance == balance_after);
+        if !applied.in_order {
+            figures.off_order(decided.kind);
+        }
+        if !applied.as_reported {
+            figures.model_disagreements += 1;
+        }
+        figures.balance(decided.kind, balance == done.balance_after);
     }
 
     /// A new hold: the model places it too.
