@@ -22,15 +22,9 @@ use tollgate_ledger::{
 use tollgate_region::{EnforcementMode, HoldRefusal, RegionStore, ReverseRefusal};
 
 use crate::faulty::{FaultyRegion, InstallFault};
-use crate::link::{AuthorityLink, Node, RegionAllocator};
-use crate::oracle::{DecisionKind, OracleFigures};
 use crate::rng::Rng;
-use crate::shadow::ShadowAccount;
 
-mod decisions;
-
-use decisions::{Decided, Refusal};
-
+type Node = Authority<SqliteLedger, FaultyRegion>;
 type Edge = Engine<FaultyRegion>;
 
 const MICROS: i64 = 1_000_000;
@@ -65,9 +59,6 @@ pub struct Config {
     /// many steps, and at the end.
     pub verify_every: u64,
     pub faults: bool,
-    /// With one region, a false refusal (see `crate::oracle`) breaks the run. Off only to
-    /// measure how many there are (`--count-false-refusals`); the tests never turn it off.
-    pub false_refusals_fail: bool,
     /// Print every step's line of the trace as it happens (replaying one seed).
     pub print_trace: bool,
 }
@@ -82,7 +73,6 @@ impl Config {
             accounts_max: 5,
             verify_every: 50,
             faults: true,
-            false_refusals_fail: true,
             print_trace: false,
         }
     }
@@ -92,7 +82,6 @@ impl Config {
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub seed: u64,
-    pub regions: usize,
     pub steps: u64,
     pub trace_hash: String,
     pub ops: BTreeMap<&'static str, u64>,
@@ -112,8 +101,6 @@ pub struct Report {
     pub lost_edge_entries: u64,
     pub reversals: u64,
     pub admin_refunds: u64,
-    /// Every spending decision compared with the reference model.
-    pub oracle: OracleFigures,
 }
 
 /// A broken invariant, with what is needed to replay it.
@@ -237,16 +224,10 @@ pub struct Sim {
     state_url: String,
     region_ids: Vec<RegionId>,
     stores: Vec<Arc<FaultyRegion>>,
-    node: Arc<Node>,
-    /// The edges' way to the authority (the cold path), with its fault switch.
-    link: Arc<AuthorityLink>,
-    /// The step until which the link is cut.
-    cut_until: u64,
+    node: Node,
     edges: Vec<EdgeSlot>,
     next_uid: u64,
     accounts: Vec<AccountSim>,
-    /// Per account, the reference model's view (see `crate::shadow`).
-    shadows: Vec<ShadowAccount>,
     acks: BTreeMap<(usize, String), Ack>,
     /// Acknowledged spends in the order they were first acknowledged (and so by time).
     ack_order: Vec<(usize, String)>,
@@ -279,12 +260,6 @@ fn feature(name: &str) -> FeatureKey {
 
 fn credits(micros: i64) -> Credits {
     Credits::from_micros(micros)
-}
-
-/// The ledger's id for the spend acknowledged under `key` in `region`.
-fn debit_id(region: &RegionId, key_text: &str) -> Result<DebitId, String> {
-    let key = IdempotencyKey::new(key_text).map_err(|e| e.to_string())?;
-    tollgate_authority::reconciler::debit_id(region, &key).map_err(|e| e.to_string())
 }
 
 fn authority_settings() -> AuthoritySettings {
@@ -344,7 +319,6 @@ impl Sim {
             .map(|_| Arc::new(FaultyRegion::new(RETAIN_MS)))
             .collect();
         let node = Self::authority(&ledger, &state_url, &region_ids, &stores, &clock).await?;
-        let link = Arc::new(AuthorityLink::new(Arc::clone(&node)));
         let regions = cfg.regions;
         let mut sim = Sim {
             rng: Rng::new(cfg.seed),
@@ -356,12 +330,9 @@ impl Sim {
             region_ids,
             stores,
             node,
-            link,
-            cut_until: 0,
             edges: Vec::new(),
             next_uid: 0,
             accounts: Vec::new(),
-            shadows: Vec::new(),
             acks: BTreeMap::new(),
             ack_order: Vec::new(),
             acked: Vec::new(),
@@ -380,7 +351,6 @@ impl Sim {
             report: Report::default(),
         };
         sim.report.seed = sim.cfg.seed;
-        sim.report.regions = sim.cfg.regions;
         sim.setup().await?;
         Ok(sim)
     }
@@ -391,7 +361,7 @@ impl Sim {
         region_ids: &[RegionId],
         stores: &[Arc<FaultyRegion>],
         clock: &Arc<VirtualClock>,
-    ) -> Result<Arc<Node>, String> {
+    ) -> Result<Node, String> {
         let state = StateStore::connect(state_url)
             .await
             .map_err(|e| format!("state: {e}"))?;
@@ -401,13 +371,13 @@ impl Sim {
             .zip(stores.iter().cloned())
             .collect();
         let clock: Arc<dyn tollgate_authority::Clock> = clock.clone();
-        Ok(Arc::new(Authority::new(
+        Ok(Authority::new(
             Arc::clone(ledger),
             state,
             regions,
             clock,
             authority_settings(),
-        )))
+        ))
     }
 
     async fn setup(&mut self) -> Result<(), String> {
@@ -469,14 +439,7 @@ impl Sim {
         settings.lease_credits = credits(10 * MICROS);
         settings.reverse_window_ms = REVERSE_WINDOW_MS;
         let clock: Arc<dyn tollgate_edge::Clock> = self.clock.clone();
-        // The edge asks the authority on the cold path, as every deployed edge does.
-        let allocator = RegionAllocator {
-            link: Arc::clone(&self.link),
-            region: self.region_ids[region].clone(),
-            faults: self.cfg.faults,
-        };
-        let engine = Engine::new(Arc::clone(&self.stores[region]), settings, clock)
-            .with_allocator(Arc::new(allocator));
+        let engine = Engine::new(Arc::clone(&self.stores[region]), settings, clock);
         // The price book is loaded at start; a failure (region down) is retried on first use.
         let _ = engine
             .catalogue()
@@ -538,7 +501,6 @@ impl Sim {
             .await
             .map_err(|e| format!("create account: {e}"))?;
         self.acked.push((0, 0));
-        self.shadows.push(ShadowAccount::new(credits(overdraft)));
         self.accounts.push(AccountSim {
             id,
             overdraft_micros: overdraft,
@@ -612,8 +574,6 @@ impl Sim {
             }
         }
         self.accounts[account].granted_micros += amount;
-        let issued_at = self.clock.at();
-        self.shadows[account].grant(command.terms.grant_at(issued_at), issued_at);
         self.ledger_dirty = true;
         let rebalance = match self.node.rebalance(&self.accounts[account].id).await {
             Ok(()) => "rebalanced".to_owned(),
@@ -654,27 +614,14 @@ impl Sim {
         }
     }
 
-    /// An edge call failed. Unavailable is an expected answer while its region is down, or
-    /// when the authority it asked failed (`authority_failed`: see `authority_failed_since`).
-    fn engine_error(&self, edge: usize, error: EngineError, authority_failed: bool) -> Step {
+    fn engine_error(&self, edge: usize, error: EngineError) -> Step {
         let down = self.stores[self.edges[edge].region].is_down();
         match error {
             EngineError::Unavailable(_) if down => Ok("unavailable (region down)".into()),
-            EngineError::Unavailable(_) if authority_failed => {
-                Ok("unavailable (authority unreachable)".into())
-            }
             other => Err(format!("edge {}: {other}", self.edges[edge].uid)),
         }
     }
 
-    /// Whether the authority failed an edge during a call that began when the link had
-    /// counted `failures_before` failed requests, or the link is cut.
-    fn authority_failed_since(&self, failures_before: u64) -> bool {
-        self.link.is_cut() || self.link.failures() > failures_before
-    }
-
-    /// Records an acknowledged spend. Returns whether it is a new charge (first acknowledged,
-    /// or made again after it was lost with a crashed edge) rather than a replay.
     fn record_ack(
         &mut self,
         edge: usize,
@@ -683,15 +630,18 @@ impl Sim {
         cost: i64,
         cached: bool,
         capture: bool,
-    ) -> Result<bool, String> {
+    ) -> Result<(), String> {
         let region = self.edges[edge].region;
         let uid = self.edges[edge].uid;
         let now = self.clock.ms();
-        let debit_id = debit_id(&self.region_ids[region], key)?.to_string();
+        let debit_id = tollgate_authority::reconciler::debit_id(
+            &self.region_ids[region],
+            &tollgate_core::IdempotencyKey::new(key).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?
+        .to_string();
         let id = (region, key.to_owned());
-        let mut charged = false;
         if !self.acks.contains_key(&id) {
-            charged = true;
             self.acks.insert(
                 id.clone(),
                 Ack {
@@ -721,7 +671,6 @@ impl Sim {
             // A client retried a decision whose first acknowledgement died unflushed with its
             // edge: the region never saw it, so the retry is decided anew and charged once.
             entry.lost = false;
-            charged = true;
             self.acked[account].0 += cost;
             self.report.lost_crash_entries -= 1;
             self.report.lost_crash_micros -= cost;
@@ -735,7 +684,7 @@ impl Sim {
         } else {
             entry.durable = true;
         }
-        Ok(charged)
+        Ok(())
     }
 
     fn pick_edge(&mut self) -> usize {
@@ -825,55 +774,24 @@ impl Sim {
             mode: Some(self.edges[edge].mode),
             event_time: None,
         };
-        let kind = match self.edges[edge].mode {
-            EnforcementMode::Strict => DecisionKind::DebitStrict,
-            EnforcementMode::Cached => DecisionKind::DebitCached,
-        };
-        // A retry of a spend acknowledged before (and not lost) is not a new question.
-        let retry = self
-            .acks
-            .get(&(self.edges[edge].region, k.to_owned()))
-            .is_some_and(|a| !a.lost);
-        let failures_before = self.link.failures();
         let result = self.edges[edge].engine.debit(request).await;
         quiesce().await;
-        let authority_failed = self.authority_failed_since(failures_before);
         match result {
             Ok(Decision::Done(done)) => {
                 let cached = done.mode == EnforcementMode::Cached;
-                let cost = done.priced.cost;
-                if self.record_ack(edge, account, k, cost.micros(), cached, false)? {
-                    let decision = Decided {
-                        edge,
-                        account,
-                        kind,
-                        feature: feature_name,
-                    };
-                    self.judge_debit(&decision, k, &done);
-                }
+                self.record_ack(edge, account, k, done.priced.cost.micros(), cached, false)?;
                 self.report.acknowledged += 1;
                 Ok((
-                    format!("done {cost} {:?} replayed={}", done.mode, done.replayed),
+                    format!(
+                        "done {} {:?} replayed={}",
+                        done.priced.cost, done.mode, done.replayed
+                    ),
                     true,
                 ))
             }
-            Ok(Decision::Refused(refused)) => {
-                let decision = Decided {
-                    edge,
-                    account,
-                    kind,
-                    feature: feature_name,
-                };
-                let refusal = Refusal {
-                    refused: &refused,
-                    retry,
-                    authority_failed,
-                };
-                self.judge_refusal(&decision, &refusal).await?;
-                Ok((format!("refused {}", describe(&refused)), false))
-            }
+            Ok(Decision::Refused(refused)) => Ok((format!("refused {}", refusal(&refused)), false)),
             Err(e) => Ok((
-                self.engine_error(edge, e, authority_failed)
+                self.engine_error(edge, e)
                     .map_err(|m| format!("{k}: {m}"))?,
                 false,
             )),
@@ -897,21 +815,10 @@ impl Sim {
             ttl_ms,
             actor: None,
         };
-        let failures_before = self.link.failures();
         let result = self.edges[edge].engine.authorize(request).await;
         quiesce().await;
-        let authority_failed = self.authority_failed_since(failures_before);
-        let decision = Decided {
-            edge,
-            account,
-            kind: DecisionKind::Authorize,
-            feature: "gen",
-        };
         match result {
             Ok(Decision::Done(held)) => {
-                if !held.replayed {
-                    self.judge_hold(&decision, &held);
-                }
                 self.holds.push_back(HoldSim {
                     region,
                     account,
@@ -928,16 +835,8 @@ impl Sim {
                     credits(cost)
                 ))
             }
-            Ok(Decision::Refused(r)) => {
-                let refusal = Refusal {
-                    refused: &r,
-                    retry: false,
-                    authority_failed,
-                };
-                self.judge_refusal(&decision, &refusal).await?;
-                Ok(format!("{k} refused {}", describe(&r)))
-            }
-            Err(e) => self.engine_error(edge, e, authority_failed),
+            Ok(Decision::Refused(r)) => Ok(format!("{k} refused {}", refusal(&r))),
+            Err(e) => self.engine_error(edge, e),
         }
     }
 
@@ -999,22 +898,15 @@ impl Sim {
                         self.record_ack(edge, account, &k, done.captured.micros(), false, true)?;
                         self.report.acknowledged += 1;
                     }
-                    let hold = self.holds[i].hold_id.clone();
-                    let (ack, at) = ((region, k.clone()), self.clock.at());
-                    let captured = done.captured;
-                    let shadow = &mut self.shadows[account];
-                    let charge = (ack, debit_id(&self.region_ids[region], &k)?);
-                    let applied = shadow.capture(hold, captured, charge, feature("gen"), at);
-                    self.model_applied(applied);
                     Ok(format!("{k} captured {}", done.captured))
                 }
                 Ok(Decision::Refused(r)) => {
                     if let Refused::Hold(HoldRefusal::Expired | HoldRefusal::UnknownHold) = r {
                         self.holds[i].open = false;
                     }
-                    Ok(format!("{k} refused {}", describe(&r)))
+                    Ok(format!("{k} refused {}", refusal(&r)))
                 }
-                Err(e) => self.engine_error(edge, e, false),
+                Err(e) => self.engine_error(edge, e),
             }
         } else {
             let result = self.edges[edge].engine.release(id, key(&k), hold_id).await;
@@ -1022,18 +914,15 @@ impl Sim {
             match result {
                 Ok(Decision::Done(amount_back)) => {
                     self.holds[i].open = false;
-                    let at = self.clock.at();
-                    let applied = self.shadows[account].release(self.holds[i].hold_id.clone(), at);
-                    self.model_applied(applied);
                     Ok(format!("{k} released {amount_back}"))
                 }
                 Ok(Decision::Refused(r)) => {
                     if let Refused::Hold(HoldRefusal::Expired | HoldRefusal::UnknownHold) = r {
                         self.holds[i].open = false;
                     }
-                    Ok(format!("{k} refused {}", describe(&r)))
+                    Ok(format!("{k} refused {}", refusal(&r)))
                 }
-                Err(e) => self.engine_error(edge, e, false),
+                Err(e) => self.engine_error(edge, e),
             }
         }
     }
@@ -1093,10 +982,6 @@ impl Sim {
                 ack.reversed = true;
                 self.acked[account].1 += amount.micros();
                 self.report.reversals += 1;
-                let at = self.clock.at();
-                let applied =
-                    self.shadows[account].refund(&(region, debit_key.clone()), amount, at);
-                self.model_applied(applied);
                 Ok(format!("{k} reversed {debit_key} {amount}"))
             }
             Ok(Decision::Refused(Refused::Reverse(ReverseRefusal::UnknownDebit)))
@@ -1107,9 +992,9 @@ impl Sim {
             Ok(Decision::Refused(r)) => Err(format!(
                 "{k}: reversing {debit_key} (durable={}) refused: {}",
                 ack.durable,
-                describe(&r)
+                refusal(&r)
             )),
-            Err(e) => self.engine_error(edge, e, false),
+            Err(e) => self.engine_error(edge, e),
         }
     }
 
@@ -1155,9 +1040,6 @@ impl Sim {
                 }
                 self.accounts[account].admin_refunded_micros += amount;
                 self.report.admin_refunds += 1;
-                let at = self.clock.at();
-                let applied = self.shadows[account].refund(&id, credits(amount), at);
-                self.model_applied(applied);
                 let rebalance = match self.node.rebalance(&self.accounts[account].id).await {
                     Ok(()) => "rebalanced".to_owned(),
                     Err(e) => self.tolerate("rebalance", e)?,
@@ -1191,7 +1073,7 @@ impl Sim {
                 self.edges[edge].uid,
                 self.edges[edge].engine.catalogue().price_generation()
             )),
-            Err(e) => self.engine_error(edge, e, false),
+            Err(e) => self.engine_error(edge, e),
         }
     }
 
@@ -1341,9 +1223,6 @@ impl Sim {
             }
             ack.lost = true;
             self.acked[ack.account].0 -= ack.cost;
-            if !self.shadows[ack.account].lose(&(slot.region, k.clone())) {
-                return Err(format!("the model had no spend {k} that could be lost"));
-            }
             lost += 1;
             lost_micros += ack.cost;
         }
@@ -1367,7 +1246,6 @@ impl Sim {
             &self.clock,
         )
         .await?;
-        self.link.replace(Arc::clone(&self.node));
         self.ledger_dirty = true;
         match self.node.recover_installs().await {
             Ok(n) => Ok(format!(
@@ -1404,7 +1282,7 @@ impl Sim {
 
     async fn fault(&mut self) -> Step {
         let region = self.rng.below(self.cfg.regions as u64) as usize;
-        let (kind, text) = match self.rng.below(8) {
+        let (kind, text) = match self.rng.below(7) {
             0 => ("edge_crash", self.crash_edge().await?),
             1 if self.step >= self.down_until[region] => {
                 let steps = self.rng.range(2, 10) as u64;
@@ -1442,15 +1320,6 @@ impl Sim {
                 "authority_restart",
                 self.restart_authority("restart").await?,
             ),
-            6 if self.step >= self.cut_until => {
-                let steps = self.rng.range(2, 20) as u64;
-                self.cut_until = self.step + steps;
-                self.link.set_cut(true);
-                (
-                    "authority_unreachable",
-                    format!("edges cannot reach the authority for {steps} steps"),
-                )
-            }
             _ => (
                 "authority_crash_mid_batch",
                 self.crash_mid_reconcile().await?,
@@ -1472,9 +1341,6 @@ impl Sim {
                     self.stores[r].set_down(false);
                 }
             }
-        }
-        if self.link.is_cut() && step >= self.cut_until {
-            self.link.set_cut(false);
         }
         let roll = self.rng.below(1_000);
         let down = self.any_down();
@@ -1529,10 +1395,6 @@ impl Sim {
         if let Err(message) = result {
             return Err(self.failure(message));
         }
-        if let Some(error) = self.link.take_unexplained().into_iter().next() {
-            return Err(self.failure(format!("an edge's request to the authority: {error}")));
-        }
-        self.fold_shadows();
         if let Err(message) = self.check().await {
             return Err(self.failure(message));
         }
@@ -1829,7 +1691,6 @@ impl Sim {
             store.disarm();
         }
         self.delayed_until.iter_mut().for_each(|d| *d = 0);
-        self.link.set_cut(false);
         for edge in 0..self.edges.len() {
             self.edges[edge].engine.shutdown().await;
             quiesce().await;
@@ -1864,18 +1725,6 @@ impl Sim {
 
     async fn final_checks(&mut self) -> Result<(), String> {
         self.check().await?;
-        if std::env::var("SIM_DEBUG").is_ok() {
-            for (n, snap) in self.snapshots.iter().enumerate() {
-                eprintln!(
-                    "DEBUG final acct{n}: ledger {} (debt {}, expired {}) model {} (debt {})",
-                    snap.balance,
-                    snap.debt,
-                    snap.totals.expired,
-                    self.shadows[n].book().balance(self.clock.at()),
-                    self.shadows[n].book().debt()
-                );
-            }
-        }
         self.deep_check(true).await?;
         let acked = self.acknowledged();
         for (n, (account, snap)) in self.accounts.iter().zip(&self.snapshots).enumerate() {
@@ -1933,7 +1782,7 @@ impl Sim {
     }
 }
 
-fn describe(refused: &Refused) -> String {
+fn refusal(refused: &Refused) -> String {
     match refused {
         Refused::Insufficient {
             cost, available, ..
