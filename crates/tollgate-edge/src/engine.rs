@@ -211,6 +211,33 @@ pub trait AllocationRequester: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<AllocationAnswer, EngineError>> + Send + 'a>>;
 }
 
+/// The account's debt as one region sees it: the summary's debt basis less the overdraft room
+/// the region has left.
+fn debt_seen(summary: &AccountSummary, overdraft_room: Credits) -> Credits {
+    summary.debt_basis.saturating_sub_floor_zero(overdraft_room)
+}
+
+/// The single-flight cell holding the authority's last answer about `account`. Past
+/// `COLD_PATH_ANSWERS_MAX` accounts, answers no longer worth `keep`ing are dropped first, so the
+/// map stays bounded.
+fn answer_cell<T: Send>(
+    map: &DashMap<AccountId, Arc<tokio::sync::Mutex<Option<T>>>>,
+    account: &AccountId,
+    keep: impl Fn(&T) -> bool,
+) -> Arc<tokio::sync::Mutex<Option<T>>> {
+    if map.len() >= COLD_PATH_ANSWERS_MAX {
+        map.retain(|_, cell| {
+            cell.try_lock()
+                .map_or(true, |answer| answer.as_ref().is_some_and(&keep))
+        });
+    }
+    Arc::clone(
+        map.entry(account.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
+            .value(),
+    )
+}
+
 /// The account's balance as one region sees it: what the region holds that can be spent at
 /// `at` (its active segments, `region_credits`), plus what the authority's summary says is
 /// held outside the region and effective at `at`, less the debt (the summary's debt basis
@@ -221,7 +248,7 @@ pub fn account_balance(
     overdraft_room: Credits,
     at: Timestamp,
 ) -> Credits {
-    let debt = summary.debt_basis.saturating_sub_floor_zero(overdraft_room);
+    let debt = debt_seen(summary, overdraft_room);
     let credits = region_credits
         .checked_add(summary.outside_at(at, None))
         .unwrap_or(Credits::MAX);
@@ -429,20 +456,8 @@ impl<S: RegionStore> Engine<S> {
             return Ok(false);
         };
         let arrived_ms = self.clock.now().millis();
-        if self.asked.len() >= COLD_PATH_ANSWERS_MAX {
-            let ttl = self.settings.unknown_account_ttl_ms;
-            self.asked.retain(|_, cell| {
-                cell.try_lock().map_or(true, |answer| {
-                    answer.is_some_and(|a| arrived_ms - a.at_ms < ttl)
-                })
-            });
-        }
-        let cell = Arc::clone(
-            self.asked
-                .entry(account.clone())
-                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
-                .value(),
-        );
+        let ttl = self.settings.unknown_account_ttl_ms;
+        let cell = answer_cell(&self.asked, account, |a| arrived_ms - a.at_ms < ttl);
         let (mut answer, waited) = match cell.try_lock() {
             Ok(answer) => (answer, false),
             Err(_) => (cell.lock().await, true),
@@ -541,20 +556,9 @@ impl<S: RegionStore> Engine<S> {
             return Ok(Asking::NothingMore);
         };
         let arrived_ms = self.clock.now().millis();
-        if self.short.len() >= COLD_PATH_ANSWERS_MAX {
-            self.short.retain(|_, cell| {
-                cell.try_lock().map_or(true, |last| {
-                    last.as_ref()
-                        .is_some_and(|l| arrived_ms - l.at_ms < COLD_PATH_EXHAUSTED_TTL_MS)
-                })
-            });
-        }
-        let cell = Arc::clone(
-            self.short
-                .entry(summary.account.clone())
-                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
-                .value(),
-        );
+        let cell = answer_cell(&self.short, &summary.account, |l| {
+            arrived_ms - l.at_ms < COLD_PATH_EXHAUSTED_TTL_MS
+        });
         let mut last = cell.lock().await;
         if let Some(previous) = last.as_ref() {
             if called_ms.is_some_and(|called| previous.at_ms >= called) {
@@ -816,18 +820,6 @@ impl<S: RegionStore> Engine<S> {
         })
     }
 
-    /// The account's balance from a fresh view of the region (for replies that do not carry
-    /// the region's figures).
-    async fn balance_now(
-        &self,
-        summary: &AccountSummary,
-        at: Timestamp,
-    ) -> Result<Credits, EngineError> {
-        let view = self.call(self.store.view(&summary.account, at)).await?;
-        let (credits, room) = self.region_credits(&summary.account, &view, at);
-        Ok(account_balance(summary, credits, room, at))
-    }
-
     /// What the region holds for the account that can be spent at `at` (active segments, and
     /// credits out on leases less what this edge has spent from its lease and not yet
     /// flushed), and the region's overdraft room.
@@ -924,8 +916,8 @@ impl<S: RegionStore> Engine<S> {
     pub async fn balance_after(&self, account: &AccountId) -> Option<Credits> {
         let now = self.clock.now();
         let summary = self.call_catalogue(account, now).await.ok().flatten()?;
-        match self.balance_now(&summary, now).await {
-            Ok(balance) => Some(balance),
+        match self.figures(&summary, None).await {
+            Ok(figures) => Some(figures.balance),
             Err(error) => {
                 warn!(%account, %error, "balance after a decision not read");
                 None
@@ -1015,7 +1007,7 @@ impl<S: RegionStore> Engine<S> {
         let region_available =
             Credits::checked_sum(segments.chain([room, leased])).unwrap_or(Credits::MAX);
         // The account's overdraft room: its limit less its debt as this region sees it.
-        let debt = summary.debt_basis.saturating_sub_floor_zero(room);
+        let debt = debt_seen(summary, room);
         let account_room = summary.overdraft_limit.saturating_sub_floor_zero(debt);
         let outside = summary.outside_at(now, feature);
         let region_spendable = region_available.saturating_sub_floor_zero(room);
