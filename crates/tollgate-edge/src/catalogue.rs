@@ -204,6 +204,8 @@ impl Catalogue {
                             catalogue.forget_account(&account);
                         }
                     }
+                    // Recalls are the lease manager's (`Leases::spawn_recall_listener`).
+                    Some(Change::Recall(_)) => {}
                     Some(Change::PriceBook) | None => {
                         if let Err(error) = catalogue.reload_prices(store.as_ref()).await {
                             warn!(%error, "price book reload failed");

@@ -317,6 +317,8 @@ pub const COLD_PATH_EXHAUSTED_TTL_MS: i64 = 1_000;
 /// Times one decision asks the authority for missing credits at most (a concurrent decision
 /// may take what the first answer brought).
 pub const COLD_PATH_ASKS_MAX: usize = 3;
+/// Longest pause between two looks at the region while leases are being recalled, in ms.
+const RECALL_POLL_MS_MAX: u64 = 8;
 
 /// The authority's answer to a cold-path request.
 #[derive(Clone, Copy, Debug)]
@@ -381,6 +383,7 @@ impl<S: RegionStore> Engine<S> {
         )]
         .into_iter()
         .chain(self.leases.spawn_flusher())
+        .chain([self.leases.spawn_recall_listener()])
         .collect()
     }
 
@@ -537,7 +540,65 @@ impl<S: RegionStore> Engine<S> {
                 break;
             }
         }
+        if let Some(shortfall) = shortfall_of(&outcome) {
+            if let Some(paid) = self
+                .recall_leases(&summary.account, shortfall, &call, &shortfall_of)
+                .await?
+            {
+                outcome = paid;
+            }
+        }
         Ok((outcome, cold))
+    }
+
+    /// The region cannot pay, and the authority has nothing more for it: when edges of the
+    /// region hold at least the shortfall on their leases, asks them all to give their leases
+    /// back (this edge's own included) and decides again as credits come back, for at most
+    /// `recall_wait_ms`. Returns the outcome decided last, or `None` when nothing was recalled.
+    /// An edge that does not answer (it crashed) keeps its lease until the lease expires.
+    async fn recall_leases<T, F, Fut>(
+        &self,
+        account: &AccountId,
+        shortfall: Credits,
+        call: &F,
+        shortfall_of: &impl Fn(&T) -> Option<Credits>,
+    ) -> Result<Option<T>, EngineError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, tollgate_region::RegionError>>,
+    {
+        if self.settings.recall_wait_ms == 0 {
+            return Ok(None);
+        }
+        let leased = |view: &tollgate_region::AccountView| view.leased;
+        let view = self
+            .call(self.store.view(account, self.clock.now()))
+            .await?;
+        if leased(&view) < shortfall {
+            return Ok(None);
+        }
+        self.call(self.store.recall_leases(account)).await?;
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(self.settings.recall_wait_ms);
+        let mut pause = std::time::Duration::from_millis(1);
+        let mut outcome = None;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(RECALL_POLL_MS_MAX));
+            let decided = self.call(call()).await?;
+            let paid = shortfall_of(&decided).is_none();
+            outcome = Some(decided);
+            if paid {
+                break;
+            }
+            let view = self
+                .call(self.store.view(account, self.clock.now()))
+                .await?;
+            if leased(&view).is_zero() {
+                break;
+            }
+        }
+        Ok(outcome)
     }
 
     /// Asks the authority for `shortfall` more credits of the account in this region. One

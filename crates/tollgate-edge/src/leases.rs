@@ -23,7 +23,7 @@ use tollgate_core::{
     Timestamp,
 };
 use tollgate_region::{
-    DebitCommand, DebitOutcome, Lease, LeaseRequest, LeaseSettlement, LeaseUsage, PriceTag,
+    Change, DebitCommand, DebitOutcome, Lease, LeaseRequest, LeaseSettlement, LeaseUsage, PriceTag,
     RegionStore, SettleOutcome, SettleStatus, LEASE_SETTLE_ENTRIES_MAX,
 };
 use tracing::{error, warn};
@@ -197,6 +197,8 @@ pub struct LeaseStats {
     pub lost_entries: AtomicU64,
     /// Milliseconds between the oldest flushed decision and its flush, last time.
     pub flush_lag_ms: AtomicU64,
+    /// Leases given back because another edge of the region recalled them.
+    pub recalled: AtomicU64,
 }
 
 pub struct Leases<S: RegionStore> {
@@ -280,6 +282,13 @@ impl<S: RegionStore> Leases<S> {
             Credits::checked_sum(lease.local().pending.iter().map(LeaseUsage::cost))
                 .unwrap_or(Credits::MAX)
         })
+    }
+
+    /// How many of this edge's decisions on the account wait to be flushed.
+    pub fn pending_of(&self, account: &AccountId) -> usize {
+        self.accounts
+            .get(account)
+            .map_or(0, |lease| lease.local().pending.len())
     }
 
     /// Whether this edge holds a lease on the account (even an empty one).
@@ -728,6 +737,39 @@ impl<S: RegionStore> Leases<S> {
                 let _ = self.settle(&account, &mut region, &lease, Vec::new()).await;
             }
         }
+    }
+
+    /// Flushes and gives back this edge's lease on `account`, if it holds one: another edge of
+    /// the region needs its credits.
+    pub async fn give_back_account(&self, account: &AccountId) {
+        let Some(lease) = self.accounts.get(account).map(|l| Arc::clone(&l)) else {
+            return;
+        };
+        self.stats.recalled.fetch_add(1, Ordering::Relaxed);
+        self.give_back(account, &lease).await;
+    }
+
+    /// Answers recall notices ([`Change::Recall`]) for as long as the runtime runs: each one
+    /// gives back this edge's lease on the account. Subscribes again after losing the channel.
+    pub fn spawn_recall_listener(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let leases = Arc::clone(self);
+        tokio::spawn(async move {
+            while !leases.stopping.load(Ordering::Relaxed) {
+                let mut changes = match leases.store.watch_changes().await {
+                    Ok(changes) => changes,
+                    Err(error) => {
+                        warn!(%error, "recall notices unavailable; retrying");
+                        tokio::time::sleep(Duration::from_millis(MAINTENANCE_MS)).await;
+                        continue;
+                    }
+                };
+                while let Some(change) = changes.recv().await {
+                    if let Change::Recall(account) = change {
+                        leases.give_back_account(&account).await;
+                    }
+                }
+            }
+        })
     }
 
     async fn give_back(&self, account: &AccountId, lease: &Arc<AccountLease>) {

@@ -30,6 +30,9 @@ pub const LEASE_IDLE_MS_DEFAULT: i64 = 15_000;
 /// Decisions waiting to be flushed, across all accounts; beyond it cached mode refuses with
 /// UNAVAILABLE rather than grow without bound while the region is unreachable.
 pub const PENDING_ENTRIES_MAX: usize = 200_000;
+/// How long a decision the region cannot pay waits for other edges to give back their leases on
+/// the account, when those leases hold enough to pay it.
+pub const RECALL_WAIT_MS_DEFAULT: u64 = 50;
 /// Keys a lease remembers to answer replays locally (per account, most recent first).
 pub const LEASE_RECENT_KEYS_MAX: usize = 4_096;
 
@@ -48,6 +51,7 @@ pub struct EdgeSettings {
     pub lease_ttl_ms: i64,
     pub lease_idle_ms: i64,
     pub pending_entries_max: usize,
+    pub recall_wait_ms: u64,
 }
 
 impl EdgeSettings {
@@ -65,6 +69,7 @@ impl EdgeSettings {
             lease_ttl_ms: LEASE_TTL_MS_DEFAULT,
             lease_idle_ms: LEASE_IDLE_MS_DEFAULT,
             pending_entries_max: PENDING_ENTRIES_MAX,
+            recall_wait_ms: RECALL_WAIT_MS_DEFAULT,
         }
     }
 }

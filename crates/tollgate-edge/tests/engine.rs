@@ -645,3 +645,78 @@ async fn concurrent_cold_requests_share_one_allocation_and_a_failed_one_is_retri
     }
     assert_eq!(authority.calls.load(SeqCst), 2);
 }
+
+/// Credits out on one edge's lease are not lost to the others: a strict decision the region
+/// cannot pay recalls the lease (the holder flushes what it decided and gives the rest back)
+/// and is allowed; a spend no lease could cover is refused at once.
+async fn a_lease_gives_way_to_another_edge<S: RegionStore>(store: Arc<S>) {
+    let a = seed(store.as_ref(), "acct-recall", "10", EnforcementMode::Cached).await;
+    let cached = Engine::new(Arc::clone(&store), settings(), Arc::new(SystemClock));
+    let strict = Engine::new(Arc::clone(&store), settings(), Arc::new(SystemClock));
+    for edge in [&cached, &strict] {
+        edge.catalogue()
+            .reload_prices(store.as_ref())
+            .await
+            .unwrap();
+    }
+    let listeners = [
+        cached.leases().spawn_recall_listener(),
+        strict.leases().spawn_recall_listener(),
+    ];
+    // 1 credit, then the lease takes the other 9; 2 more are decided from it and wait in the
+    // edge's buffer.
+    assert!(matches!(
+        cached.debit(debit(&a, "first", "2")).await.unwrap(),
+        Decision::Done(_)
+    ));
+    // The lease taken in the background may have raced that first decision, which then
+    // recalled it; take it (again) now.
+    cached.leases().warm(&a);
+    wait_for_lease(&cached, &a).await;
+    let recalled_before = cached
+        .leases()
+        .stats()
+        .recalled
+        .load(std::sync::atomic::Ordering::Relaxed);
+    match cached.debit(debit(&a, "on-lease", "4")).await.unwrap() {
+        Decision::Done(done) => assert_eq!(done.mode, EnforcementMode::Cached),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.view(&a, now()).await.unwrap().pool(), Credits::ZERO);
+    // The strict edge needs the 7 credits left on that lease.
+    let mut seven = debit(&a, "strict-seven", "14");
+    seven.mode = Some(EnforcementMode::Strict);
+    match strict.debit(seven).await.unwrap() {
+        Decision::Done(done) => assert_eq!(done.priced.cost, credits("7")),
+        other => panic!("the lease's credits were the account's: {other:?}"),
+    }
+    let recalled = cached
+        .leases()
+        .stats()
+        .recalled
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(recalled, recalled_before + 1);
+    let view = store.view(&a, now()).await.unwrap();
+    assert_eq!((view.pool(), view.leased), (Credits::ZERO, Credits::ZERO));
+    // Nothing is left anywhere: refused, without waiting for anyone.
+    let mut one = debit(&a, "strict-one", "2");
+    one.mode = Some(EnforcementMode::Strict);
+    assert!(matches!(
+        strict.debit(one).await.unwrap(),
+        Decision::Refused(Refused::Insufficient { .. })
+    ));
+    for listener in listeners {
+        listener.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_lease_gives_way_to_another_edge_in_memory() {
+    a_lease_gives_way_to_another_edge(Arc::new(MemoryRegionStore::default())).await;
+}
+
+#[tokio::test]
+async fn a_lease_gives_way_to_another_edge_on_redis() {
+    let server = RedisServer::start().unwrap();
+    a_lease_gives_way_to_another_edge(redis_store(&server, "tg:recall").await).await;
+}

@@ -136,6 +136,9 @@ pub trait RegionStore: Send + Sync + 'static {
         &self,
         account: &AccountId,
     ) -> impl Future<Output = Result<Option<AccountSummary>>> + Send;
+    /// Asks every edge holding a lease on `account` to give it back (a [`Change::Recall`]
+    /// notice). Only a notice: the caller watches the account's `leased` figure.
+    fn recall_leases(&self, account: &AccountId) -> impl Future<Output = Result<()>> + Send;
     /// Change notices from now on. Notices may be lost (a reconnect); readers also poll.
     fn watch_changes(
         &self,

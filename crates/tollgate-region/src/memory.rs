@@ -1307,6 +1307,13 @@ impl RegionStore for MemoryRegionStore {
         self.with(|state| Ok(state.summaries.get(account).cloned()))
     }
 
+    async fn recall_leases(&self, account: &AccountId) -> Result<()> {
+        self.with(|state| {
+            state.notify(Change::Recall(account.clone()));
+            Ok(())
+        })
+    }
+
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<Change>> {
         let (sender, receiver) = tokio::sync::mpsc::channel(crate::CHANGE_CHANNEL_CAPACITY);
         self.with(|state| state.watchers.push(sender));

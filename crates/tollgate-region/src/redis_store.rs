@@ -858,6 +858,14 @@ impl RegionStore for RedisRegionStore {
         document.as_deref().map(from_document).transpose()
     }
 
+    async fn recall_leases(&self, account: &AccountId) -> Result<()> {
+        let mut connection = self.connection.clone();
+        let _: u64 = connection
+            .publish(self.changes_channel(), format!("recall:{account}"))
+            .await?;
+        Ok(())
+    }
+
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<Change>> {
         let mut pubsub = self.client.get_async_pubsub().await?;
         pubsub.subscribe(self.changes_channel()).await?;
@@ -869,12 +877,15 @@ impl RegionStore for RedisRegionStore {
                 let Ok(text) = message.get_payload::<String>() else {
                     continue;
                 };
-                let change = match text.strip_prefix("account:") {
-                    Some(id) => match AccountId::new(id) {
-                        Ok(account) => Change::Account(account),
-                        Err(_) => continue,
-                    },
-                    None => Change::PriceBook,
+                let account = |id: &str| AccountId::new(id).ok();
+                let change = if let Some(id) = text.strip_prefix("account:") {
+                    let Some(account) = account(id) else { continue };
+                    Change::Account(account)
+                } else if let Some(id) = text.strip_prefix("recall:") {
+                    let Some(account) = account(id) else { continue };
+                    Change::Recall(account)
+                } else {
+                    Change::PriceBook
                 };
                 if sender.is_closed() {
                     break;

@@ -501,6 +501,9 @@ impl AccountSummary {
 pub enum Change {
     PriceBook,
     Account(AccountId),
+    /// An edge of the region could not pay a spend that credits out on leases would cover:
+    /// every edge holding a lease on the account flushes it and gives it back.
+    Recall(AccountId),
 }
 
 /// A price book as published, with a generation that grows with every publication.

@@ -290,6 +290,11 @@ impl RegionStore for FaultyRegion {
         self.inner.account_summary(account).await
     }
 
+    async fn recall_leases(&self, account: &AccountId) -> Result<()> {
+        self.up()?;
+        self.inner.recall_leases(account).await
+    }
+
     async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<Change>> {
         self.up()?;
         self.inner.watch_changes().await

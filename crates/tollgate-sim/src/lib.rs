@@ -4,16 +4,22 @@
 //! clock and a current-thread runtime. Every step — an operation, a fault, a clock advance,
 //! the edges' flushes and lease maintenance, reconciliation, the lifecycle — is chosen and
 //! driven by the simulator from one seed, so a seed replays a run exactly. After every step the
-//! invariants are checked (see `docs/simulation.md`).
+//! invariants are checked (see `docs/simulation.md`), and every spending decision is compared
+//! with the reference model of the account (`oracle`, `shadow`).
 //!
 //! Owns nothing the product runs; depends on the product's crates, never the other way.
 
 mod faulty;
+mod link;
+pub mod oracle;
 mod rng;
+mod shadow;
 mod sim;
 
 pub use faulty::{FaultyRegion, InstallFault};
+pub use oracle::OracleFigures;
 pub use rng::Rng;
+pub use shadow::{ShadowAccount, ShadowBook};
 pub use sim::{Config, Failure, Report, Sim, VirtualClock, FLUSH_INTERVAL_MS};
 
 /// Runs one seed to the end on a current-thread runtime of its own: `ops` steps, then the

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use tollgate_sim::{run_observed, Config};
+use tollgate_sim::{run_observed, Config, Failure, OracleFigures, Report};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,6 +39,13 @@ struct Args {
     /// Run without faults.
     #[arg(long)]
     no_faults: bool,
+    /// With one region, count false refusals instead of failing on the first (to measure
+    /// them; the tests always fail on them).
+    #[arg(long)]
+    count_false_refusals: bool,
+    /// Run every seed even after one fails, and say at the end which failed.
+    #[arg(long)]
+    keep_going: bool,
     /// Print every step as it happens.
     #[arg(long)]
     trace: bool,
@@ -58,6 +65,7 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
+    let mut summary = Summary::default();
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         let config = Config {
             seed,
@@ -67,6 +75,7 @@ fn main() -> ExitCode {
             accounts_max: args.accounts.max(1),
             verify_every: args.verify_every,
             faults: !args.no_faults,
+            false_refusals_fail: !args.count_false_refusals,
             print_trace: args.trace,
         };
         let started = Instant::now();
@@ -83,37 +92,101 @@ fn main() -> ExitCode {
         };
         match run_observed(config, args.progress, progress) {
             Ok(report) => {
-                let seconds = started.elapsed().as_secs_f64();
-                println!(
-                    "seed {seed}: {} steps in {seconds:.1} s ({:.0} steps/s), trace {}",
-                    report.steps,
-                    report.steps as f64 / seconds.max(1e-9),
-                    &report.trace_hash[..16]
-                );
-                println!(
-                    "  invariant checks {}, full verifications {}, acknowledged spends {}, charged {}, reversals {}, refunds {}",
-                    report.checks,
-                    report.verifies,
-                    report.acknowledged,
-                    report.charged,
-                    report.reversals,
-                    report.admin_refunds
-                );
-                println!(
-                    "  lost with crashed edges: {} decisions ({} micro-credits); made again by a client retry: {}; counted lost by edges: {}",
-                    report.lost_crash_entries,
-                    report.lost_crash_micros,
-                    report.lost_then_retried,
-                    report.lost_edge_entries
-                );
-                println!("  operations: {:?}", report.ops);
-                println!("  faults: {:?}", report.faults);
+                print_report(&report, started.elapsed().as_secs_f64());
+                summary.passed(&report);
             }
             Err(failure) => {
                 eprintln!("{failure}");
-                return ExitCode::FAILURE;
+                summary.failed(&failure);
+                if !args.keep_going {
+                    return ExitCode::FAILURE;
+                }
             }
         }
     }
-    ExitCode::SUCCESS
+    if args.seeds > 1 {
+        summary.print();
+    }
+    if summary.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn print_report(report: &Report, seconds: f64) {
+    println!(
+        "seed {}: {} steps in {seconds:.1} s ({:.0} steps/s), {} region(s), trace {}",
+        report.seed,
+        report.steps,
+        report.steps as f64 / seconds.max(1e-9),
+        report.regions,
+        &report.trace_hash[..16]
+    );
+    println!(
+        "  invariant checks {}, full verifications {}, acknowledged spends {}, charged {}, reversals {}, refunds {}",
+        report.checks,
+        report.verifies,
+        report.acknowledged,
+        report.charged,
+        report.reversals,
+        report.admin_refunds
+    );
+    println!(
+        "  lost with crashed edges: {} decisions ({} micro-credits); made again by a client retry: {}; counted lost by edges: {}",
+        report.lost_crash_entries,
+        report.lost_crash_micros,
+        report.lost_then_retried,
+        report.lost_edge_entries
+    );
+    println!("  operations: {:?}", report.ops);
+    println!("  faults: {:?}", report.faults);
+    for line in report.oracle.to_string().lines() {
+        println!("  oracle: {line}");
+    }
+}
+
+/// What many seeds came to: the oracle's figures summed by topology, and the seeds that
+/// failed with the first line of their failure.
+#[derive(Default)]
+struct Summary {
+    one_region: (u64, OracleFigures),
+    several_regions: (u64, OracleFigures),
+    failures: Vec<(u64, String)>,
+}
+
+impl Summary {
+    fn passed(&mut self, report: &Report) {
+        let (seeds, figures) = if report.regions == 1 {
+            &mut self.one_region
+        } else {
+            &mut self.several_regions
+        };
+        *seeds += 1;
+        figures.add(&report.oracle);
+    }
+
+    fn failed(&mut self, failure: &Failure) {
+        let first = failure.message.lines().next().unwrap_or_default();
+        self.failures.push((failure.seed, first.to_owned()));
+    }
+
+    fn print(&self) {
+        for (name, (seeds, figures)) in [
+            ("one region", &self.one_region),
+            ("several regions", &self.several_regions),
+        ] {
+            if *seeds == 0 {
+                continue;
+            }
+            println!("{name}, {seeds} seeds passed:");
+            for line in figures.to_string().lines() {
+                println!("  oracle: {line}");
+            }
+        }
+        println!("seeds failed: {}", self.failures.len());
+        for (seed, message) in &self.failures {
+            println!("  seed {seed}: {message}");
+        }
+    }
 }

@@ -22,9 +22,15 @@ use tollgate_ledger::{
 use tollgate_region::{EnforcementMode, HoldRefusal, RegionStore, ReverseRefusal};
 
 use crate::faulty::{FaultyRegion, InstallFault};
+use crate::link::{AuthorityLink, Node, RegionAllocator};
+use crate::oracle::{DecisionKind, OracleFigures};
 use crate::rng::Rng;
+use crate::shadow::ShadowAccount;
 
-type Node = Authority<SqliteLedger, FaultyRegion>;
+mod decisions;
+
+use decisions::{Decided, Refusal};
+
 type Edge = Engine<FaultyRegion>;
 
 const MICROS: i64 = 1_000_000;
@@ -59,6 +65,9 @@ pub struct Config {
     /// many steps, and at the end.
     pub verify_every: u64,
     pub faults: bool,
+    /// With one region, a false refusal (see `crate::oracle`) breaks the run. Off only to
+    /// measure how many there are (`--count-false-refusals`); the tests never turn it off.
+    pub false_refusals_fail: bool,
     /// Print every step's line of the trace as it happens (replaying one seed).
     pub print_trace: bool,
 }
@@ -73,6 +82,7 @@ impl Config {
             accounts_max: 5,
             verify_every: 50,
             faults: true,
+            false_refusals_fail: true,
             print_trace: false,
         }
     }
@@ -82,6 +92,7 @@ impl Config {
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub seed: u64,
+    pub regions: usize,
     pub steps: u64,
     pub trace_hash: String,
     pub ops: BTreeMap<&'static str, u64>,
@@ -101,6 +112,8 @@ pub struct Report {
     pub lost_edge_entries: u64,
     pub reversals: u64,
     pub admin_refunds: u64,
+    /// Every spending decision compared with the reference model.
+    pub oracle: OracleFigures,
 }
 
 /// A broken invariant, with what is needed to replay it.
@@ -175,6 +188,18 @@ struct EdgeSlot {
     /// Cached decisions this edge acknowledged and has not flushed: (region key, decided at).
     unflushed: Vec<(String, i64)>,
     lost_entries_seen: u64,
+    /// The edge's answer to recall notices (other edges asking for its leases); it dies with
+    /// the edge.
+    _recall_listener: Listener,
+}
+
+/// A background task that ends when its owner is dropped (an edge that crashes or stops).
+struct Listener(tokio::task::JoinHandle<()>);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// An acknowledged spend (a debit or a capture), by region and idempotency key.
@@ -224,10 +249,16 @@ pub struct Sim {
     state_url: String,
     region_ids: Vec<RegionId>,
     stores: Vec<Arc<FaultyRegion>>,
-    node: Node,
+    node: Arc<Node>,
+    /// The edges' way to the authority (the cold path), with its fault switch.
+    link: Arc<AuthorityLink>,
+    /// The step until which the link is cut.
+    cut_until: u64,
     edges: Vec<EdgeSlot>,
     next_uid: u64,
     accounts: Vec<AccountSim>,
+    /// Per account, the reference model's view (see `crate::shadow`).
+    shadows: Vec<ShadowAccount>,
     acks: BTreeMap<(usize, String), Ack>,
     /// Acknowledged spends in the order they were first acknowledged (and so by time).
     ack_order: Vec<(usize, String)>,
@@ -260,6 +291,12 @@ fn feature(name: &str) -> FeatureKey {
 
 fn credits(micros: i64) -> Credits {
     Credits::from_micros(micros)
+}
+
+/// The ledger's id for the spend acknowledged under `key` in `region`.
+fn debit_id(region: &RegionId, key_text: &str) -> Result<DebitId, String> {
+    let key = IdempotencyKey::new(key_text).map_err(|e| e.to_string())?;
+    tollgate_authority::reconciler::debit_id(region, &key).map_err(|e| e.to_string())
 }
 
 fn authority_settings() -> AuthoritySettings {
@@ -319,6 +356,7 @@ impl Sim {
             .map(|_| Arc::new(FaultyRegion::new(RETAIN_MS)))
             .collect();
         let node = Self::authority(&ledger, &state_url, &region_ids, &stores, &clock).await?;
+        let link = Arc::new(AuthorityLink::new(Arc::clone(&node)));
         let regions = cfg.regions;
         let mut sim = Sim {
             rng: Rng::new(cfg.seed),
@@ -330,9 +368,12 @@ impl Sim {
             region_ids,
             stores,
             node,
+            link,
+            cut_until: 0,
             edges: Vec::new(),
             next_uid: 0,
             accounts: Vec::new(),
+            shadows: Vec::new(),
             acks: BTreeMap::new(),
             ack_order: Vec::new(),
             acked: Vec::new(),
@@ -351,6 +392,7 @@ impl Sim {
             report: Report::default(),
         };
         sim.report.seed = sim.cfg.seed;
+        sim.report.regions = sim.cfg.regions;
         sim.setup().await?;
         Ok(sim)
     }
@@ -361,7 +403,7 @@ impl Sim {
         region_ids: &[RegionId],
         stores: &[Arc<FaultyRegion>],
         clock: &Arc<VirtualClock>,
-    ) -> Result<Node, String> {
+    ) -> Result<Arc<Node>, String> {
         let state = StateStore::connect(state_url)
             .await
             .map_err(|e| format!("state: {e}"))?;
@@ -371,13 +413,13 @@ impl Sim {
             .zip(stores.iter().cloned())
             .collect();
         let clock: Arc<dyn tollgate_authority::Clock> = clock.clone();
-        Ok(Authority::new(
+        Ok(Arc::new(Authority::new(
             Arc::clone(ledger),
             state,
             regions,
             clock,
             authority_settings(),
-        ))
+        )))
     }
 
     async fn setup(&mut self) -> Result<(), String> {
@@ -439,12 +481,20 @@ impl Sim {
         settings.lease_credits = credits(10 * MICROS);
         settings.reverse_window_ms = REVERSE_WINDOW_MS;
         let clock: Arc<dyn tollgate_edge::Clock> = self.clock.clone();
-        let engine = Engine::new(Arc::clone(&self.stores[region]), settings, clock);
+        // The edge asks the authority on the cold path, as every deployed edge does.
+        let allocator = RegionAllocator {
+            link: Arc::clone(&self.link),
+            region: self.region_ids[region].clone(),
+            faults: self.cfg.faults,
+        };
+        let engine = Engine::new(Arc::clone(&self.stores[region]), settings, clock)
+            .with_allocator(Arc::new(allocator));
         // The price book is loaded at start; a failure (region down) is retried on first use.
         let _ = engine
             .catalogue()
             .reload_prices(self.stores[region].as_ref())
             .await;
+        let recall_listener = Listener(engine.leases().spawn_recall_listener());
         self.edges.push(EdgeSlot {
             uid,
             region,
@@ -452,6 +502,7 @@ impl Sim {
             engine,
             unflushed: Vec::new(),
             lost_entries_seen: 0,
+            _recall_listener: recall_listener,
         });
     }
 
@@ -501,6 +552,7 @@ impl Sim {
             .await
             .map_err(|e| format!("create account: {e}"))?;
         self.acked.push((0, 0));
+        self.shadows.push(ShadowAccount::new(credits(overdraft)));
         self.accounts.push(AccountSim {
             id,
             overdraft_micros: overdraft,
@@ -574,6 +626,8 @@ impl Sim {
             }
         }
         self.accounts[account].granted_micros += amount;
+        let issued_at = self.clock.at();
+        self.shadows[account].grant(command.terms.grant_at(issued_at), issued_at);
         self.ledger_dirty = true;
         let rebalance = match self.node.rebalance(&self.accounts[account].id).await {
             Ok(()) => "rebalanced".to_owned(),
@@ -614,14 +668,27 @@ impl Sim {
         }
     }
 
-    fn engine_error(&self, edge: usize, error: EngineError) -> Step {
+    /// An edge call failed. Unavailable is an expected answer while its region is down, or
+    /// when the authority it asked failed (`authority_failed`: see `authority_failed_since`).
+    fn engine_error(&self, edge: usize, error: EngineError, authority_failed: bool) -> Step {
         let down = self.stores[self.edges[edge].region].is_down();
         match error {
             EngineError::Unavailable(_) if down => Ok("unavailable (region down)".into()),
+            EngineError::Unavailable(_) if authority_failed => {
+                Ok("unavailable (authority unreachable)".into())
+            }
             other => Err(format!("edge {}: {other}", self.edges[edge].uid)),
         }
     }
 
+    /// Whether the authority failed an edge during a call that began when the link had
+    /// counted `failures_before` failed requests, or the link is cut.
+    fn authority_failed_since(&self, failures_before: u64) -> bool {
+        self.link.is_cut() || self.link.failures() > failures_before
+    }
+
+    /// Records an acknowledged spend. Returns whether it is a new charge (first acknowledged,
+    /// or made again after it was lost with a crashed edge) rather than a replay.
     fn record_ack(
         &mut self,
         edge: usize,
@@ -630,18 +697,15 @@ impl Sim {
         cost: i64,
         cached: bool,
         capture: bool,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let region = self.edges[edge].region;
         let uid = self.edges[edge].uid;
         let now = self.clock.ms();
-        let debit_id = tollgate_authority::reconciler::debit_id(
-            &self.region_ids[region],
-            &tollgate_core::IdempotencyKey::new(key).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?
-        .to_string();
+        let debit_id = debit_id(&self.region_ids[region], key)?.to_string();
         let id = (region, key.to_owned());
+        let mut charged = false;
         if !self.acks.contains_key(&id) {
+            charged = true;
             self.acks.insert(
                 id.clone(),
                 Ack {
@@ -671,6 +735,7 @@ impl Sim {
             // A client retried a decision whose first acknowledgement died unflushed with its
             // edge: the region never saw it, so the retry is decided anew and charged once.
             entry.lost = false;
+            charged = true;
             self.acked[account].0 += cost;
             self.report.lost_crash_entries -= 1;
             self.report.lost_crash_micros -= cost;
@@ -680,11 +745,15 @@ impl Sim {
             if !entry.on_edges.contains(&uid) {
                 entry.on_edges.push(uid);
             }
-            self.edges[edge].unflushed.push((key.to_owned(), now));
+            // A replay answered from the lease is the same pending decision, decided earlier.
+            let unflushed = &mut self.edges[edge].unflushed;
+            if !entry.durable && !unflushed.iter().any(|(k, _)| k == key) {
+                unflushed.push((key.to_owned(), now));
+            }
         } else {
             entry.durable = true;
         }
-        Ok(())
+        Ok(charged)
     }
 
     fn pick_edge(&mut self) -> usize {
@@ -774,24 +843,55 @@ impl Sim {
             mode: Some(self.edges[edge].mode),
             event_time: None,
         };
+        let kind = match self.edges[edge].mode {
+            EnforcementMode::Strict => DecisionKind::DebitStrict,
+            EnforcementMode::Cached => DecisionKind::DebitCached,
+        };
+        // A retry of a spend acknowledged before (and not lost) is not a new question.
+        let retry = self
+            .acks
+            .get(&(self.edges[edge].region, k.to_owned()))
+            .is_some_and(|a| !a.lost);
+        let failures_before = self.link.failures();
         let result = self.edges[edge].engine.debit(request).await;
         quiesce().await;
+        let authority_failed = self.authority_failed_since(failures_before);
         match result {
             Ok(Decision::Done(done)) => {
                 let cached = done.mode == EnforcementMode::Cached;
-                self.record_ack(edge, account, k, done.priced.cost.micros(), cached, false)?;
+                let cost = done.priced.cost;
+                if self.record_ack(edge, account, k, cost.micros(), cached, false)? {
+                    let decision = Decided {
+                        edge,
+                        account,
+                        kind,
+                        feature: feature_name,
+                    };
+                    self.judge_debit(&decision, k, &done);
+                }
                 self.report.acknowledged += 1;
                 Ok((
-                    format!(
-                        "done {} {:?} replayed={}",
-                        done.priced.cost, done.mode, done.replayed
-                    ),
+                    format!("done {cost} {:?} replayed={}", done.mode, done.replayed),
                     true,
                 ))
             }
-            Ok(Decision::Refused(refused)) => Ok((format!("refused {}", refusal(&refused)), false)),
+            Ok(Decision::Refused(refused)) => {
+                let decision = Decided {
+                    edge,
+                    account,
+                    kind,
+                    feature: feature_name,
+                };
+                let refusal = Refusal {
+                    refused: &refused,
+                    retry,
+                    authority_failed,
+                };
+                self.judge_refusal(&decision, &refusal).await?;
+                Ok((format!("refused {}", describe(&refused)), false))
+            }
             Err(e) => Ok((
-                self.engine_error(edge, e)
+                self.engine_error(edge, e, authority_failed)
                     .map_err(|m| format!("{k}: {m}"))?,
                 false,
             )),
@@ -815,10 +915,21 @@ impl Sim {
             ttl_ms,
             actor: None,
         };
+        let failures_before = self.link.failures();
         let result = self.edges[edge].engine.authorize(request).await;
         quiesce().await;
+        let authority_failed = self.authority_failed_since(failures_before);
+        let decision = Decided {
+            edge,
+            account,
+            kind: DecisionKind::Authorize,
+            feature: "gen",
+        };
         match result {
             Ok(Decision::Done(held)) => {
+                if !held.replayed {
+                    self.judge_hold(&decision, &held);
+                }
                 self.holds.push_back(HoldSim {
                     region,
                     account,
@@ -835,8 +946,16 @@ impl Sim {
                     credits(cost)
                 ))
             }
-            Ok(Decision::Refused(r)) => Ok(format!("{k} refused {}", refusal(&r))),
-            Err(e) => self.engine_error(edge, e),
+            Ok(Decision::Refused(r)) => {
+                let refusal = Refusal {
+                    refused: &r,
+                    retry: false,
+                    authority_failed,
+                };
+                self.judge_refusal(&decision, &refusal).await?;
+                Ok(format!("{k} refused {}", describe(&r)))
+            }
+            Err(e) => self.engine_error(edge, e, authority_failed),
         }
     }
 
@@ -898,15 +1017,22 @@ impl Sim {
                         self.record_ack(edge, account, &k, done.captured.micros(), false, true)?;
                         self.report.acknowledged += 1;
                     }
+                    let hold = self.holds[i].hold_id.clone();
+                    let (ack, at) = ((region, k.clone()), self.clock.at());
+                    let captured = done.captured;
+                    let shadow = &mut self.shadows[account];
+                    let charge = (ack, debit_id(&self.region_ids[region], &k)?);
+                    let applied = shadow.capture(hold, captured, charge, feature("gen"), at);
+                    self.model_applied(applied);
                     Ok(format!("{k} captured {}", done.captured))
                 }
                 Ok(Decision::Refused(r)) => {
                     if let Refused::Hold(HoldRefusal::Expired | HoldRefusal::UnknownHold) = r {
                         self.holds[i].open = false;
                     }
-                    Ok(format!("{k} refused {}", refusal(&r)))
+                    Ok(format!("{k} refused {}", describe(&r)))
                 }
-                Err(e) => self.engine_error(edge, e),
+                Err(e) => self.engine_error(edge, e, false),
             }
         } else {
             let result = self.edges[edge].engine.release(id, key(&k), hold_id).await;
@@ -914,15 +1040,18 @@ impl Sim {
             match result {
                 Ok(Decision::Done(amount_back)) => {
                     self.holds[i].open = false;
+                    let at = self.clock.at();
+                    let applied = self.shadows[account].release(self.holds[i].hold_id.clone(), at);
+                    self.model_applied(applied);
                     Ok(format!("{k} released {amount_back}"))
                 }
                 Ok(Decision::Refused(r)) => {
                     if let Refused::Hold(HoldRefusal::Expired | HoldRefusal::UnknownHold) = r {
                         self.holds[i].open = false;
                     }
-                    Ok(format!("{k} refused {}", refusal(&r)))
+                    Ok(format!("{k} refused {}", describe(&r)))
                 }
-                Err(e) => self.engine_error(edge, e),
+                Err(e) => self.engine_error(edge, e, false),
             }
         }
     }
@@ -982,6 +1111,10 @@ impl Sim {
                 ack.reversed = true;
                 self.acked[account].1 += amount.micros();
                 self.report.reversals += 1;
+                let at = self.clock.at();
+                let applied =
+                    self.shadows[account].refund(&(region, debit_key.clone()), amount, at);
+                self.model_applied(applied);
                 Ok(format!("{k} reversed {debit_key} {amount}"))
             }
             Ok(Decision::Refused(Refused::Reverse(ReverseRefusal::UnknownDebit)))
@@ -992,9 +1125,9 @@ impl Sim {
             Ok(Decision::Refused(r)) => Err(format!(
                 "{k}: reversing {debit_key} (durable={}) refused: {}",
                 ack.durable,
-                refusal(&r)
+                describe(&r)
             )),
-            Err(e) => self.engine_error(edge, e),
+            Err(e) => self.engine_error(edge, e, false),
         }
     }
 
@@ -1040,6 +1173,9 @@ impl Sim {
                 }
                 self.accounts[account].admin_refunded_micros += amount;
                 self.report.admin_refunds += 1;
+                let at = self.clock.at();
+                let applied = self.shadows[account].refund(&id, credits(amount), at);
+                self.model_applied(applied);
                 let rebalance = match self.node.rebalance(&self.accounts[account].id).await {
                     Ok(()) => "rebalanced".to_owned(),
                     Err(e) => self.tolerate("rebalance", e)?,
@@ -1073,7 +1209,7 @@ impl Sim {
                 self.edges[edge].uid,
                 self.edges[edge].engine.catalogue().price_generation()
             )),
-            Err(e) => self.engine_error(edge, e),
+            Err(e) => self.engine_error(edge, e, false),
         }
     }
 
@@ -1159,6 +1295,27 @@ impl Sim {
         self.edges[edge].unflushed = keep;
     }
 
+    /// Any edge may have flushed an account during another edge's decision (it gave its lease
+    /// back on a recall): a decision no longer pending on its edge reached the region.
+    fn note_flushed_everywhere(&mut self) {
+        for slot in &mut self.edges {
+            let leases = slot.engine.leases();
+            let region = slot.region;
+            let uid = slot.uid;
+            slot.unflushed.retain(|(k, _)| {
+                let Some(ack) = self.acks.get_mut(&(region, k.clone())) else {
+                    return false;
+                };
+                if leases.pending_of(&self.accounts[ack.account].id) > 0 {
+                    return true;
+                }
+                ack.durable = true;
+                ack.on_edges.retain(|&u| u != uid);
+                false
+            });
+        }
+    }
+
     async fn advance(&mut self, dt: i64) -> Step {
         let target = self.clock.ms() + dt;
         for _ in 0..ADVANCE_ITERATIONS_MAX {
@@ -1223,6 +1380,9 @@ impl Sim {
             }
             ack.lost = true;
             self.acked[ack.account].0 -= ack.cost;
+            if !self.shadows[ack.account].lose(&(slot.region, k.clone())) {
+                return Err(format!("the model had no spend {k} that could be lost"));
+            }
             lost += 1;
             lost_micros += ack.cost;
         }
@@ -1246,6 +1406,7 @@ impl Sim {
             &self.clock,
         )
         .await?;
+        self.link.replace(Arc::clone(&self.node));
         self.ledger_dirty = true;
         match self.node.recover_installs().await {
             Ok(n) => Ok(format!(
@@ -1282,7 +1443,7 @@ impl Sim {
 
     async fn fault(&mut self) -> Step {
         let region = self.rng.below(self.cfg.regions as u64) as usize;
-        let (kind, text) = match self.rng.below(7) {
+        let (kind, text) = match self.rng.below(8) {
             0 => ("edge_crash", self.crash_edge().await?),
             1 if self.step >= self.down_until[region] => {
                 let steps = self.rng.range(2, 10) as u64;
@@ -1320,6 +1481,15 @@ impl Sim {
                 "authority_restart",
                 self.restart_authority("restart").await?,
             ),
+            6 if self.step >= self.cut_until => {
+                let steps = self.rng.range(2, 20) as u64;
+                self.cut_until = self.step + steps;
+                self.link.set_cut(true);
+                (
+                    "authority_unreachable",
+                    format!("edges cannot reach the authority for {steps} steps"),
+                )
+            }
             _ => (
                 "authority_crash_mid_batch",
                 self.crash_mid_reconcile().await?,
@@ -1341,6 +1511,9 @@ impl Sim {
                     self.stores[r].set_down(false);
                 }
             }
+        }
+        if self.link.is_cut() && step >= self.cut_until {
+            self.link.set_cut(false);
         }
         let roll = self.rng.below(1_000);
         let down = self.any_down();
@@ -1384,6 +1557,7 @@ impl Sim {
             _ => ("fault", self.fault().await),
         };
         *self.report.ops.entry(name).or_default() += 1;
+        self.note_flushed_everywhere();
         let line = match &result {
             Ok(text) => format!("{step} t={} {name}: {text}", self.clock.ms() - START_MS),
             Err(text) => format!(
@@ -1395,6 +1569,10 @@ impl Sim {
         if let Err(message) = result {
             return Err(self.failure(message));
         }
+        if let Some(error) = self.link.take_unexplained().into_iter().next() {
+            return Err(self.failure(format!("an edge's request to the authority: {error}")));
+        }
+        self.fold_shadows();
         if let Err(message) = self.check().await {
             return Err(self.failure(message));
         }
@@ -1691,6 +1869,7 @@ impl Sim {
             store.disarm();
         }
         self.delayed_until.iter_mut().for_each(|d| *d = 0);
+        self.link.set_cut(false);
         for edge in 0..self.edges.len() {
             self.edges[edge].engine.shutdown().await;
             quiesce().await;
@@ -1725,6 +1904,18 @@ impl Sim {
 
     async fn final_checks(&mut self) -> Result<(), String> {
         self.check().await?;
+        if std::env::var("SIM_DEBUG").is_ok() {
+            for (n, snap) in self.snapshots.iter().enumerate() {
+                eprintln!(
+                    "DEBUG final acct{n}: ledger {} (debt {}, expired {}) model {} (debt {})",
+                    snap.balance,
+                    snap.debt,
+                    snap.totals.expired,
+                    self.shadows[n].book().balance(self.clock.at()),
+                    self.shadows[n].book().debt()
+                );
+            }
+        }
         self.deep_check(true).await?;
         let acked = self.acknowledged();
         for (n, (account, snap)) in self.accounts.iter().zip(&self.snapshots).enumerate() {
@@ -1782,7 +1973,7 @@ impl Sim {
     }
 }
 
-fn refusal(refused: &Refused) -> String {
+fn describe(refused: &Refused) -> String {
     match refused {
         Refused::Insufficient {
             cost, available, ..

@@ -35,6 +35,7 @@
 //! lease_credits = "100"
 //! lease_ttl = "60s"
 //! lease_idle = "15s"
+//! recall_wait = "50ms"
 //!
 //! [[api_keys]]
 //! name = "checkout"
@@ -99,6 +100,7 @@ pub struct RawCached {
     pub lease_credits: Option<String>,
     pub lease_ttl: Option<String>,
     pub lease_idle: Option<String>,
+    pub recall_wait: Option<String>,
 }
 
 #[derive(Debug)]
@@ -354,6 +356,9 @@ fn apply_cached(raw: &RawCached, settings: &mut EdgeSettings) -> Result<(), Conf
     }
     if let Some(ms) = duration_ms("cached.lease_idle", &raw.lease_idle, 1_000, 3_600_000)? {
         settings.lease_idle_ms = signed(ms);
+    }
+    if let Some(ms) = duration_ms("cached.recall_wait", &raw.recall_wait, 0, 1_000)? {
+        settings.recall_wait_ms = ms;
     }
     Ok(())
 }

@@ -1,0 +1,287 @@
+//! The differential oracle: every spending decision an edge gives is compared with what the
+//! reference model ([`crate::shadow`]) says the account's own ledger would have answered at the
+//! same event time. A refusal for want of credits that the model could have paid is a **false
+//! refusal**; each one is counted by decision kind and cause, and with one region it breaks
+//! the run unless a fault explains it (see [`judge`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use tollgate_core::Credits;
+
+/// Which decision an edge gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DecisionKind {
+    DebitStrict,
+    DebitCached,
+    Authorize,
+}
+
+impl DecisionKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecisionKind::DebitStrict => "debit_strict",
+            DecisionKind::DebitCached => "debit_cached",
+            DecisionKind::Authorize => "authorize",
+        }
+    }
+}
+
+/// Why an edge refused what the account could pay, as far as the simulation can tell. When
+/// several hold, the first in this order is named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Cause {
+    /// The authority could not be reached during the request (the edges' link was cut by a
+    /// fault, or the allocation it asked for failed on an injected install fault).
+    AuthorityDown,
+    /// A client retry of a spend already acknowledged on another edge and not flushed yet:
+    /// the question was answered before, so this is an idempotency matter, not the balance's.
+    RetryOfAcknowledged,
+    /// The regional store was down (a Redis restart): a cached edge decided from its lease.
+    RegionDown,
+    /// Credits out on the lease of an edge that crashed, out of reach until the lease expires.
+    CrashedEdgeLease,
+    /// None of the above: the region (with what the authority brought) held less than the
+    /// account had.
+    RegionShort,
+}
+
+impl Cause {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::AuthorityDown => "authority_down",
+            Cause::RetryOfAcknowledged => "retry_of_acknowledged",
+            Cause::RegionDown => "region_down",
+            Cause::CrashedEdgeLease => "crashed_edge_lease",
+            Cause::RegionShort => "region_short",
+        }
+    }
+}
+
+/// An edge's refusal for want of credits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// `Refused::Insufficient`: the account cannot pay.
+    Insufficient { available: Credits },
+    /// `Refused::AuthorityUnreachable`: the region could not pay and the authority, which may
+    /// hold the rest, could not be reached.
+    AuthorityUnreachable { available: Credits },
+}
+
+impl fmt::Display for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Answer::Insufficient { available } => write!(f, "insufficient, available {available}"),
+            Answer::AuthorityUnreachable { available } => {
+                write!(f, "authority unreachable, available {available}")
+            }
+        }
+    }
+}
+
+/// What was true while an edge refused, for the cause.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Circumstances {
+    pub authority_failed: bool,
+    pub retry_of_acknowledged: bool,
+    pub region_down: bool,
+    pub crashed_edge_lease: bool,
+}
+
+impl Circumstances {
+    pub fn cause(self) -> Cause {
+        if self.authority_failed {
+            Cause::AuthorityDown
+        } else if self.retry_of_acknowledged {
+            Cause::RetryOfAcknowledged
+        } else if self.region_down {
+            Cause::RegionDown
+        } else if self.crashed_edge_lease {
+            Cause::CrashedEdgeLease
+        } else {
+            Cause::RegionShort
+        }
+    }
+}
+
+/// Whether a false refusal with several regions is within the documented multi-region rule.
+/// The rule — when a region may refuse what the account holds elsewhere — lives in
+/// docs/authority.md; until this function states it, every false refusal with several regions
+/// is counted and allowed.
+pub fn multi_region_refusal_allowed(_kind: DecisionKind, _cause: Cause, _answer: Answer) -> bool {
+    true
+}
+
+/// Whether a false refusal breaks the run. With one region an edge refuses only what the
+/// account's own ledger refuses, except while the authority is unreachable, and then only
+/// under its own code (`AuthorityUnreachable`): an `Insufficient` answer then would tell the
+/// caller the account is short when nobody knows. A retry of a spend already acknowledged is
+/// counted apart (see [`Cause::RetryOfAcknowledged`]).
+pub fn judge(regions: usize, kind: DecisionKind, cause: Cause, answer: Answer) -> bool {
+    if regions > 1 {
+        return multi_region_refusal_allowed(kind, cause, answer);
+    }
+    match cause {
+        Cause::AuthorityDown => matches!(answer, Answer::AuthorityUnreachable { .. }),
+        Cause::RetryOfAcknowledged => true,
+        Cause::RegionDown | Cause::CrashedEdgeLease | Cause::RegionShort => false,
+    }
+}
+
+/// The oracle's figures for a run (or, summed, for many).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OracleFigures {
+    /// Spending decisions compared with the model (allowed or refused for want of credits),
+    /// by kind. Replays of a decision already made are not new decisions.
+    pub decisions: BTreeMap<&'static str, u64>,
+    /// Refusals for want of credits the model agrees with, by kind.
+    pub true_refusals: BTreeMap<&'static str, u64>,
+    /// Refusals the model says the account could have paid, by kind and cause.
+    pub false_refusals: BTreeMap<(&'static str, &'static str), u64>,
+    /// Spends or holds the edges allowed that the model would have refused, by kind.
+    pub overspends: BTreeMap<&'static str, u64>,
+    /// Debits whose draws were not the burn-down rules' draws (the model applies the draws
+    /// the edge reported, as the ledger does), by kind.
+    pub off_order: BTreeMap<&'static str, u64>,
+    /// Captures and refunds the model could not apply as the edges did.
+    pub model_disagreements: u64,
+    /// Balances an edge reported after a debit (`Debited::balance_after`), compared with the
+    /// model's balance, by kind; and how many differed.
+    pub balances_compared: BTreeMap<&'static str, u64>,
+    pub balance_mismatches: BTreeMap<&'static str, u64>,
+}
+
+fn bump<K: Ord>(map: &mut BTreeMap<K, u64>, key: K) {
+    *map.entry(key).or_default() += 1;
+}
+
+fn add_all<K: Ord + Clone>(into: &mut BTreeMap<K, u64>, from: &BTreeMap<K, u64>) {
+    for (key, count) in from {
+        *into.entry(key.clone()).or_default() += count;
+    }
+}
+
+impl OracleFigures {
+    pub fn decision(&mut self, kind: DecisionKind) {
+        bump(&mut self.decisions, kind.name());
+    }
+
+    pub fn true_refusal(&mut self, kind: DecisionKind) {
+        bump(&mut self.true_refusals, kind.name());
+    }
+
+    pub fn false_refusal(&mut self, kind: DecisionKind, cause: Cause) {
+        bump(&mut self.false_refusals, (kind.name(), cause.name()));
+    }
+
+    pub fn overspend(&mut self, kind: DecisionKind) {
+        bump(&mut self.overspends, kind.name());
+    }
+
+    pub fn off_order(&mut self, kind: DecisionKind) {
+        bump(&mut self.off_order, kind.name());
+    }
+
+    pub fn balance(&mut self, kind: DecisionKind, matches: bool) {
+        bump(&mut self.balances_compared, kind.name());
+        if !matches {
+            bump(&mut self.balance_mismatches, kind.name());
+        }
+    }
+
+    pub fn false_refusals_total(&self) -> u64 {
+        self.false_refusals.values().sum()
+    }
+
+    /// Adds another run's figures.
+    pub fn add(&mut self, other: &OracleFigures) {
+        add_all(&mut self.decisions, &other.decisions);
+        add_all(&mut self.true_refusals, &other.true_refusals);
+        add_all(&mut self.false_refusals, &other.false_refusals);
+        add_all(&mut self.overspends, &other.overspends);
+        add_all(&mut self.off_order, &other.off_order);
+        self.model_disagreements += other.model_disagreements;
+        add_all(&mut self.balances_compared, &other.balances_compared);
+        add_all(&mut self.balance_mismatches, &other.balance_mismatches);
+    }
+}
+
+/// A map as `a 3, b 4` (or `none`).
+fn list<K>(map: &BTreeMap<K, u64>, name: impl Fn(&K) -> String) -> String {
+    if map.is_empty() {
+        return "none".into();
+    }
+    map.iter()
+        .map(|(key, count)| format!("{} {count}", name(key)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for OracleFigures {
+    /// Three lines: decisions and refusals, false refusals by kind and cause, the rest.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total: u64 = self.decisions.values().sum();
+        let refused: u64 = self.true_refusals.values().sum();
+        writeln!(
+            f,
+            "decisions compared with the model {total} ({}); refusals the model agrees with {refused} ({})",
+            list(&self.decisions, |k| k.to_string()),
+            list(&self.true_refusals, |k| k.to_string())
+        )?;
+        writeln!(
+            f,
+            "false refusals {} ({})",
+            self.false_refusals_total(),
+            list(&self.false_refusals, |(kind, cause)| format!(
+                "{kind}/{cause}"
+            ))
+        )?;
+        let compared: u64 = self.balances_compared.values().sum();
+        let mismatched: u64 = self.balance_mismatches.values().sum();
+        write!(
+            f,
+            "allowed beyond the model {} ({}); drawn off the burn-down order {} ({}); model disagreements {}; balances compared {compared}, differing {mismatched} ({})",
+            self.overspends.values().sum::<u64>(),
+            list(&self.overspends, |k| k.to_string()),
+            self.off_order.values().sum::<u64>(),
+            list(&self.off_order, |k| k.to_string()),
+            self.model_disagreements,
+            list(&self.balance_mismatches, |k| k.to_string())
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHORT: Answer = Answer::Insufficient {
+        available: Credits::ZERO,
+    };
+    const UNREACHABLE: Answer = Answer::AuthorityUnreachable {
+        available: Credits::ZERO,
+    };
+
+    #[test]
+    fn one_region_allows_a_false_refusal_only_under_the_authority_unreachable_code() {
+        let kind = DecisionKind::DebitStrict;
+        assert!(judge(1, kind, Cause::AuthorityDown, UNREACHABLE));
+        assert!(!judge(1, kind, Cause::AuthorityDown, SHORT));
+        assert!(!judge(1, kind, Cause::RegionShort, SHORT));
+        assert!(!judge(1, kind, Cause::RegionShort, UNREACHABLE));
+        assert!(!judge(1, kind, Cause::CrashedEdgeLease, SHORT));
+        assert!(judge(2, kind, Cause::RegionShort, SHORT));
+    }
+
+    #[test]
+    fn the_first_circumstance_names_the_cause() {
+        let all = Circumstances {
+            authority_failed: true,
+            retry_of_acknowledged: true,
+            region_down: true,
+            crashed_edge_lease: true,
+        };
+        assert_eq!(all.cause(), Cause::AuthorityDown);
+        assert_eq!(Circumstances::default().cause(), Cause::RegionShort);
+    }
+}
