@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 
 use crate::{scenario, Figures, LATENCY_US_MAX};
 
-const API_KEY: &str = "bench-enforce-key";
+pub(crate) const API_KEY: &str = "bench-enforce-key";
 /// HTTP/2 connections the clients share.
 pub(crate) const CHANNELS: usize = 8;
 /// Accounts seeded concurrently.
@@ -37,10 +37,10 @@ pub struct EdgeBench {
     pub edge_binary: Option<PathBuf>,
 }
 
-/// The edge process this run started; ended by its own process id.
-pub(crate) struct EdgeProcess(Child);
+/// A process this run started (an edge, an authority); ended by its own process id.
+pub(crate) struct OwnedProcess(pub(crate) Child);
 
-impl Drop for EdgeProcess {
+impl Drop for OwnedProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -48,18 +48,36 @@ impl Drop for EdgeProcess {
 }
 
 pub(crate) fn edge_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    binary_beside(
+        "tollgate-edge",
+        "tollgate-edge-node",
+        "--edge-binary",
+        given,
+    )
+}
+
+/// `given`, or the program `name` (of package `package`) beside this one.
+pub(crate) fn binary_beside(
+    name: &str,
+    package: &str,
+    flag: &str,
+    given: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         return Ok(path);
     }
     let here = std::env::current_exe()?;
-    let beside = here.with_file_name("tollgate-edge");
+    let beside = here.with_file_name(name);
     if beside.exists() {
         return Ok(beside);
     }
-    bail!("tollgate-edge not found beside {}; build it (cargo build --release -p tollgate-edge-node) or pass --edge-binary", here.display())
+    bail!(
+        "{name} not found beside {}; build it (cargo build --release -p {package}) or pass {flag}",
+        here.display()
+    )
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -156,10 +174,20 @@ async fn edge_figures(http: &str) -> String {
 pub(crate) async fn start_edge(
     binary: &PathBuf,
     redis_url: &str,
-) -> anyhow::Result<(EdgeProcess, SocketAddr, String)> {
+) -> anyhow::Result<(OwnedProcess, SocketAddr, String)> {
+    start_edge_with(binary, redis_url, &[]).await
+}
+
+/// [`start_edge`] with more `TOLLGATE_*` variables (the authority's address and key).
+pub(crate) async fn start_edge_with(
+    binary: &PathBuf,
+    redis_url: &str,
+    more_env: &[(&str, &str)],
+) -> anyhow::Result<(OwnedProcess, SocketAddr, String)> {
     let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let http = format!("127.0.0.1:{}", free_port()?);
     let child = Command::new(binary)
+        .envs(more_env.iter().copied())
         .env("TOLLGATE_REGION", "bench")
         .env("TOLLGATE_REDIS_URL", redis_url)
         .env("TOLLGATE_KEY_PREFIX", "tg:bench")
@@ -171,7 +199,13 @@ pub(crate) async fn start_edge(
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    let edge = EdgeProcess(child);
+    let edge = OwnedProcess(child);
+    wait_healthy("the edge", listen).await?;
+    Ok((edge, listen, http))
+}
+
+/// Waits (at most 15 s) until the gRPC server on `listen` answers a health check.
+pub(crate) async fn wait_healthy(what: &str, listen: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if let Ok(channel) = Channel::from_shared(format!("http://{listen}"))?
@@ -184,12 +218,12 @@ pub(crate) async fn start_edge(
                 .await
                 .is_ok()
             {
-                return Ok((edge, listen, http));
+                return Ok(());
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("the edge did not answer health checks on {listen}")
+    bail!("{what} did not answer health checks on {listen}")
 }
 
 pub(crate) type Client = pb::enforcement_client::EnforcementClient<Channel>;

@@ -24,6 +24,7 @@ const CLIENTS_MAX: usize = 1_024;
 /// Slowest latency the histograms record, in microseconds (10 s).
 pub(crate) const LATENCY_US_MAX: u64 = 10_000_000;
 
+mod cold_path;
 mod drivers;
 mod edge_bench;
 mod ledger;
@@ -101,6 +102,27 @@ enum Command {
         /// The tollgate-edge binary; by default the one beside this program.
         #[arg(long)]
         edge_binary: Option<std::path::PathBuf>,
+    },
+    /// What the cold path costs: a strict Debit whose cost exceeds what the region holds for
+    /// the account (the edge asks the authority over gRPC within the request) next to a warm
+    /// one (the region holds enough), alternating, one at a time, from the same client; p50
+    /// and p99 of both and their ratio. Starts its own redis-server, tollgate-authority (serve,
+    /// SQLite, that Redis as its one region) and tollgate-edge.
+    ///
+    /// Example: tollgate-loadtest cold-path --decisions 500 --seconds 10
+    ColdPath {
+        /// Cold decisions, and as many warm ones; one account is seeded per cold decision.
+        #[arg(long, default_value_t = 500)]
+        decisions: u64,
+        /// The measured part stops after this many seconds even when decisions are left.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// The tollgate-edge binary; by default the one beside this program.
+        #[arg(long)]
+        edge_binary: Option<std::path::PathBuf>,
+        /// The tollgate-authority binary; by default the one beside this program.
+        #[arg(long)]
+        authority_binary: Option<std::path::PathBuf>,
     },
     /// Sustained debits on the edge while a new price book version is published every
     /// interval, next to the same load with prices unchanged, in cached and strict mode. Every
@@ -405,6 +427,20 @@ async fn main() -> anyhow::Result<()> {
                 edge_binary,
             };
             edge_bench::run(bench).await
+        }
+        Command::ColdPath {
+            decisions,
+            seconds,
+            edge_binary,
+            authority_binary,
+        } => {
+            cold_path::run(cold_path::ColdPath {
+                decisions: decisions.clamp(1, cold_path::DECISIONS_MAX),
+                seconds: seconds.clamp(1, DURATION_S_MAX),
+                edge_binary,
+                authority_binary,
+            })
+            .await
         }
         Command::PriceChurn {
             clients,
