@@ -693,11 +693,14 @@ pub async fn schedules(
     }
 }
 
+/// The ledger's balance and its equation's terms. The ledger's balance is every open grant's
+/// remainder (effective or not, expired or not yet closed) less debt; what the account can
+/// spend now is `--live`'s balance, so the label says which one this is.
 fn balance_text(balance: &pb::Balance) -> String {
     let totals = balance.totals.clone().unwrap_or_default();
     render::fields(&[
         ("account", balance.account_id.clone()),
-        ("balance", balance.balance.clone()),
+        ("ledger balance", balance.balance.clone()),
         ("debt", balance.debt.clone()),
         ("overdraft limit", balance.overdraft_limit.clone()),
         ("granted", totals.granted),
@@ -713,33 +716,7 @@ fn balance_text(balance: &pb::Balance) -> String {
 
 pub async fn balance(conn: &Connection, out: &Out, args: BalanceArgs) -> Result<(), CliError> {
     if args.live || args.feature.is_some() {
-        let mut edge = conn.edge().await?;
-        let reply = conn
-            .call(
-                "GetBalance",
-                edge.get_balance(conn.request(pb::GetBalanceRequest {
-                    account_id: args.account,
-                    feature: args.feature.unwrap_or_default(),
-                })),
-            )
-            .await?;
-        let balance = reply.balance.clone().unwrap_or_default();
-        let value = json!({
-            "balance": render::balance(&balance),
-            "available": reply.available,
-            "held": reply.held,
-        });
-        out.print(value, || {
-            format!(
-                "{}{}",
-                balance_text(&balance),
-                render::fields(&[
-                    ("available", reply.available.clone()),
-                    ("held", reply.held.clone())
-                ])
-            )
-        });
-        return Ok(());
+        return live_balance(conn, out, args).await;
     }
     let mut admin = conn.admin().await?;
     let reply = conn
@@ -752,6 +729,55 @@ pub async fn balance(conn: &Connection, out: &Out, args: BalanceArgs) -> Result<
         .await?;
     let balance = reply.balance.unwrap_or_default();
     out.print(render::balance(&balance), || balance_text(&balance));
+    Ok(())
+}
+
+/// The edge's answer: the account's balance now (its grants effective and unexpired, less
+/// holds and debt, the figure every reply and gateway header carries), what it can spend, what
+/// holds set aside and what the edge's region can spend without asking. The edge keeps no
+/// ledger totals, so none are printed.
+async fn live_balance(conn: &Connection, out: &Out, args: BalanceArgs) -> Result<(), CliError> {
+    let feature = args.feature.unwrap_or_default();
+    let mut edge = conn.edge().await?;
+    let reply = conn
+        .call(
+            "GetBalance",
+            edge.get_balance(conn.request(pb::GetBalanceRequest {
+                account_id: args.account,
+                feature: feature.clone(),
+            })),
+        )
+        .await?;
+    let balance = reply.balance.clone().unwrap_or_default();
+    let value = json!({
+        "balance": {
+            "account_id": balance.account_id,
+            "balance": balance.balance,
+            "debt": balance.debt,
+            "overdraft_limit": balance.overdraft_limit,
+            "as_of": render::time_json(&balance.as_of),
+        },
+        "feature": feature,
+        "available": reply.available,
+        "held": reply.held,
+        "region_available": reply.region_available,
+    });
+    out.print(value, || {
+        let available = if feature.is_empty() {
+            "available".to_owned()
+        } else {
+            format!("available for {feature}")
+        };
+        render::fields(&[
+            ("account", balance.account_id.clone()),
+            ("balance", balance.balance.clone()),
+            ("debt", balance.debt.clone()),
+            ("overdraft limit", balance.overdraft_limit.clone()),
+            (available.as_str(), reply.available.clone()),
+            ("set aside by holds", reply.held.clone()),
+            ("this region can spend", reply.region_available.clone()),
+        ])
+    });
     Ok(())
 }
 

@@ -94,7 +94,7 @@ pub enum Command {
     Schedules(SchedulesCommand),
     /// An account's balance and the terms of its balance equation.
     #[command(
-        after_help = "Examples:\n  tollgate balance acme\n  tollgate balance acme --feature chat   # what the edge can spend now, held credits"
+        after_help = "Examples:\n  tollgate balance acme          # the ledger: its balance equation's terms\n  tollgate balance acme --live   # the account's balance now, as edges answer it\n  tollgate balance acme --feature chat   # what can be spent now on chat"
     )]
     Balance(BalanceArgs),
     /// An account's ledger entries, filtered and paginated.
@@ -138,11 +138,13 @@ pub enum Command {
     Authorize(AuthorizeArgs),
     /// Enforcement: take up to a hold's credits and release the rest.
     #[command(
-        after_help = "Examples:\n  tollgate capture acme <HOLD_ID>\n  tollgate capture acme <HOLD_ID> --amount 2.5"
+        after_help = "Examples:\n  tollgate capture acme <HOLD_ID>\n  tollgate capture acme <HOLD_ID> --amount 2.5\n  tollgate capture acme --authorize-key checkout-42   # the hold that authorize placed with that key\n\nName the hold by its id or by --authorize-key, exactly one of the two."
     )]
     Capture(CaptureArgs),
     /// Enforcement: give a hold's credits back.
-    #[command(after_help = "Examples:\n  tollgate release acme <HOLD_ID>")]
+    #[command(
+        after_help = "Examples:\n  tollgate release acme <HOLD_ID>\n  tollgate release acme --authorize-key checkout-42\n\nName the hold by its id or by --authorize-key, exactly one of the two."
+    )]
     Release(ReleaseArgs),
     /// Enforcement: price and debit in one step.
     #[command(
@@ -411,10 +413,11 @@ pub struct CreateScheduleArgs {
 #[derive(Debug, Args)]
 pub struct BalanceArgs {
     pub account: String,
-    /// Ask the edge what can be spent now on this feature (available and held credits).
+    /// Ask the edge what can be spent now on this feature (implies --live).
     #[arg(long)]
     pub feature: Option<String>,
-    /// Ask the edge (available and held credits) rather than the ledger.
+    /// Ask the edge for the account's balance now (effective grants less holds and debt), what
+    /// it can spend and what this region holds, rather than the ledger.
     #[arg(long)]
     pub live: bool,
 }
@@ -578,10 +581,21 @@ pub struct AuthorizeArgs {
     pub mutation: Mutation,
 }
 
+/// A hold, named by its id or by the idempotency key of the Authorize that placed it.
+#[derive(Debug, Args)]
+pub struct HoldName {
+    /// The hold's id, as authorize printed it; or give --authorize-key instead.
+    pub hold: Option<String>,
+    /// The idempotency key the hold was authorized with, instead of its id.
+    #[arg(long, value_name = "KEY")]
+    pub authorize_key: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct CaptureArgs {
     pub account: String,
-    pub hold: String,
+    #[command(flatten)]
+    pub hold: HoldName,
     /// At most the held amount; default: all of it.
     #[arg(long)]
     pub amount: Option<String>,
@@ -592,7 +606,8 @@ pub struct CaptureArgs {
 #[derive(Debug, Args)]
 pub struct ReleaseArgs {
     pub account: String,
-    pub hold: String,
+    #[command(flatten)]
+    pub hold: HoldName,
     #[command(flatten)]
     pub mutation: Mutation,
 }

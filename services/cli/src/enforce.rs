@@ -4,7 +4,9 @@ use serde_json::json;
 use tollgate_proto::pb;
 
 use crate::admin::key_of;
-use crate::cli::{AuthorizeArgs, CaptureArgs, DebitArgs, QuoteArgs, ReleaseArgs, ReverseArgs};
+use crate::cli::{
+    AuthorizeArgs, CaptureArgs, DebitArgs, HoldName, QuoteArgs, ReleaseArgs, ReverseArgs,
+};
 use crate::client::Connection;
 use crate::error::CliError;
 use crate::output::Out;
@@ -88,8 +90,28 @@ pub async fn authorize(conn: &Connection, out: &Out, args: AuthorizeArgs) -> Res
     }
 }
 
+/// The hold a capture or release names, as the request's `(hold_id, authorize_key)`: exactly
+/// one of the hold's id and `--authorize-key`, checked before anything is sent.
+pub fn hold_named(name: HoldName) -> Result<(String, String), CliError> {
+    let given = |value: Option<String>| value.filter(|v| !v.trim().is_empty());
+    match (given(name.hold), given(name.authorize_key)) {
+        (Some(hold), None) => Ok((hold, String::new())),
+        (None, Some(key)) => Ok((String::new(), key)),
+        (Some(_), Some(_)) => Err(CliError::input(
+            "--authorize-key",
+            "name the hold by its id or by --authorize-key, not both",
+        )),
+        (None, None) => Err(CliError::input(
+            "--authorize-key",
+            "name the hold: its id (HOLD) or the idempotency key it was authorized with \
+             (--authorize-key KEY)",
+        )),
+    }
+}
+
 pub async fn capture(conn: &Connection, out: &Out, args: CaptureArgs) -> Result<(), CliError> {
     let key = key_of(&args.mutation)?;
+    let (hold_id, authorize_key) = hold_named(args.hold)?;
     let amount = match &args.amount {
         Some(amount) => parse::positive_amount("--amount", amount)?,
         None => String::new(),
@@ -101,9 +123,9 @@ pub async fn capture(conn: &Connection, out: &Out, args: CaptureArgs) -> Result<
             edge.capture(conn.request(pb::CaptureRequest {
                 idempotency_key: key.clone(),
                 account_id: args.account,
-                hold_id: args.hold,
+                hold_id,
                 amount,
-                authorize_key: String::new(),
+                authorize_key,
             })),
         )
         .await?;
@@ -150,6 +172,7 @@ fn print_returned(out: &Out, label: &str, amount: &str, balance_after: &str, key
 
 pub async fn release(conn: &Connection, out: &Out, args: ReleaseArgs) -> Result<(), CliError> {
     let key = key_of(&args.mutation)?;
+    let (hold_id, authorize_key) = hold_named(args.hold)?;
     let mut edge = conn.edge().await?;
     let reply = conn
         .call(
@@ -157,8 +180,8 @@ pub async fn release(conn: &Connection, out: &Out, args: ReleaseArgs) -> Result<
             edge.release(conn.request(pb::ReleaseRequest {
                 idempotency_key: key.clone(),
                 account_id: args.account,
-                hold_id: args.hold,
-                authorize_key: String::new(),
+                hold_id,
+                authorize_key,
             })),
         )
         .await?;
@@ -284,4 +307,34 @@ pub async fn quote(conn: &Connection, out: &Out, args: QuoteArgs) -> Result<(), 
         render::fields(&fields)
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(hold: Option<&str>, key: Option<&str>) -> Result<(String, String), String> {
+        hold_named(HoldName {
+            hold: hold.map(str::to_owned),
+            authorize_key: key.map(str::to_owned),
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_hold_is_named_by_its_id_or_its_authorize_key_never_both() {
+        assert_eq!(named(Some("h1"), None), Ok(("h1".into(), String::new())));
+        assert_eq!(named(None, Some("k1")), Ok((String::new(), "k1".into())));
+        let both = named(Some("h1"), Some("k1")).unwrap_err();
+        assert!(
+            both.starts_with("--authorize-key:") && both.contains("not both"),
+            "{both}"
+        );
+        let neither = named(None, None).unwrap_err();
+        assert!(neither.starts_with("--authorize-key:"), "{neither}");
+        assert!(
+            named(None, Some(" ")).is_err(),
+            "an empty key names nothing"
+        );
+    }
 }

@@ -19,7 +19,7 @@ pub fn time(at: &Option<prost_types::Timestamp>) -> String {
     }
 }
 
-fn time_json(at: &Option<prost_types::Timestamp>) -> Value {
+pub fn time_json(at: &Option<prost_types::Timestamp>) -> Value {
     match at {
         Some(_) => Value::String(time(at)),
         None => Value::Null,

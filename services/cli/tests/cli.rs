@@ -510,6 +510,128 @@ fn holds_schedules_and_grant_corrections_through_the_cli() {
     assert_eq!(replay["balance_after"], first["balance_after"]);
 }
 
+/// Authorizes `quantity` chat messages for `acme` under `key`; answers the hold's id.
+fn authorize(node: &DevNode, quantity: &str, key: &str) -> String {
+    let held = node
+        .tollgate(&[
+            "--json",
+            "authorize",
+            "acme",
+            "--feature",
+            "chat",
+            "--quantity",
+            quantity,
+            "--idempotency-key",
+            key,
+        ])
+        .ok()
+        .json();
+    held["hold_id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn capture_and_release_name_the_hold_by_its_authorize_key() {
+    let node = DevNode::start();
+    seed(&node);
+
+    authorize(&node, "4", "hold-a");
+    let captured = node
+        .tollgate(&[
+            "--json",
+            "capture",
+            "acme",
+            "--authorize-key",
+            "hold-a",
+            "--amount",
+            "1.5",
+        ])
+        .ok()
+        .json();
+    assert_eq!(captured["captured"], "1.5");
+    assert_eq!(captured["released"], "0.5");
+    authorize(&node, "2", "hold-b");
+    let released = node
+        .tollgate(&["--json", "release", "acme", "--authorize-key", "hold-b"])
+        .ok()
+        .json();
+    assert_eq!(released["released"], "1");
+
+    // Exactly one of the hold's id and --authorize-key: both or neither is a usage error that
+    // names the flag, and nothing is sent.
+    let hold = authorize(&node, "2", "hold-c");
+    let both = node.tollgate(&["capture", "acme", &hold, "--authorize-key", "hold-c"]);
+    assert_eq!(both.code, 2, "{both:?}");
+    assert!(
+        both.stderr.contains("error: --authorize-key:") && both.stderr.contains("not both"),
+        "{both:?}"
+    );
+    let neither = node.tollgate(&["release", "acme"]);
+    assert_eq!(neither.code, 2, "{neither:?}");
+    assert!(
+        neither
+            .stderr
+            .contains("error: --authorize-key: name the hold"),
+        "{neither:?}"
+    );
+    // Nothing was sent: the hold is still there to release, by its id.
+    let released = node
+        .tollgate(&["--json", "release", "acme", &hold])
+        .ok()
+        .json();
+    assert_eq!(released["released"], "1");
+}
+
+#[test]
+fn balance_live_is_the_accounts_balance_after_debits_and_reconciliation() {
+    let node = DevNode::start();
+    seed(&node);
+    let hold = authorize(&node, "4", "hold-a");
+    node.tollgate(&["capture", "acme", &hold, "--amount", "1.5"])
+        .ok();
+    // A grant that starts later is in the ledger's sum, not in the account's balance.
+    node.tollgate(&[
+        "grants",
+        "issue",
+        "acme",
+        "--amount",
+        "5",
+        "--grant-id",
+        "later",
+        "--effective-at",
+        "2099-01-01",
+    ])
+    .ok();
+    node.tollgate(&["debit", "acme", "--feature", "chat", "--quantity", "3"])
+        .ok();
+    // Reconciled: 10 + 5 - 1.5 captured - 1.5 debited in the ledger.
+    assert_eq!(wait_for_balance(&node, "acme", "12"), "12");
+
+    // --live: the account's balance now (10 - 1.5 - 1.5), what the region can spend, and no
+    // ledger totals the edge does not keep.
+    let live = node
+        .tollgate(&["--json", "balance", "acme", "--live"])
+        .ok()
+        .json();
+    assert_eq!(live["balance"]["balance"], "7", "{live}");
+    assert_eq!(live["available"], "7", "{live}");
+    assert_eq!(live["held"], "0", "{live}");
+    assert!(live["region_available"].is_string(), "{live}");
+    assert!(live["balance"].get("entry_count").is_none(), "{live}");
+    assert!(live["balance"].get("totals").is_none(), "{live}");
+    let table = node.tollgate(&["balance", "acme", "--live"]).ok();
+    let balance_line = table
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("balance "))
+        .unwrap_or_else(|| panic!("{table:?}"));
+    assert!(balance_line.ends_with(" 7"), "{table:?}");
+    assert!(!table.stdout.contains("entries"), "{table:?}");
+    assert!(table.stdout.contains("this region can spend"), "{table:?}");
+    // Without --live, the ledger: its balance counts the grant that starts later, and says so.
+    let ledger = node.tollgate(&["balance", "acme"]).ok();
+    assert!(ledger.stdout.contains("ledger balance   12"), "{ledger:?}");
+}
+
 #[test]
 fn a_server_that_never_answers_is_a_timeout_exit_6() {
     // A socket that accepts TCP connections (the kernel's backlog) but never speaks gRPC.

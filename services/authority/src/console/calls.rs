@@ -15,7 +15,6 @@ pub const PAGE_SIZE: u32 = 1_000;
 #[tonic::async_trait]
 pub trait AdminCalls {
     async fn call_account(&self, account: &str) -> Result<pb::Account, Status>;
-    async fn call_get_balance(&self, account: &str) -> Result<pb::AdminGetBalanceReply, Status>;
     async fn call_grants(&self, account: &str, open_only: bool) -> Result<Vec<pb::Grant>, Status>;
     /// Entries matching `request`; `truncated` when more than [`PAGES_MAX`] pages matched.
     async fn call_entries(
@@ -43,15 +42,6 @@ impl AdminCalls for AdminService {
         reply
             .account
             .ok_or_else(|| Status::internal("get account: reply without an account"))
-    }
-
-    async fn call_get_balance(&self, account: &str) -> Result<pb::AdminGetBalanceReply, Status> {
-        Ok(self
-            .get_balance(Request::new(pb::AdminGetBalanceRequest {
-                account_id: account.to_owned(),
-            }))
-            .await?
-            .into_inner())
     }
 
     async fn call_grants(&self, account: &str, open_only: bool) -> Result<Vec<pb::Grant>, Status> {

@@ -10,6 +10,7 @@
 //! The widget (`/widget`) is a small page for an account's own users, authorised by a
 //! short-lived HMAC-signed token for that one account (see [`widget`]).
 
+mod balance;
 mod calls;
 pub mod chart;
 pub mod html;

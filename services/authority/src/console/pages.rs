@@ -11,13 +11,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use rust_decimal::Decimal;
-use tollgate_core::Timestamp;
+use tollgate_core::{AccountId, Credits, RegionId, Timestamp};
 use tollgate_ledger::PageRequest;
 use tollgate_proto::decode::timestamp_to_pb;
 use tollgate_proto::pb;
 use tollgate_proto::pb::admin_server::Admin as _;
 use tonic::Request;
 
+use super::balance::{self, AccountBalance};
 use super::calls::AdminCalls as _;
 use super::chart::{self, Usage};
 use super::html::{self, csrf_field, esc, hidden, table, url, Cell, Viewer};
@@ -267,59 +268,37 @@ async fn home(
         .parse()
         .map_err(|_| bad(format!("below: {below_text:?} is not a number of credits")))?;
     let accounts = scan_accounts(&console).await?;
-    let mut low: Vec<&tollgate_ledger::AccountSnapshot> = accounts
-        .iter()
-        .filter(|a| decimal(&a.balance.to_string()) < below)
-        .collect();
-    low.sort_by_key(|a| a.balance);
+    let low = low_balances(&console, &accounts, below).await?;
     let low_rows: Vec<Vec<Cell>> = low
         .iter()
-        .take(LIST_ROWS_MAX)
-        .map(|a| {
+        .map(|(account, told)| {
             vec![
-                account_link(a.account.as_str()),
-                Cell::Num(a.balance.to_string()),
-                Cell::Num(a.debt.to_string()),
+                account_link(account.as_str()),
+                Cell::Num(told.balance.to_string()),
+                Cell::Num(told.debt.to_string()),
             ]
         })
         .collect();
-    let soon_ms = console.now_ms() + EXPIRING_SOON_DAYS * DAY_MS;
+    let now = console.clock.now();
+    let soon_ms = now.millis() + EXPIRING_SOON_DAYS * DAY_MS;
     let soon = Timestamp::from_millis(soon_ms).unwrap_or(Timestamp::MAX);
-    let expiring = console
+    let listed = console
         .ledger
         .grants_expiring(soon, LIST_ROWS_MAX as u32)
         .await?;
-    let expiring_rows: Vec<Vec<Cell>> = expiring
-        .iter()
-        .map(|g| {
-            vec![
-                account_link(g.account.as_str()),
-                Cell::Text(g.grant.id.to_string()),
-                Cell::Num(g.grant.remaining.to_string()),
-                Cell::Text(
-                    g.grant
-                        .expires_at
-                        .map(|at| html::millis(at.millis()))
-                        .unwrap_or_else(|| "never".into()),
-                ),
-            ]
-        })
-        .collect();
     let body = format!(
         "<h1>Accounts</h1>{search}\
          <h2>Low balance (under {below})</h2>\
          <form method=\"get\" action=\"/console\">Threshold <input name=\"below\" size=\"8\" value=\"{below_attr}\"> <button>Show</button></form>{low}\
-         <h2>Credits expiring within {EXPIRING_SOON_DAYS} days</h2>{expiring}\
+         <p class=\"muted\">The balance is the account's: grants effective and unexpired now, \
+         less holds in flight, less debt. Accounts are chosen by their ledger (holds are read for \
+         the accounts listed).</p>{expiry}\
          <p class=\"muted\">{scanned} accounts scanned{more}.</p>",
         search = search_form(""),
         below = esc(&below_text),
         below_attr = esc(&below_text),
         low = table(&["account", "balance", "debt"], &low_rows, "low-balance"),
-        expiring = table(
-            &["account", "grant", "remaining", "expires at"],
-            &expiring_rows,
-            "expiring-soon"
-        ),
+        expiry = expiry_sections(&listed, now),
         scanned = accounts.len(),
         more = if accounts.len() >= ACCOUNTS_SCAN_MAX {
             " (the first ones by id; more exist)"
@@ -328,6 +307,114 @@ async fn home(
         },
     );
     Ok(render(&session, "Accounts", &body))
+}
+
+/// The home page's two lists of grants by expiry: those expiring within
+/// [`EXPIRING_SOON_DAYS`], and apart those already past their expiry that the expiry run has
+/// not closed yet (never called "expiring": their credits are in no balance already).
+fn expiry_sections(listed: &[tollgate_ledger::GrantRecord], now: Timestamp) -> String {
+    let (expiring, lapsed) = split_expiring(listed, now);
+    let at = |at: Option<Timestamp>| {
+        at.map(|at| html::millis(at.millis()))
+            .unwrap_or_else(|| "never".into())
+    };
+    let expiring_rows: Vec<Vec<Cell>> = expiring
+        .iter()
+        .map(|g| {
+            let note = if now < g.grant.effective_at {
+                format!("starts {}", html::millis(g.grant.effective_at.millis()))
+            } else {
+                String::new()
+            };
+            vec![
+                account_link(g.account.as_str()),
+                Cell::Text(g.grant.id.to_string()),
+                Cell::Num(g.grant.remaining.to_string()),
+                Cell::Text(at(g.grant.expires_at)),
+                Cell::Text(note),
+            ]
+        })
+        .collect();
+    let lapsed_rows: Vec<Vec<Cell>> = lapsed
+        .iter()
+        .map(|g| {
+            vec![
+                account_link(g.account.as_str()),
+                Cell::Text(g.grant.id.to_string()),
+                Cell::Num(g.grant.remaining.to_string()),
+                Cell::Text(format!(
+                    "expired {}, awaiting the expiry run",
+                    at(g.grant.expires_at)
+                )),
+            ]
+        })
+        .collect();
+    format!(
+        "<h2>Credits expiring within {EXPIRING_SOON_DAYS} days</h2>{expiring}\
+         <h2>Past expiry, awaiting the expiry run</h2>\
+         <p class=\"muted\">Grants whose expiry has passed and that the lifecycle has not expired \
+         yet: expiry is final once every region has reconciled past it. They are in no balance.\
+         </p>{lapsed}{more}",
+        expiring = table(
+            &["account", "grant", "remaining", "expires at", "note"],
+            &expiring_rows,
+            "expiring-soon"
+        ),
+        lapsed = table(
+            &["account", "grant", "remaining", "expired"],
+            &lapsed_rows,
+            "expired-awaiting"
+        ),
+        more = if listed.len() >= LIST_ROWS_MAX {
+            format!(
+                "<p class=\"muted\">The first {LIST_ROWS_MAX} grants by expiry; more exist.</p>"
+            )
+        } else {
+            String::new()
+        },
+    )
+}
+
+/// Grants the ledger lists as expiring by a date, split at `now`: those still to expire, and
+/// those already past their expiry that the expiry run has not closed yet.
+fn split_expiring(
+    listed: &[tollgate_ledger::GrantRecord],
+    now: Timestamp,
+) -> (
+    Vec<&tollgate_ledger::GrantRecord>,
+    Vec<&tollgate_ledger::GrantRecord>,
+) {
+    listed
+        .iter()
+        .partition(|g| g.grant.expires_at.is_none_or(|at| now < at))
+}
+
+/// Accounts whose balance is under `below`, lowest first, at most [`LIST_ROWS_MAX`]: chosen
+/// by the ledger's part of the balance (one grants read per account scanned), then less the
+/// holds in flight of the accounts listed (holds only lower a balance, so they stay listed).
+async fn low_balances(
+    console: &Console,
+    accounts: &[tollgate_ledger::AccountSnapshot],
+    below: Decimal,
+) -> Result<Vec<(AccountId, AccountBalance)>, Failure> {
+    let mut low = Vec::new();
+    for snapshot in accounts {
+        let told = console
+            .ledger_balance(&snapshot.account, snapshot.debt)
+            .await?;
+        if told.balance.to_decimal() < below {
+            low.push((snapshot.account.clone(), told));
+        }
+    }
+    low.sort_by_key(|(account, told)| (told.balance, account.clone()));
+    low.truncate(LIST_ROWS_MAX);
+    let mut listed = Vec::with_capacity(low.len());
+    for (account, told) in low {
+        let (held, unread) = balance::held_in(&console.region_views(&account).await);
+        listed.push((account, told.less_holds(held, unread)));
+    }
+    listed.sort_by_key(|(account, told)| (told.balance, account.clone()));
+    Ok(listed)
 }
 
 fn decimal(text: &str) -> Decimal {
@@ -395,18 +482,19 @@ async fn find_accounts(
         );
     }
     let lowered = wanted.to_lowercase();
-    let rows: Vec<Vec<Cell>> = accounts
+    let mut rows: Vec<Vec<Cell>> = Vec::new();
+    for found in accounts
         .iter()
         .filter(|a| a.account.as_str().to_lowercase().contains(&lowered))
         .take(LIST_ROWS_MAX)
-        .map(|a| {
-            vec![
-                account_link(a.account.as_str()),
-                Cell::Num(a.balance.to_string()),
-                Cell::Text(html::millis(a.created_at.millis())),
-            ]
-        })
-        .collect();
+    {
+        let told = console.account_balance(&found.account).await?;
+        rows.push(vec![
+            account_link(found.account.as_str()),
+            Cell::Num(told.balance.to_string()),
+            Cell::Text(html::millis(found.created_at.millis())),
+        ]);
+    }
     let body = format!(
         "<h1>Accounts matching “{}”</h1>{}{}",
         esc(wanted),
@@ -442,8 +530,17 @@ async fn account_page(
     let (_, session) = console.signed_in(&headers)?;
     let (window_name, window_ms, bucket, bucket_ms) = window(query.window.as_deref())?;
     let details = console.admin.call_account(&account).await?;
-    let balance = details.balance.clone().unwrap_or_default();
+    let ledger = details.balance.clone().unwrap_or_default();
     let grants = console.admin.call_grants(&account, false).await?;
+    let id = account_id(&account)?;
+    let debt = Credits::parse(&ledger.debt)
+        .map_err(|e| bad(format!("debt: {:?} from the ledger: {e}", ledger.debt)))?;
+    let views = console.region_views(&id).await;
+    let (held, unread) = balance::held_in(&views);
+    let told = console
+        .ledger_balance(&id, debt)
+        .await?
+        .less_holds(held, unread);
     let now_ms = console.now_ms();
     let from_ms = now_ms - window_ms;
     let mut body = String::new();
@@ -457,22 +554,25 @@ async fn account_page(
         body,
         "<h1 id=\"account-id\">{}</h1><div class=\"cards\">\
          <div class=\"card\">Balance<b id=\"balance\">{}</b></div>\
+         <div class=\"card\">Set aside by holds in flight<b id=\"held\">{}</b></div>\
          <div class=\"card\">Debt<b id=\"debt\">{}</b></div>\
          <div class=\"card\">Overdraft limit<b>{}</b></div>\
          <div class=\"card\">Plan<b id=\"plan\">{}</b></div>\
          <div class=\"card\">Ledger entries<b>{}</b></div></div>",
         esc(&account),
-        esc(&balance.balance),
-        esc(&balance.debt),
-        esc(&balance.overdraft_limit),
+        told.balance,
+        told.held,
+        told.debt,
+        esc(&ledger.overdraft_limit),
         esc(&plan),
-        balance.entry_count,
+        ledger.entry_count,
     );
-    body.push_str(&totals_table(&balance));
-    body.push_str(&scope_table(&grants));
-    body.push_str(&region_table(&console, &account).await);
+    body.push_str(&balance_terms(&told));
+    body.push_str(&totals_table(&ledger));
+    body.push_str(&scope_table(&told));
+    body.push_str(&region_table(&views, console.clock.now()));
     body.push_str("<h2>Grants</h2>");
-    body.push_str(&grants_table(&grants));
+    body.push_str(&grants_table(&grants, &told));
     body.push_str(
         &usage_section(
             &console,
@@ -497,6 +597,45 @@ async fn account_page(
     Ok(render(&session, &account, &body))
 }
 
+fn account_id(account: &str) -> Result<AccountId, Failure> {
+    AccountId::new(account).map_err(|e| bad(format!("account_id: {e}")))
+}
+
+/// What the balance is made of, and what it leaves out and why.
+fn balance_terms(told: &AccountBalance) -> String {
+    let mut out = format!(
+        "<p class=\"muted\" id=\"balance-terms\">The account's balance: its grants effective and \
+         unexpired now ({}), less credits set aside by holds in flight ({}), less debt ({}). \
+         It is the figure edges answer with (GetBalance, balance after, the gateway's header); \
+         spends an edge made that the authority has not reconciled yet are not in it.",
+        told.effective, told.held, told.debt
+    );
+    if !told.upcoming.is_empty() {
+        let _ = write!(
+            out,
+            " Not counted: {} credits of grants not effective yet (the first starts {}).",
+            told.upcoming_total(),
+            esc(&html::millis(told.upcoming[0].at.millis()))
+        );
+    }
+    if !told.lapsed.is_empty() {
+        let _ = write!(
+            out,
+            " Not counted: {} credits of grants past their expiry, awaiting the expiry run.",
+            told.lapsed_total()
+        );
+    }
+    for unread in &told.holds_unread {
+        let _ = write!(
+            out,
+            " Holds not read in region {} (not subtracted).",
+            esc(unread)
+        );
+    }
+    out.push_str("</p>");
+    out
+}
+
 fn totals_table(balance: &pb::Balance) -> String {
     let totals = balance.totals.clone().unwrap_or_default();
     let rows = vec![vec![
@@ -517,47 +656,56 @@ fn totals_table(balance: &pb::Balance) -> String {
     )
 }
 
-/// Open grants' remainders summed per scope.
-/// What each region holds for the account now, read from the regional stores: the slices of
-/// grants it may spend, credits set aside by holds in flight, credits out on edge leases, and
-/// its overdraft room.
-async fn region_table(console: &Console, account: &str) -> String {
-    let intro = "<h2>In each region</h2><p class=\"muted\">The balance above is the account's \
-         whole balance in the ledger; the authority hands slices of it to regions. A captured \
-         hold appears in the ledger as a debit once reconciled.</p>";
-    let Some(lifecycle) = &console.lifecycle else {
+/// What each region holds of the account now, read from the regional stores: slices of the
+/// balance handed out so edges decide without leaving their region (never a second balance
+/// nor what the account can spend), credits set aside by holds in flight, credits out on edge
+/// leases, and its overdraft room.
+fn region_table(
+    views: &[(RegionId, Result<tollgate_region::AccountView, String>)],
+    now: Timestamp,
+) -> String {
+    let intro = "<h2>Held by each region</h2><p class=\"muted\">Slices of the balance above that \
+         the authority handed to regions so edges decide without leaving them. They are part of \
+         the balance, not in addition to it, and not a limit on it: a spend a region cannot pay \
+         makes its edge ask the authority for the rest. A captured hold appears in the ledger as \
+         a debit once reconciled.</p>";
+    if views.is_empty() {
         return format!("{intro}<p class=\"muted\">No region runs with this authority.</p>");
-    };
-    let Ok(id) = tollgate_core::AccountId::new(account) else {
-        return String::new();
-    };
-    let now = tollgate_core::Timestamp::from_millis(console.now_ms())
-        .unwrap_or(tollgate_core::Timestamp::EPOCH);
-    let rows: Vec<Vec<Cell>> = lifecycle
-        .region_views(id)
-        .await
-        .into_iter()
+    }
+    let rows: Vec<Vec<Cell>> = views
+        .iter()
         .map(|(region, view)| match view {
             Ok(view) => {
-                let spendable: i64 = view
-                    .segments
-                    .iter()
-                    .filter(|s| s.expires_at.is_none_or(|e| now < e))
-                    .map(|s| s.remaining.micros())
-                    .sum();
+                let (active, inactive) = view.segments.iter().fold(
+                    (Credits::ZERO, Credits::ZERO),
+                    |(active, inactive), s| {
+                        let add =
+                            |sum: Credits| sum.checked_add(s.remaining).unwrap_or(Credits::MAX);
+                        if s.is_active_at(now) {
+                            (add(active), inactive)
+                        } else {
+                            (active, add(inactive))
+                        }
+                    },
+                );
                 let room = view
                     .overdraft_limit
                     .saturating_sub_floor_zero(view.overdraft_used);
+                let pool = if inactive.is_positive() {
+                    format!("{active} (and {inactive} of grants not effective now, not counted)")
+                } else {
+                    active.to_string()
+                };
                 vec![
-                    Cell::Text(region.to_string()),
-                    Cell::Num(tollgate_core::Credits::from_micros(spendable).to_string()),
-                    Cell::Num(format!("{} ({})", view.held, view.holds_pending)),
+                    Cell::Text(format!("held by region {region}")),
+                    Cell::Num(pool),
                     Cell::Num(format!("{} ({})", view.leased, view.leases)),
+                    Cell::Num(format!("{} ({})", view.held, view.holds_pending)),
                     Cell::Num(room.to_string()),
                 ]
             }
             Err(why) => vec![
-                Cell::Text(region.to_string()),
+                Cell::Text(format!("held by region {region}")),
                 Cell::Text(format!("unavailable: {why}")),
                 Cell::Text(String::new()),
                 Cell::Text(String::new()),
@@ -570,9 +718,9 @@ async fn region_table(console: &Console, account: &str) -> String {
         table(
             &[
                 "region",
-                "allocated, spendable",
-                "held by holds in flight (holds)",
+                "in the region's pool",
                 "out on edge leases (leases)",
+                "set aside by holds in flight (holds)",
                 "overdraft room",
             ],
             &rows,
@@ -581,32 +729,21 @@ async fn region_table(console: &Console, account: &str) -> String {
     )
 }
 
-fn scope_table(grants: &[pb::Grant]) -> String {
-    let mut per_scope: BTreeMap<String, Decimal> = BTreeMap::new();
-    for grant in grants
+/// The effective credits per scope (grants effective and unexpired now).
+fn scope_table(told: &AccountBalance) -> String {
+    let rows: Vec<Vec<Cell>> = told
+        .per_scope
         .iter()
-        .filter(|g| g.state == i32::from(pb::GrantState::Open))
-    {
-        *per_scope
-            .entry(html::scope(grant.scope.as_ref()))
-            .or_default() += decimal(&grant.remaining);
-    }
-    let rows: Vec<Vec<Cell>> = per_scope
-        .into_iter()
-        .map(|(scope, credits)| {
-            vec![
-                Cell::Text(scope),
-                Cell::Num(credits.normalize().to_string()),
-            ]
-        })
+        .map(|(scope, credits)| vec![Cell::Text(scope.clone()), Cell::Num(credits.to_string())])
         .collect();
     format!(
-        "<h2>Balance per scope</h2>{}",
+        "<h2>Effective credits per scope</h2><p class=\"muted\">Grants effective and unexpired \
+         now, before holds and debt.</p>{}",
         table(&["features", "credits"], &rows, "per-scope")
     )
 }
 
-fn grants_table(grants: &[pb::Grant]) -> String {
+fn grants_table(grants: &[pb::Grant], told: &AccountBalance) -> String {
     let mut sorted: Vec<&pb::Grant> = grants.iter().collect();
     // Open grants first, in the order they burn: priority, then expiry (none last).
     sorted.sort_by_key(|g| {
@@ -629,7 +766,7 @@ fn grants_table(grants: &[pb::Grant]) -> String {
                 Cell::Text(html::time(g.effective_at.as_ref())),
                 Cell::Text(html::time(g.expires_at.as_ref())),
                 Cell::Text(html::scope(g.scope.as_ref())),
-                Cell::Text(html::grant_state(g.state)),
+                Cell::Text(grant_standing(g, told)),
             ]
         })
         .collect();
@@ -648,6 +785,25 @@ fn grants_table(grants: &[pb::Grant]) -> String {
         &rows,
         "grants",
     )
+}
+
+/// A grant's state as support reads it: an open grant the balance leaves out says why.
+fn grant_standing(grant: &pb::Grant, told: &AccountBalance) -> String {
+    let find = |list: &[balance::GrantAside]| {
+        list.iter()
+            .find(|aside| aside.grant.as_str() == grant.grant_id)
+            .map(|aside| html::millis(aside.at.millis()))
+    };
+    if grant.state != i32::from(pb::GrantState::Open) {
+        return html::grant_state(grant.state);
+    }
+    if let Some(starts) = find(&told.upcoming) {
+        return format!("open, starts {starts} (not in the balance yet)");
+    }
+    if let Some(expired) = find(&told.lapsed) {
+        return format!("expired {expired}, awaiting the expiry run (not in the balance)");
+    }
+    html::grant_state(grant.state)
 }
 
 async fn usage_section(
@@ -1046,8 +1202,25 @@ fn rate_of(versions: &[pb::PriceBookVersion], debit: &pb::Entry) -> Option<Strin
 
 // ---- Changes to one account --------------------------------------------------------------
 
-/// A ledger mutation's outcome as a page: the receipt, or why nothing moved.
-fn outcome_page(
+/// The account's balance right after a change, as its page shows it; why not, when it cannot
+/// be told.
+async fn balance_now(console: &Console, account: &str) -> String {
+    let told = match AccountId::new(account) {
+        Ok(id) => console.account_balance(&id).await,
+        Err(e) => Err(bad(format!("account_id: {e}"))),
+    };
+    match told {
+        Ok(told) => told.balance.to_string(),
+        Err(Failure::Page(_, why)) => format!("unavailable ({why})"),
+        Err(Failure::SignIn) => "unavailable".into(),
+    }
+}
+
+/// A ledger mutation's outcome as a page: the receipt and the account's balance after it, or
+/// why nothing moved. The receipt's own `balance_after` is the ledger's sum of every open
+/// grant (effective or not) less debt, so the page shows the account's balance instead.
+async fn outcome_page(
+    console: &Console,
     session: &Session,
     account: &str,
     what: &str,
@@ -1066,7 +1239,7 @@ fn outcome_page(
                 } else {
                     ""
                 },
-                esc(&receipt.balance_after)
+                esc(&balance_now(console, account).await)
             );
             let rows: Vec<Vec<Cell>> = receipt
                 .movements
@@ -1193,7 +1366,7 @@ async fn issue_grant(
             ),
         )
         .await;
-    Ok(outcome_page(&session, &account, "Grant", reply))
+    Ok(outcome_page(&console, &session, &account, "Grant", reply).await)
 }
 
 fn source_of_name(source: pb::GrantSource) -> String {
@@ -1290,7 +1463,7 @@ async fn refund(
             ),
         )
         .await;
-    Ok(outcome_page(&session, &account, "Refund", reply))
+    Ok(outcome_page(&console, &session, &account, "Refund", reply).await)
 }
 
 async fn adjust(
@@ -1339,7 +1512,7 @@ async fn adjust(
             format!("{amount} ({why}) {}", refused_or_done(&reply)),
         )
         .await;
-    Ok(outcome_page(&session, &account, "Adjustment", reply))
+    Ok(outcome_page(&console, &session, &account, "Adjustment", reply).await)
 }
 
 async fn change_plan(
@@ -1783,4 +1956,53 @@ async fn changes_page(State(console): State<Arc<Console>>, headers: http::Header
         table(&["at", "key", "action", "account", "detail"], &rows, "changes")
     );
     Ok(render(&session, "Changes", &body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, effective_ms: i64, expires_ms: i64) -> tollgate_ledger::GrantRecord {
+        let at = |ms| Timestamp::from_millis(ms).unwrap();
+        let grant = tollgate_core::Grant::new(
+            tollgate_core::GrantId::new(id).unwrap(),
+            Credits::from_whole(5).unwrap(),
+            tollgate_core::GrantSource::Promo,
+            at(effective_ms),
+        )
+        .with_expiry(at(expires_ms));
+        tollgate_ledger::GrantRecord {
+            account: AccountId::new("acme").unwrap(),
+            grant,
+            metadata: Default::default(),
+            created_at: at(0),
+        }
+    }
+
+    #[test]
+    fn a_grant_past_its_expiry_is_listed_apart_never_as_expiring() {
+        let now = Timestamp::from_millis(10 * DAY_MS).unwrap();
+        let listed = [
+            record("gone", 0, 10 * DAY_MS - HOUR_MS),
+            record("at-now", 0, 10 * DAY_MS),
+            record("soon", 0, 12 * DAY_MS),
+            record("later", 11 * DAY_MS, 13 * DAY_MS),
+        ];
+        let html = expiry_sections(&listed, now);
+        let (expiring, lapsed) = html.split_once("id=\"expired-awaiting\"").unwrap();
+        assert!(expiring.contains(">soon<") && expiring.contains(">later<"));
+        assert!(
+            expiring.contains("starts 1970-01-12 00:00 UTC"),
+            "{expiring}"
+        );
+        assert!(!expiring.contains(">gone<") && !expiring.contains(">at-now<"));
+        assert!(
+            lapsed.contains(">gone<") && lapsed.contains(">at-now<"),
+            "{lapsed}"
+        );
+        assert!(
+            lapsed.contains("expired 1970-01-10 23:00 UTC, awaiting the expiry run"),
+            "{lapsed}"
+        );
+    }
 }

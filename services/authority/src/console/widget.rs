@@ -238,27 +238,34 @@ async fn widget_body(
     query: &WidgetQuery,
     now_ms: i64,
 ) -> Result<String, Failure> {
-    let balance = console
-        .admin
-        .call_get_balance(account.as_str())
-        .await?
-        .balance
-        .unwrap_or_default();
+    // The account's balance, told as the console's account page tells it (and as edges do).
+    let told = console.account_balance(account).await?;
     let burn = burn_per_day(console, account, now_ms).await;
     let next = next_expiring(console, account, now_ms).await?;
     let mut out = format!(
         "<div class=\"muted\">Credits of <b>{}</b></div><div class=\"big\" id=\"widget-balance\">{}</div>",
         esc(account.as_str()),
-        esc(&balance.balance)
+        told.balance
     );
-    if balance.debt != "0" && !balance.debt.is_empty() {
-        let _ = write!(
-            out,
-            "<div class=\"error\">owed: {}</div>",
-            esc(&balance.debt)
-        );
+    if told.debt.is_positive() {
+        let _ = write!(out, "<div class=\"error\">owed: {}</div>", told.debt);
     }
     out.push_str("<dl>");
+    if told.held.is_positive() {
+        let _ = write!(
+            out,
+            "<dt>Set aside for actions in progress</dt><dd id=\"widget-held\">{} (not in the balance)</dd>",
+            told.held
+        );
+    }
+    if let Some(first) = told.upcoming.first() {
+        let _ = write!(
+            out,
+            "<dt>Starts later</dt><dd id=\"widget-upcoming\">{} credits, starts {} (not in the balance yet)</dd>",
+            first.remaining,
+            esc(&html::millis(first.at.millis()))
+        );
+    }
     let _ = write!(
         out,
         "<dt>Burn rate</dt><dd id=\"widget-burn\">{}</dd>",
@@ -309,18 +316,25 @@ async fn burn_per_day(console: &Console, account: &AccountId, now_ms: i64) -> St
     }
 }
 
-/// The open grant that expires soonest, as markup.
+/// The open grant in the balance (effective now, credits left) that expires soonest, as
+/// markup. A grant not effective yet is not in the balance, so its expiry is not news here.
 async fn next_expiring(
     console: &Console,
     account: &AccountId,
     now_ms: i64,
 ) -> Result<String, Failure> {
     let grants = console.admin.call_grants(account.as_str(), true).await?;
+    let millis = |at: &prost_types::Timestamp| at.seconds * 1_000 + i64::from(at.nanos) / 1_000_000;
     let next = grants
         .iter()
         .filter(|g| g.remaining != "0")
+        .filter(|g| {
+            g.effective_at
+                .as_ref()
+                .is_none_or(|at| millis(at) <= now_ms)
+        })
         .filter_map(|g| g.expires_at.map(|at| (at, g)))
-        .filter(|(at, _)| at.seconds * 1_000 > now_ms)
+        .filter(|(at, _)| millis(at) > now_ms)
         .min_by_key(|(at, _)| (at.seconds, at.nanos));
     Ok(match next {
         Some((at, grant)) => format!(
