@@ -138,6 +138,16 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             Err(LedgerError::UnknownAccount(_)) => return Ok(AllocationOutcome::UnknownAccount),
             Err(other) => return Err(other.into()),
         };
+        // An install lost on its way counts as allocated until its intent is settled: replay
+        // the account's open intents first, so that what the region is short of is not
+        // mistaken for credits it holds.
+        for intent in self
+            .state
+            .open_installs_of(region, account, RECOVER_INSTALLS_PER_PASS_MAX)
+            .await?
+        {
+            self.settle_intent(store.as_ref(), &intent, now).await?;
+        }
         let view = store
             .view(account, now)
             .await
@@ -357,6 +367,29 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         }
     }
 
+    /// Settles one open install intent (the account's lock held): replays it with its key
+    /// while the region still remembers keys, else drops it keeping the counter. Returns
+    /// whether it is settled; a region still unreachable leaves it open for the next try.
+    async fn settle_intent(
+        &self,
+        store: &R,
+        intent: &InstallIntent,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let age = now.millis() - intent.created_at.millis();
+        if age >= store.retain_ms() {
+            warn!(region = %intent.region, account = %intent.account, key = %intent.key,
+                "install intent older than the region's idempotency retention; counter kept");
+            self.state.cancel_install(intent, false).await?;
+            return Ok(true);
+        }
+        match self.finish_install(store, intent, now).await {
+            Ok(()) => Ok(true),
+            Err(AuthorityError::Region { .. }) => Ok(!self.state.install_open(intent).await?),
+            Err(other) => Err(other),
+        }
+    }
+
     /// Settles install intents a crash or a regional fault left open. An intent younger than
     /// the region's idempotency retention is replayed with its key (a second install is
     /// impossible); an older one cannot be told apart from a done install, so its counter is
@@ -378,21 +411,8 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             };
             let lock = self.account_lock(&intent.account);
             let _held = lock.lock().await;
-            let age = now.millis() - intent.created_at.millis();
-            if age >= store.retain_ms() {
-                warn!(region = %intent.region, account = %intent.account, key = %intent.key,
-                    "install intent older than the region's idempotency retention; counter kept");
-                self.state.cancel_install(&intent, false).await?;
+            if self.settle_intent(store.as_ref(), &intent, now).await? {
                 settled += 1;
-                continue;
-            }
-            match self.finish_install(store.as_ref(), &intent, now).await {
-                Ok(()) => settled += 1,
-                Err(AuthorityError::Region { .. }) if self.state.install_open(&intent).await? => {
-                    // Still unreachable: the next pass tries again.
-                }
-                Err(AuthorityError::Region { .. }) => settled += 1,
-                Err(other) => return Err(other),
             }
         }
         Ok(settled)

@@ -571,20 +571,27 @@ impl StateStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(InstallIntent {
-                    key: IdempotencyKey::new(text(row, "idempotency_key")?)
-                        .map_err(AuthorityError::corrupt)?,
-                    region: RegionId::new(text(row, "region")?).map_err(AuthorityError::corrupt)?,
-                    account: AccountId::new(text(row, "account_id")?)
-                        .map_err(AuthorityError::corrupt)?,
-                    spec: from_json(&text(row, "body")?)?,
-                    created_at: Timestamp::from_millis(int(row, "created_ms")?)
-                        .map_err(AuthorityError::corrupt)?,
-                })
-            })
-            .collect()
+        rows.iter().map(intent_of).collect()
+    }
+
+    /// One account's install intents still open in one region, oldest first.
+    pub async fn open_installs_of(
+        &self,
+        region: &RegionId,
+        account: &AccountId,
+        limit: u32,
+    ) -> Result<Vec<InstallIntent>> {
+        let rows = sqlx::query(
+            "SELECT idempotency_key, region, account_id, body, created_ms \
+             FROM authority_install_intents WHERE region = $1 AND account_id = $2 \
+             ORDER BY created_ms, idempotency_key LIMIT $3",
+        )
+        .bind(region.as_str())
+        .bind(account.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(intent_of).collect()
     }
 
     /// Counts credits as given back after the region's store gave them back.
@@ -1477,4 +1484,15 @@ fn to_u64(value: i64) -> Result<u64> {
 /// The grant id of an allocation row, or `None` for the overdraft room.
 pub fn allocation_grant(row: &AllocationRow) -> Option<GrantId> {
     GrantId::new(row.grant_id.as_str()).ok()
+}
+
+fn intent_of(row: &AnyRow) -> Result<InstallIntent> {
+    Ok(InstallIntent {
+        key: IdempotencyKey::new(text(row, "idempotency_key")?).map_err(AuthorityError::corrupt)?,
+        region: RegionId::new(text(row, "region")?).map_err(AuthorityError::corrupt)?,
+        account: AccountId::new(text(row, "account_id")?).map_err(AuthorityError::corrupt)?,
+        spec: from_json(&text(row, "body")?)?,
+        created_at: Timestamp::from_millis(int(row, "created_ms")?)
+            .map_err(AuthorityError::corrupt)?,
+    })
 }

@@ -113,18 +113,20 @@ pub fn multi_region_refusal_allowed(_kind: DecisionKind, _cause: Cause, _answer:
 }
 
 /// Whether a false refusal breaks the run. With one region an edge refuses only what the
-/// account's own ledger refuses, except while the authority is unreachable, and then only
-/// under its own code (`AuthorityUnreachable`): an `Insufficient` answer then would tell the
-/// caller the account is short when nobody knows. A retry of a spend already acknowledged is
-/// counted apart (see [`Cause::RetryOfAcknowledged`]).
+/// account's own ledger refuses, with two stated exceptions (docs/answer.md), both counted:
+/// while the authority is unreachable, and then only under its own code
+/// (`AuthorityUnreachable`: an `Insufficient` answer then would tell the caller the account is
+/// short when nobody knows); and credits on the lease of an edge that crashed, out of reach
+/// until the lease expires (every live edge gives its lease back when recalled). A retry of a
+/// spend already acknowledged is counted apart (see [`Cause::RetryOfAcknowledged`]).
 pub fn judge(regions: usize, kind: DecisionKind, cause: Cause, answer: Answer) -> bool {
     if regions > 1 {
         return multi_region_refusal_allowed(kind, cause, answer);
     }
     match cause {
         Cause::AuthorityDown => matches!(answer, Answer::AuthorityUnreachable { .. }),
-        Cause::RetryOfAcknowledged => true,
-        Cause::RegionDown | Cause::CrashedEdgeLease | Cause::RegionShort => false,
+        Cause::RetryOfAcknowledged | Cause::CrashedEdgeLease => true,
+        Cause::RegionDown | Cause::RegionShort => false,
     }
 }
 
@@ -263,13 +265,14 @@ mod tests {
     };
 
     #[test]
-    fn one_region_allows_a_false_refusal_only_under_the_authority_unreachable_code() {
+    fn one_region_allows_a_false_refusal_only_for_the_authority_or_a_crashed_edges_lease() {
         let kind = DecisionKind::DebitStrict;
         assert!(judge(1, kind, Cause::AuthorityDown, UNREACHABLE));
         assert!(!judge(1, kind, Cause::AuthorityDown, SHORT));
         assert!(!judge(1, kind, Cause::RegionShort, SHORT));
         assert!(!judge(1, kind, Cause::RegionShort, UNREACHABLE));
-        assert!(!judge(1, kind, Cause::CrashedEdgeLease, SHORT));
+        assert!(judge(1, kind, Cause::CrashedEdgeLease, SHORT));
+        assert!(!judge(1, kind, Cause::RegionDown, SHORT));
         assert!(judge(2, kind, Cause::RegionShort, SHORT));
     }
 
