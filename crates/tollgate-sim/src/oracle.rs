@@ -104,12 +104,24 @@ impl Circumstances {
     }
 }
 
-/// Whether a false refusal with several regions is within the documented multi-region rule.
-/// The rule — when a region may refuse what the account holds elsewhere — lives in
-/// docs/authority.md; until this function states it, every false refusal with several regions
-/// is counted and allowed.
-pub fn multi_region_refusal_allowed(_kind: DecisionKind, _cause: Cause, _answer: Answer) -> bool {
-    true
+/// Whether a false refusal with several regions is within the stated multi-region rule
+/// (docs/answer.md): a region refuses only what it, the authority and the idle regions cannot
+/// pay together, so what the refusal leaves unspent is held by the other regions (busy ones),
+/// on their edges' leases or as their overdraft room. `elsewhere` is what the other regions
+/// hold of the account; `available` the model's answer. The authority being unreachable must be
+/// said as such, as with one region.
+pub fn multi_region_refusal_allowed(
+    cause: Cause,
+    answer: Answer,
+    cost: Credits,
+    available: Credits,
+    elsewhere: Credits,
+) -> bool {
+    match cause {
+        Cause::AuthorityDown => matches!(answer, Answer::AuthorityUnreachable { .. }),
+        Cause::RetryOfAcknowledged | Cause::CrashedEdgeLease | Cause::RegionDown => true,
+        Cause::RegionShort => available.micros() - elsewhere.micros() < cost.micros(),
+    }
 }
 
 /// Whether a false refusal breaks the run. With one region an edge refuses only what the
@@ -119,9 +131,10 @@ pub fn multi_region_refusal_allowed(_kind: DecisionKind, _cause: Cause, _answer:
 /// short when nobody knows); and credits on the lease of an edge that crashed, out of reach
 /// until the lease expires (every live edge gives its lease back when recalled). A retry of a
 /// spend already acknowledged is counted apart (see [`Cause::RetryOfAcknowledged`]).
-pub fn judge(regions: usize, kind: DecisionKind, cause: Cause, answer: Answer) -> bool {
+pub fn judge(regions: usize, cause: Cause, answer: Answer) -> bool {
     if regions > 1 {
-        return multi_region_refusal_allowed(kind, cause, answer);
+        // Judged with what the other regions hold (`multi_region_refusal_allowed`).
+        return true;
     }
     match cause {
         Cause::AuthorityDown => matches!(answer, Answer::AuthorityUnreachable { .. }),
@@ -140,6 +153,8 @@ pub struct OracleFigures {
     pub true_refusals: BTreeMap<&'static str, u64>,
     /// Refusals the model says the account could have paid, by kind and cause.
     pub false_refusals: BTreeMap<(&'static str, &'static str), u64>,
+    /// Of those, with several regions, the ones outside the multi-region rule, by kind.
+    pub beyond_rule: BTreeMap<&'static str, u64>,
     /// Spends or holds the edges allowed that the model would have refused, by kind.
     pub overspends: BTreeMap<&'static str, u64>,
     /// Debits whose draws were not the burn-down rules' draws (the model applies the draws
@@ -176,6 +191,10 @@ impl OracleFigures {
         bump(&mut self.false_refusals, (kind.name(), cause.name()));
     }
 
+    pub fn beyond_rule(&mut self, kind: DecisionKind) {
+        bump(&mut self.beyond_rule, kind.name());
+    }
+
     pub fn overspend(&mut self, kind: DecisionKind) {
         bump(&mut self.overspends, kind.name());
     }
@@ -200,6 +219,7 @@ impl OracleFigures {
         add_all(&mut self.decisions, &other.decisions);
         add_all(&mut self.true_refusals, &other.true_refusals);
         add_all(&mut self.false_refusals, &other.false_refusals);
+        add_all(&mut self.beyond_rule, &other.beyond_rule);
         add_all(&mut self.overspends, &other.overspends);
         add_all(&mut self.off_order, &other.off_order);
         self.model_disagreements += other.model_disagreements;
@@ -232,11 +252,13 @@ impl fmt::Display for OracleFigures {
         )?;
         writeln!(
             f,
-            "false refusals {} ({})",
+            "false refusals {} ({}); outside the multi-region rule {} ({})",
             self.false_refusals_total(),
             list(&self.false_refusals, |(kind, cause)| format!(
                 "{kind}/{cause}"
-            ))
+            )),
+            self.beyond_rule.values().sum::<u64>(),
+            list(&self.beyond_rule, |k| k.to_string())
         )?;
         let compared: u64 = self.balances_compared.values().sum();
         let mismatched: u64 = self.balance_mismatches.values().sum();
@@ -266,14 +288,36 @@ mod tests {
 
     #[test]
     fn one_region_allows_a_false_refusal_only_for_the_authority_or_a_crashed_edges_lease() {
-        let kind = DecisionKind::DebitStrict;
-        assert!(judge(1, kind, Cause::AuthorityDown, UNREACHABLE));
-        assert!(!judge(1, kind, Cause::AuthorityDown, SHORT));
-        assert!(!judge(1, kind, Cause::RegionShort, SHORT));
-        assert!(!judge(1, kind, Cause::RegionShort, UNREACHABLE));
-        assert!(judge(1, kind, Cause::CrashedEdgeLease, SHORT));
-        assert!(!judge(1, kind, Cause::RegionDown, SHORT));
-        assert!(judge(2, kind, Cause::RegionShort, SHORT));
+        assert!(judge(1, Cause::AuthorityDown, UNREACHABLE));
+        assert!(!judge(1, Cause::AuthorityDown, SHORT));
+        assert!(!judge(1, Cause::RegionShort, SHORT));
+        assert!(!judge(1, Cause::RegionShort, UNREACHABLE));
+        assert!(judge(1, Cause::CrashedEdgeLease, SHORT));
+        assert!(!judge(1, Cause::RegionDown, SHORT));
+    }
+
+    #[test]
+    fn several_regions_may_leave_unspent_only_what_the_others_hold() {
+        let c = Credits::from_micros;
+        let rule = |cost, available, elsewhere| {
+            multi_region_refusal_allowed(
+                Cause::RegionShort,
+                SHORT,
+                c(cost),
+                c(available),
+                c(elsewhere),
+            )
+        };
+        // 10 available, 4 of them in other regions: a spend of 7 could have been paid here.
+        assert!(!rule(7, 10, 4));
+        assert!(rule(7, 10, 5));
+        assert!(!multi_region_refusal_allowed(
+            Cause::AuthorityDown,
+            SHORT,
+            c(7),
+            c(10),
+            c(10)
+        ));
     }
 
     #[test]

@@ -3,19 +3,28 @@
 //!
 //! The seeds are split over four tests so the test harness runs them in parallel.
 
-use tollgate_sim::{run, Config};
+use tollgate_sim::{run, Config, OracleFigures};
 
 /// Steps per seed: short runs, many seeds.
 const OPS: u64 = 200;
 /// Seeds per test; four tests make 200 seeds.
 const SEEDS_PER_TEST: u64 = 50;
 
+/// Two regions' seeds: every invariant fails the run; refusals the model would have allowed
+/// are counted by cause, and those outside the multi-region rule apart, and printed.
 fn seeds(first: u64) {
+    let mut figures = OracleFigures::default();
     for seed in first..first + SEEDS_PER_TEST {
-        if let Err(failure) = run(Config::new(seed, OPS)) {
-            panic!("{failure}");
-        }
+        let mut config = Config::new(seed, OPS);
+        config.false_refusals_fail = false;
+        let report = run(config).unwrap_or_else(|failure| panic!("{failure}"));
+        figures.add(&report.oracle);
     }
+    println!(
+        "two regions, seeds {first}..{}:\n{figures}",
+        first + SEEDS_PER_TEST
+    );
+    assert!(figures.decisions.values().sum::<u64>() > 0);
 }
 
 #[test]
@@ -36,6 +45,36 @@ fn seeds_100_to_149_keep_every_invariant() {
 #[test]
 fn seeds_150_to_199_keep_every_invariant() {
     seeds(150);
+}
+
+/// One region's seeds: every invariant fails the run, as with two regions, and every decision
+/// is compared with the reference model. False refusals are counted by cause and printed, not
+/// failed on yet: the ones left come from the ledger's order of overdraft and debt when usage
+/// is reconciled after a grant (see docs/simulation.md, "The differential oracle").
+fn one_region_seeds(first: u64) {
+    let mut figures = OracleFigures::default();
+    for seed in first..first + SEEDS_PER_TEST {
+        let mut config = Config::new(seed, OPS);
+        config.regions = 1;
+        config.false_refusals_fail = false;
+        let report = run(config).unwrap_or_else(|failure| panic!("{failure}"));
+        figures.add(&report.oracle);
+    }
+    println!(
+        "one region, seeds {first}..{}:\n{figures}",
+        first + SEEDS_PER_TEST
+    );
+    assert!(figures.decisions.values().sum::<u64>() > 0);
+}
+
+#[test]
+fn one_region_seeds_0_to_49_keep_every_invariant() {
+    one_region_seeds(0);
+}
+
+#[test]
+fn one_region_seeds_50_to_99_keep_every_invariant() {
+    one_region_seeds(50);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use tollgate_ledger::LedgerStore;
 use tollgate_region::RegionStore;
 
 use super::{credits, feature, Sim};
-use crate::oracle::{judge, Answer, Circumstances, DecisionKind};
+use crate::oracle::{judge, multi_region_refusal_allowed, Answer, Circumstances, DecisionKind};
 
 /// Grants listed in a false refusal's message at most.
 const GRANTS_LISTED_MAX: usize = 6;
@@ -141,7 +141,28 @@ impl Sim {
         };
         let cause = circumstances.cause();
         self.report.oracle.false_refusal(decided.kind, cause);
-        if !self.cfg.false_refusals_fail || judge(self.cfg.regions, decided.kind, cause, answer) {
+        if self.cfg.regions > 1 {
+            let available = book.available(&feature(decided.feature), at);
+            let Some(elsewhere) = self.held_elsewhere(region, decided.account).await else {
+                return Ok(());
+            };
+            if multi_region_refusal_allowed(cause, answer, cost, available, elsewhere) {
+                return Ok(());
+            }
+            self.report.oracle.beyond_rule(decided.kind);
+            if !self.cfg.false_refusals_fail {
+                return Ok(());
+            }
+            return Err(format!(
+                "refusal outside the multi-region rule ({}): {} of {cost} on {} at edge e{} (r{region}): \
+                 the model has {available} available, the other regions hold {elsewhere}, the edge answered {answer}",
+                cause.name(),
+                decided.kind.name(),
+                decided.feature,
+                self.edges[decided.edge].uid,
+            ));
+        }
+        if !self.cfg.false_refusals_fail || judge(self.cfg.regions, cause, answer) {
             return Ok(());
         }
         let id = &self.accounts[decided.account].id;
@@ -169,6 +190,32 @@ impl Sim {
             "{}; {region_said}; {ledger_said}",
             self.false_refusal_message(decided, cost, answer, cause.name())
         ))
+    }
+
+    /// What the regions other than `region` hold of the account: their active segments, what
+    /// their edges' leases hold, and their overdraft room. `None` when one of them cannot be
+    /// read (it is down: what it holds is out of reach, a fault the rule allows).
+    async fn held_elsewhere(&self, region: usize, account: usize) -> Option<Credits> {
+        let id = &self.accounts[account].id;
+        let at = self.clock.at();
+        let mut held = 0_i64;
+        for (other, store) in self.stores.iter().enumerate() {
+            if other == region {
+                continue;
+            }
+            let view = store.view(id, at).await.ok()?;
+            let segments: i64 = view
+                .segments
+                .iter()
+                .filter(|s| s.is_active_at(at))
+                .map(|s| s.remaining.micros())
+                .sum();
+            let room = view
+                .overdraft_limit
+                .saturating_sub_floor_zero(view.overdraft_used);
+            held += segments + view.leased.micros() + room.micros();
+        }
+        Some(Credits::from_micros(held))
     }
 
     /// Whether the region has leases on the account that no live edge holds: an edge crashed
