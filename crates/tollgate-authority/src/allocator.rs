@@ -169,6 +169,8 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let generation = self.state.note_allocation(region, account, now).await?;
         let mut rows = self.state.allocations(account).await?;
         let mut unallocated = 0;
+        // What the credits installed leave of the spend asked for: overdraft room may pay it.
+        let mut uncovered = needed.max(0);
         if need > 0 {
             let (mut slices, mut free) =
                 self.slices_for(account, &rows, feature, need, now).await?;
@@ -186,12 +188,21 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             for spec in &slices {
                 self.install(region, account, spec, generation, now).await?;
             }
+            let covering: i64 = slices
+                .iter()
+                .filter(|s| feature.is_none_or(|f| s.scope.covers(f)))
+                .map(|s| s.amount.micros())
+                .sum();
+            uncovered = (needed - covering).max(0);
             unallocated = (free - slices_total(&slices)).max(0);
             debug!(%region, %account, ?reason, slices = slices.len(), "allocated");
         }
-        let room = self
-            .grant_overdraft(region, account, &snapshot, &view, &rows, now)
+        let (room, room_left) = self
+            .grant_overdraft(region, &snapshot, &view, &rows, uncovered, now)
             .await?;
+        // Overdraft room the authority still holds can pay a spend too: "nothing more" means
+        // neither credits nor room.
+        unallocated += room_left;
         self.publish_summary(region, account).await?;
         let view = store
             .view(account, now)
@@ -419,16 +430,20 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     }
 
     /// Gives the region overdraft room up to an equal share of the account's limit less its
-    /// debt, within what the other regions do not already hold. Returns the region's room.
+    /// debt, within what the other regions do not already hold; beyond its share when a spend
+    /// asked for (`uncovered`) needs it, so that no overdraft room the authority still holds is
+    /// refused to a region that must pay. Returns the region's room and the room the authority
+    /// still holds for the account.
     async fn grant_overdraft(
         &self,
         region: &RegionId,
-        account: &AccountId,
         snapshot: &tollgate_ledger::AccountSnapshot,
         view: &tollgate_region::AccountView,
         rows: &[AllocationRow],
+        uncovered: i64,
         now: Timestamp,
-    ) -> Result<Credits> {
+    ) -> Result<(Credits, i64)> {
+        let account = &snapshot.account;
         let room_now = view
             .overdraft_limit
             .saturating_sub_floor_zero(view.overdraft_used);
@@ -440,21 +455,24 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let free = snapshot.overdraft_limit.micros() - snapshot.debt.micros() - outstanding;
         let regions = i64::try_from(self.regions.len()).unwrap_or(i64::MAX).max(1);
         let share = snapshot.overdraft_limit.micros() / regions;
-        if room_now.micros() > share {
+        if room_now.micros() > share && uncovered == 0 {
             // The limit was lowered: give back the room above the region's new share.
             let limit = Credits::from_micros(view.overdraft_used.micros() + share);
             self.region(region)?
                 .set_overdraft_limit(account, limit, now)
                 .await
                 .map_err(|e| AuthorityError::region(region, e))?;
+            let given_back = room_now.micros() - share;
             self.state
-                .add_taken_back(region, account, "", room_now.micros() - share)
+                .add_taken_back(region, account, "", given_back)
                 .await?;
-            return Ok(Credits::from_micros(share));
+            return Ok((Credits::from_micros(share), (free + given_back).max(0)));
         }
-        let add = free.min(share - room_now.micros()).max(0);
+        // `uncovered` is beyond what the region could pay, its room included.
+        let wanted = (share - room_now.micros()).max(uncovered);
+        let add = free.min(wanted).max(0);
         if add == 0 {
-            return Ok(room_now);
+            return Ok((room_now, free.max(0)));
         }
         self.state.add_installed(region, account, "", add).await?;
         let limit = Credits::from_micros(view.overdraft_limit.micros() + add);
@@ -462,7 +480,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             .set_overdraft_limit(account, limit, now)
             .await
             .map_err(|e| AuthorityError::region(region, e))?;
-        Ok(Credits::from_micros(room_now.micros() + add))
+        Ok((Credits::from_micros(room_now.micros() + add), free - add))
     }
 
     /// Publishes the account's summary (plan, mode, balance, overdraft limit, the credits the

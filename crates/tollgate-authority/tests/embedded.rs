@@ -479,6 +479,36 @@ async fn overdraft_room_is_split_between_regions_and_shrinks_with_the_limit() {
 }
 
 #[tokio::test]
+async fn a_spend_beyond_the_regions_share_of_overdraft_gets_the_room_the_authority_holds() {
+    let world = World::start(&["eu", "us"], 10, 0, 10).await;
+    world.allocate("eu").await;
+    assert_eq!(world.held("eu").await, (0, 5 * MICROS));
+    // A spend of 8 in eu: its share (5) cannot pay, and us holds nothing yet; the cold path
+    // brings the 3 missing out of the 5 the authority still holds, and says 2 are left.
+    let outcome = world
+        .node
+        .request_allocation(
+            &region("eu"),
+            &acct(),
+            None,
+            Credits::from_micros(3 * MICROS),
+        )
+        .await
+        .unwrap();
+    let AllocationOutcome::Allocated(allocation) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(allocation.overdraft_room, Credits::from_micros(8 * MICROS));
+    assert_eq!(allocation.unallocated, Credits::from_micros(2 * MICROS));
+    assert!(world.debit("eu", "od-8", 8).await);
+    world.assert_never_over_allocated().await;
+    // us gets what is left, never more than the limit.
+    world.allocate("us").await;
+    assert_eq!(world.held("us").await, (0, 2 * MICROS));
+    world.assert_never_over_allocated().await;
+}
+
+#[tokio::test]
 async fn install_intents_left_by_a_crash_are_replayed_once_or_kept_on_the_safe_side() {
     let world = World::start(&["eu"], 0, 100, 10).await;
     let spec = |amount: i64| SegmentSpec {

@@ -674,17 +674,18 @@ impl Sim {
         let down = self.stores[self.edges[edge].region].is_down();
         match error {
             EngineError::Unavailable(_) if down => Ok("unavailable (region down)".into()),
-            EngineError::Unavailable(_) if authority_failed => {
+            EngineError::Unavailable(_) if authority_failed || self.link.is_cut() => {
                 Ok("unavailable (authority unreachable)".into())
             }
             other => Err(format!("edge {}: {other}", self.edges[edge].uid)),
         }
     }
 
-    /// Whether the authority failed an edge during a call that began when the link had
-    /// counted `failures_before` failed requests, or the link is cut.
+    /// Whether a request of an edge to the authority failed during a call that began when the
+    /// link had counted `failures_before` failed requests (a decision that did not ask, the
+    /// authority having said "nothing more" just before, is not one the link explains).
     fn authority_failed_since(&self, failures_before: u64) -> bool {
-        self.link.is_cut() || self.link.failures() > failures_before
+        self.link.failures() > failures_before
     }
 
     /// Records an acknowledged spend. Returns whether it is a new charge (first acknowledged,
@@ -867,7 +868,7 @@ impl Sim {
                         kind,
                         feature: feature_name,
                     };
-                    self.judge_debit(&decision, k, &done);
+                    self.judge_debit(&decision, k, &done).await;
                 }
                 self.report.acknowledged += 1;
                 Ok((

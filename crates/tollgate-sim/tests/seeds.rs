@@ -10,14 +10,19 @@ const OPS: u64 = 200;
 /// Seeds per test; four tests make 200 seeds.
 const SEEDS_PER_TEST: u64 = 50;
 
+/// A run whose false refusals are counted, not failed on (see `one_region_seeds`).
+fn counted(seed: u64, ops: u64) -> Config {
+    let mut config = Config::new(seed, ops);
+    config.false_refusals_fail = false;
+    config
+}
+
 /// Two regions' seeds: every invariant fails the run; refusals the model would have allowed
-/// are counted by cause, and those outside the multi-region rule apart, and printed.
+/// are counted by cause, those outside the multi-region rule apart, and printed.
 fn seeds(first: u64) {
     let mut figures = OracleFigures::default();
     for seed in first..first + SEEDS_PER_TEST {
-        let mut config = Config::new(seed, OPS);
-        config.false_refusals_fail = false;
-        let report = run(config).unwrap_or_else(|failure| panic!("{failure}"));
+        let report = run(counted(seed, OPS)).unwrap_or_else(|failure| panic!("{failure}"));
         figures.add(&report.oracle);
     }
     println!(
@@ -54,9 +59,8 @@ fn seeds_150_to_199_keep_every_invariant() {
 fn one_region_seeds(first: u64) {
     let mut figures = OracleFigures::default();
     for seed in first..first + SEEDS_PER_TEST {
-        let mut config = Config::new(seed, OPS);
+        let mut config = counted(seed, OPS);
         config.regions = 1;
-        config.false_refusals_fail = false;
         let report = run(config).unwrap_or_else(|failure| panic!("{failure}"));
         figures.add(&report.oracle);
     }
@@ -80,23 +84,23 @@ fn one_region_seeds_50_to_99_keep_every_invariant() {
 #[test]
 fn a_seed_replays_the_same_trace() {
     for seed in [3, 18, 1_000_003] {
-        let first = run(Config::new(seed, 300)).unwrap_or_else(|f| panic!("{f}"));
-        let second = run(Config::new(seed, 300)).unwrap_or_else(|f| panic!("{f}"));
+        let first = run(counted(seed, 300)).unwrap_or_else(|f| panic!("{f}"));
+        let second = run(counted(seed, 300)).unwrap_or_else(|f| panic!("{f}"));
         assert_eq!(first.trace_hash, second.trace_hash, "seed {seed}");
         assert_eq!(first.steps, 300);
         assert_eq!(first.faults, second.faults, "seed {seed}");
         assert_eq!(first.checks, second.checks, "seed {seed}");
     }
     // Different seeds are different runs.
-    let a = run(Config::new(5, 100)).unwrap_or_else(|f| panic!("{f}"));
-    let b = run(Config::new(6, 100)).unwrap_or_else(|f| panic!("{f}"));
+    let a = run(counted(5, 100)).unwrap_or_else(|f| panic!("{f}"));
+    let b = run(counted(6, 100)).unwrap_or_else(|f| panic!("{f}"));
     assert_ne!(a.trace_hash, b.trace_hash);
 }
 
 #[test]
 fn a_run_without_faults_loses_nothing() {
     for seed in 0..10 {
-        let mut config = Config::new(seed, OPS);
+        let mut config = counted(seed, OPS);
         config.faults = false;
         let report = run(config).unwrap_or_else(|f| panic!("{f}"));
         assert!(report.faults.is_empty());

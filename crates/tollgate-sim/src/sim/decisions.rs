@@ -58,7 +58,7 @@ impl Sim {
     /// the edge reported. Counts it beyond the model when the rules would have refused it, off
     /// the burn-down order when the rules would have drawn otherwise, and compares the
     /// balance the edge reported after it with the model's.
-    pub(super) fn judge_debit(&mut self, decided: &Decided<'_>, key: &str, done: &Debited) {
+    pub(super) async fn judge_debit(&mut self, decided: &Decided<'_>, key: &str, done: &Debited) {
         let at = self.clock.at();
         let ack = (self.edges[decided.edge].region, key.to_owned());
         let Some(debit_id) = self.acks.get(&ack).map(|a| a.debit_id.clone()) else {
@@ -88,6 +88,61 @@ impl Sim {
             figures.model_disagreements += 1;
         }
         figures.balance(decided.kind, balance == done.balance_after);
+        if balance != done.balance_after && std::env::var_os("TG_BAL_DEBUG").is_some() {
+            self.debug_balance(decided, done, balance).await;
+        }
+    }
+
+    async fn debug_balance(&self, decided: &Decided<'_>, done: &Debited, model: Credits) {
+        let at = self.clock.at();
+        let region = self.edges[decided.edge].region;
+        let id = &self.accounts[decided.account].id;
+        let store = &self.stores[region];
+        let view = store.view(id, at).await.ok();
+        let summary = store.account_summary(id).await.ok().flatten();
+        let mine = self.edges[decided.edge].engine.leases().unflushed(id);
+        let others: i64 = self
+            .edges
+            .iter()
+            .enumerate()
+            .filter(|(e, s)| *e != decided.edge && s.region == region)
+            .map(|(_, s)| s.engine.leases().unflushed(id).micros())
+            .sum();
+        let ledger = self.link.node().ledger().account(id).await.ok();
+        let (segs, leased, room, used, held) = view.as_ref().map_or((0, 0, 0, 0, 0), |v| {
+            let segs: i64 = v
+                .segments
+                .iter()
+                .filter(|s| s.is_active_at(at))
+                .map(|s| s.remaining.micros())
+                .sum();
+            (
+                segs,
+                v.leased.micros(),
+                v.overdraft_limit.micros() - v.overdraft_used.micros(),
+                v.overdraft_used.micros(),
+                v.held.micros(),
+            )
+        });
+        let (outside, basis) = summary.as_ref().map_or((0, 0), |s| {
+            (s.outside_at(at, None).micros(), s.debt_basis.micros())
+        });
+        let ideal = segs + leased - mine.micros() - others + outside - (basis - room).max(0);
+        eprintln!(
+            "BAL {} acct{} e{} edge {} model {} diff {} | ideal {} idealdiff {} | segs {} leased {} mine {} others {} room {} used {} held {} outside {} basis {} avail_after {} od {} | ledger {:?}",
+            decided.kind.name(),
+            decided.account,
+            self.edges[decided.edge].uid,
+            done.balance_after.micros(),
+            model.micros(),
+            done.balance_after.micros() - model.micros(),
+            ideal,
+            ideal - model.micros(),
+            segs, leased, mine.micros(), others, room, used, held, outside, basis,
+            done.available_after.micros(),
+            done.overdraft.micros(),
+            ledger.map(|l| (l.balance.micros(), l.debt.micros())),
+        );
     }
 
     /// A new hold: the model places it too.
@@ -141,6 +196,7 @@ impl Sim {
         };
         let cause = circumstances.cause();
         self.report.oracle.false_refusal(decided.kind, cause);
+        let mut beyond_rule = None;
         if self.cfg.regions > 1 {
             let available = book.available(&feature(decided.feature), at);
             let Some(elsewhere) = self.held_elsewhere(region, decided.account).await else {
@@ -150,46 +206,38 @@ impl Sim {
                 return Ok(());
             }
             self.report.oracle.beyond_rule(decided.kind);
-            if !self.cfg.false_refusals_fail {
-                return Ok(());
-            }
-            return Err(format!(
-                "refusal outside the multi-region rule ({}): {} of {cost} on {} at edge e{} (r{region}): \
-                 the model has {available} available, the other regions hold {elsewhere}, the edge answered {answer}",
-                cause.name(),
-                decided.kind.name(),
-                decided.feature,
-                self.edges[decided.edge].uid,
-            ));
+            beyond_rule = Some(format!("the other regions hold {elsewhere}"));
         }
-        if !self.cfg.false_refusals_fail || judge(self.cfg.regions, cause, answer) {
+        let allowed = beyond_rule.is_none() && judge(self.cfg.regions, cause, answer);
+        if !self.cfg.false_refusals_fail || allowed {
             return Ok(());
         }
+        let mut said = vec![self.false_refusal_message(decided, cost, answer, cause.name())];
+        said.extend(beyond_rule);
         let id = &self.accounts[decided.account].id;
-        let region_said = match self.stores[region].view(id, at).await {
-            Ok(view) => format!(
-                "the region holds {} in {} segment(s), {} leased on {} lease(s), overdraft {} used of {}",
-                Credits::checked_sum(view.segments.iter().map(|s| s.remaining))
-                    .unwrap_or(Credits::MAX),
-                view.segments.len(),
-                view.leased,
-                view.leases,
-                view.overdraft_used,
-                view.overdraft_limit
-            ),
-            Err(error) => format!("the region's view failed: {error}"),
-        };
-        let ledger_said = match self.link.node().ledger().account(id).await {
+        for (n, store) in self.stores.iter().enumerate() {
+            said.push(match store.view(id, at).await {
+                Ok(view) => format!(
+                    "r{n} holds {} in {} segment(s), {} leased on {} lease(s), overdraft {} used of {}",
+                    Credits::checked_sum(view.segments.iter().map(|s| s.remaining))
+                        .unwrap_or(Credits::MAX),
+                    view.segments.len(),
+                    view.leased,
+                    view.leases,
+                    view.overdraft_used,
+                    view.overdraft_limit
+                ),
+                Err(error) => format!("r{n}'s view failed: {error}"),
+            });
+        }
+        said.push(match self.link.node().ledger().account(id).await {
             Ok(snapshot) => format!(
                 "the ledger says balance {} debt {}",
                 snapshot.balance, snapshot.debt
             ),
             Err(error) => format!("the ledger failed: {error}"),
-        };
-        Err(format!(
-            "{}; {region_said}; {ledger_said}",
-            self.false_refusal_message(decided, cost, answer, cause.name())
-        ))
+        });
+        Err(said.join("; "))
     }
 
     /// What the regions other than `region` hold of the account: their active segments, what
@@ -251,7 +299,7 @@ impl Sim {
             .collect();
         let more = eligible.len().saturating_sub(GRANTS_LISTED_MAX);
         format!(
-            "false refusal with one region ({cause}): acct{} {} of {cost} on {} at edge e{} (r{}): \
+            "false refusal ({cause}): acct{} {} of {cost} on {} at edge e{} (r{}): \
              the account's ledger has {} available (eligible grants: {}{}; debt {}, overdraft limit {}), \
              the edge answered {answer}",
             decided.account,
