@@ -10,13 +10,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
-use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tollgate_authority::{Authority, AuthoritySettings, StateStore, SystemClock};
@@ -31,7 +26,16 @@ use tollgate_proto::pb;
 use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
 use tollgate_testkit::RedisServer;
 use tonic::transport::Channel;
-use tonic_reflection::pb::v1;
+
+mod common;
+
+use common::envoy::{should_rate_limit_chat, tollgate_note};
+
+use common::grpc::{
+    balance_of, capture, chat_at_one_credit, connect, create_account, debit, debited, drain,
+    edge_balance, grant, grant_at, hold, now_seconds, quote, reconciled_ledger_balance,
+    reflected_services, release, Admin, Edge,
+};
 
 /// Admin on the authority; the edge's cold path uses it too (Coordination needs `admin`).
 const ADMIN_KEY: &str = "answer-redis-admin-key";
@@ -39,13 +43,8 @@ const ADMIN_KEY: &str = "answer-redis-admin-key";
 const ENFORCE_KEY: &str = "answer-redis-enforce-key";
 const REGION: &str = "eu";
 const KEY_PREFIX: &str = "tg:answer";
-/// How long a listener may take to accept connections.
-const LISTEN_WITHIN_MS: u64 = 30_000;
 /// How long the authority's background loop (every 200 ms) may take to reconcile.
 const RECONCILED_WITHIN_MS: u64 = 20_000;
-
-type Admin = pb::admin_client::AdminClient<Channel>;
-type Edge = pb::enforcement_client::EnforcementClient<Channel>;
 
 /// A redis-server, an authority over gRPC and an edge over gRPC on that Redis, with feature
 /// `chat` priced at 1 credit per message. The servers end when it is dropped.
@@ -120,7 +119,11 @@ impl Stack {
             }
         }));
         let authority_channel = connect(authority_address).await;
-        with_chat_at_one_credit(&mut Admin::new(authority_channel.clone())).await;
+        chat_at_one_credit(
+            &mut common::grpc::admin(authority_channel.clone(), ADMIN_KEY),
+            "one chat message",
+        )
+        .await;
 
         // The edge, started after the price book is in the region so it loads it at start.
         let allocator = AuthorityClient::new(
@@ -171,11 +174,11 @@ impl Stack {
     }
 
     fn admin(&self) -> Admin {
-        Admin::new(self.authority.clone())
+        common::grpc::admin(self.authority.clone(), ADMIN_KEY)
     }
 
     fn edge(&self) -> Edge {
-        Edge::new(self.edge.clone())
+        common::grpc::edge(self.edge.clone(), ENFORCE_KEY)
     }
 
     /// An account with one purchase grant (effective now, never expiring) of `amount`.
@@ -184,216 +187,6 @@ impl Stack {
         create_account(&mut admin, account).await;
         grant(&mut admin, account, "g1", amount).await;
     }
-}
-
-async fn connect(address: SocketAddr) -> Channel {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(LISTEN_WITHIN_MS);
-    loop {
-        match Channel::from_shared(format!("http://{address}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(channel) => return channel,
-            Err(error) if tokio::time::Instant::now() > deadline => {
-                panic!("{address} did not listen: {error}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-/// A request carrying `key`.
-fn keyed<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    request
-}
-
-fn admin_request<T>(message: T) -> tonic::Request<T> {
-    keyed(message, ADMIN_KEY)
-}
-
-fn request<T>(message: T) -> tonic::Request<T> {
-    keyed(message, ENFORCE_KEY)
-}
-
-fn timestamp(seconds: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds, nanos: 0 }
-}
-
-fn now_seconds() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// Feature `chat` at 1 credit per message.
-async fn with_chat_at_one_credit(admin: &mut Admin) {
-    admin
-        .define_feature(admin_request(pb::DefineFeatureRequest {
-            idempotency_key: "feature.chat".into(),
-            feature: Some(pb::Feature {
-                feature: "chat".into(),
-                unit: "message".into(),
-                description: "one chat message".into(),
-            }),
-        }))
-        .await
-        .unwrap();
-    admin
-        .publish_price_book_version(admin_request(pb::PublishPriceBookVersionRequest {
-            idempotency_key: "prices.1".into(),
-            version: Some(pb::PriceBookVersion {
-                version: 1,
-                effective_from: Some(timestamp(0)),
-                default_rates: Some(pb::RateTable {
-                    rates: [("chat".to_owned(), "1".to_owned())].into(),
-                }),
-                ..pb::PriceBookVersion::default()
-            }),
-        }))
-        .await
-        .unwrap();
-}
-
-async fn create_account(admin: &mut Admin, account: &str) {
-    admin
-        .create_account(admin_request(pb::CreateAccountRequest {
-            idempotency_key: format!("account.{account}"),
-            account_id: account.into(),
-            ..pb::CreateAccountRequest::default()
-        }))
-        .await
-        .unwrap();
-}
-
-/// A grant effective when issued, never expiring, at the source's default priority.
-async fn grant(admin: &mut Admin, account: &str, grant_id: &str, amount: &str) {
-    admin
-        .issue_grant(admin_request(pb::IssueGrantRequest {
-            idempotency_key: format!("grant.{account}.{grant_id}"),
-            account_id: account.into(),
-            grant_id: grant_id.into(),
-            amount: amount.into(),
-            source: pb::GrantSource::Purchase.into(),
-            ..pb::IssueGrantRequest::default()
-        }))
-        .await
-        .unwrap();
-}
-
-fn cost(credits: &str) -> Option<pb::Usage> {
-    Some(pb::Usage {
-        feature: "chat".into(),
-        amount: Some(pb::usage::Amount::Cost(credits.into())),
-    })
-}
-
-async fn debit(
-    edge: &mut Edge,
-    account: &str,
-    key: &str,
-    credits: &str,
-    mode: pb::EnforcementMode,
-) -> pb::debit_reply::Outcome {
-    edge.debit(request(pb::DebitRequest {
-        idempotency_key: key.into(),
-        account_id: account.into(),
-        usage: cost(credits),
-        mode: mode.into(),
-        ..pb::DebitRequest::default()
-    }))
-    .await
-    .unwrap()
-    .into_inner()
-    .outcome
-    .expect("a debit outcome")
-}
-
-fn debited(outcome: pb::debit_reply::Outcome) -> pb::Debited {
-    match outcome {
-        pb::debit_reply::Outcome::Debited(debited) => debited,
-        pb::debit_reply::Outcome::Refused(refused) => panic!("refused: {refused:?}"),
-    }
-}
-
-fn authorize(account: &str, key: &str, credits: &str) -> pb::AuthorizeRequest {
-    pb::AuthorizeRequest {
-        idempotency_key: key.into(),
-        account_id: account.into(),
-        usage: cost(credits),
-        ttl_seconds: 300,
-        ..pb::AuthorizeRequest::default()
-    }
-}
-
-fn authorized(reply: pb::AuthorizeReply) -> pb::Authorized {
-    match reply.outcome {
-        Some(pb::authorize_reply::Outcome::Authorized(authorized)) => authorized,
-        other => panic!("not authorized: {other:?}"),
-    }
-}
-
-async fn edge_balance(edge: &mut Edge, account: &str) -> pb::GetBalanceReply {
-    edge.get_balance(request(pb::GetBalanceRequest {
-        account_id: account.into(),
-        ..pb::GetBalanceRequest::default()
-    }))
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-fn balance_of(reply: &pb::GetBalanceReply) -> &str {
-    reply.balance.as_ref().expect("a balance").balance.as_str()
-}
-
-async fn ledger_balance(admin: &mut Admin, account: &str) -> String {
-    admin
-        .get_balance(admin_request(pb::AdminGetBalanceRequest {
-            account_id: account.into(),
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .balance
-        .expect("a balance")
-        .balance
-}
-
-/// `count` concurrent debits of 1 credit; answers (allowed, refused insufficient, other).
-async fn drain(
-    stack: &Stack,
-    account: &str,
-    count: usize,
-    mode: pb::EnforcementMode,
-) -> (usize, usize, Vec<String>) {
-    let tasks: Vec<_> = (0..count)
-        .map(|n| {
-            let mut edge = stack.edge();
-            let account = account.to_owned();
-            tokio::spawn(async move {
-                debit(&mut edge, &account, &format!("drain.{n}"), "1", mode).await
-            })
-        })
-        .collect();
-    let (mut allowed, mut insufficient, mut other) = (0, 0, Vec::new());
-    for task in tasks {
-        match task.await.unwrap() {
-            pb::debit_reply::Outcome::Debited(_) => allowed += 1,
-            pb::debit_reply::Outcome::Refused(refused)
-                if refused.code == pb::RefusalCode::InsufficientCredits as i32 =>
-            {
-                insufficient += 1
-            }
-            pb::debit_reply::Outcome::Refused(refused) => other.push(format!("{refused:?}")),
-        }
-    }
-    (allowed, insufficient, other)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,7 +211,7 @@ async fn redis_parallel_debits_spend_exactly_what_the_account_holds() {
     stack.account_with("small", "100").await;
 
     let (allowed, insufficient, other) =
-        drain(&stack, "small", 200, pb::EnforcementMode::Strict).await;
+        drain(&stack.edge(), "small", 200, pb::EnforcementMode::Strict).await;
     let balance = edge_balance(&mut stack.edge(), "small").await;
     assert_eq!(
         (allowed, insufficient, other.len(), balance_of(&balance)),
@@ -432,41 +225,15 @@ async fn redis_a_future_grant_with_a_better_priority_blocks_nothing() {
     let stack = Stack::start().await;
     let mut admin = stack.admin();
     create_account(&mut admin, "later").await;
-    let issue = |grant_id: &str, priority: u32, effective_at: Option<i64>| pb::IssueGrantRequest {
-        idempotency_key: format!("grant.{grant_id}"),
-        account_id: "later".into(),
-        grant_id: grant_id.into(),
-        amount: "100".into(),
-        source: pb::GrantSource::Purchase.into(),
-        priority: Some(priority),
-        effective_at: effective_at.map(timestamp),
-        ..pb::IssueGrantRequest::default()
-    };
-    admin
-        .issue_grant(admin_request(issue("today", 10, None)))
-        .await
-        .unwrap();
-    admin
-        .issue_grant(admin_request(issue(
-            "tomorrow",
-            0,
-            Some(now_seconds() + 86_400),
-        )))
-        .await
-        .unwrap();
+    grant_at(&mut admin, "later", "today", "100", 10, None).await;
+    let tomorrow = now_seconds() + 86_400;
+    grant_at(&mut admin, "later", "tomorrow", "100", 0, Some(tomorrow)).await;
 
     let mut edge = stack.edge();
     let outcome = debit(&mut edge, "later", "d1", "30", pb::EnforcementMode::Strict).await;
     let debited = debited(outcome);
     let balance = edge_balance(&mut edge, "later").await;
-    let quote = edge
-        .quote(request(pb::QuoteRequest {
-            account_id: "later".into(),
-            usage: cost("50"),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let quote = quote(&mut edge, "later", "50").await;
     let draws: Vec<(&str, &str)> = debited
         .draws
         .iter()
@@ -499,29 +266,9 @@ async fn redis_balance_after_and_get_balance_equal_the_ledger_after_reconciliati
         replies.push(debited(debit(&mut edge, "books", key, credits, strict).await).balance_after);
     }
     assert_eq!(replies, ["50", "45", "42.5"], "each Debit's balance_after");
-    let first = authorized(
-        edge.authorize(request(authorize("books", "h1", "20")))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let first = hold(&mut edge, "books", "h1", "20").await;
     assert_eq!(first.balance_after, "22.5");
-    let captured = match edge
-        .capture(request(pb::CaptureRequest {
-            idempotency_key: "c1".into(),
-            account_id: "books".into(),
-            hold_id: first.hold_id.clone(),
-            amount: "15".into(),
-            ..pb::CaptureRequest::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .outcome
-    {
-        Some(pb::capture_reply::Outcome::Captured(captured)) => captured,
-        other => panic!("not captured: {other:?}"),
-    };
+    let captured = capture(&mut edge, "books", "c1", &first.hold_id, "15").await;
     assert_eq!(
         (
             captured.captured.as_str(),
@@ -530,41 +277,16 @@ async fn redis_balance_after_and_get_balance_equal_the_ledger_after_reconciliati
         ),
         ("15", "5", "27.5")
     );
-    let second = authorized(
-        edge.authorize(request(authorize("books", "h2", "7")))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let second = hold(&mut edge, "books", "h2", "7").await;
     assert_eq!(second.balance_after, "20.5");
-    let released = match edge
-        .release(request(pb::ReleaseRequest {
-            idempotency_key: "r1".into(),
-            account_id: "books".into(),
-            hold_id: second.hold_id.clone(),
-            ..pb::ReleaseRequest::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .outcome
-    {
-        Some(pb::release_reply::Outcome::Released(released)) => released,
-        other => panic!("not released: {other:?}"),
-    };
+    let released = release(&mut edge, "books", "r1", &second.hold_id).await;
     assert_eq!(released.released, "7");
 
     // 100 - 50 - 5 - 2.5 - 15, once the authority read the region's usage stream.
     let expected = "27.5";
     let mut admin = stack.admin();
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(RECONCILED_WITHIN_MS);
-    let ledger = loop {
-        let ledger = ledger_balance(&mut admin, "books").await;
-        if ledger == expected || tokio::time::Instant::now() > deadline {
-            break ledger;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let ledger =
+        reconciled_ledger_balance(&mut admin, "books", expected, RECONCILED_WITHIN_MS).await;
     assert_eq!(ledger, expected, "the ledger after reconciliation");
     assert_eq!(
         released.balance_after, ledger,
@@ -584,19 +306,9 @@ async fn redis_a_retried_authorize_returns_the_same_hold() {
     stack.account_with("retry", "1000").await;
     let mut edge = stack.edge();
 
-    let first = authorized(
-        edge.authorize(request(authorize("retry", "h1", "50")))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let first = hold(&mut edge, "retry", "h1", "50").await;
     // The same key and the same request, as a client retries after a lost reply.
-    let again = authorized(
-        edge.authorize(request(authorize("retry", "h1", "50")))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let again = hold(&mut edge, "retry", "h1", "50").await;
     let balance = edge_balance(&mut edge, "retry").await;
     assert!(!first.hold_id.is_empty(), "a hold id: {first:?}");
     assert_eq!(
@@ -625,30 +337,7 @@ async fn redis_a_retried_authorize_returns_the_same_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_reflection_lists_the_envoy_rate_limit_service() {
     let stack = Stack::start().await;
-    let mut reflection = v1::server_reflection_client::ServerReflectionClient::new(
-        connect(stack.edge_address).await,
-    );
-    let ask = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-    };
-    let reply = reflection
-        .server_reflection_info(tokio_stream::iter([ask]))
-        .await
-        .unwrap()
-        .into_inner()
-        .message()
-        .await
-        .unwrap()
-        .expect("one reply");
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        reply.message_response
-    else {
-        panic!("a service list: {reply:?}");
-    };
-    let listed: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let listed = reflected_services(connect(stack.edge_address).await).await;
     for service in [
         "envoy.service.ratelimit.v3.RateLimitService",
         "tollgate.v1.Enforcement",
@@ -666,36 +355,12 @@ async fn redis_the_envoy_adapter_allows_a_call_the_account_can_pay() {
     let stack = Stack::start().await;
     stack.account_with("gateway", "1000").await;
 
-    let mut envoy = RateLimitServiceClient::new(stack.edge.clone());
-    let entry = |key: &str, value: &str| Entry {
-        key: key.into(),
-        value: value.into(),
-    };
-    let reply = envoy
-        .should_rate_limit(request(RateLimitRequest {
-            domain: "tollgate".into(),
-            descriptors: vec![RateLimitDescriptor {
-                entries: vec![entry("account", "gateway"), entry("feature", "chat")],
-                hits_addend: Some(envoy_types::pb::google::protobuf::UInt64Value { value: 50 }),
-                ..RateLimitDescriptor::default()
-            }],
-            hits_addend: 0,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = should_rate_limit_chat(stack.edge.clone(), ENFORCE_KEY, "gateway", 50).await;
     assert_eq!(reply.overall_code, Code::Ok as i32, "{reply:?}");
-    let note = reply
-        .response_headers_to_add
-        .iter()
-        .find(|header| header.key == "x-tollgate")
-        .unwrap_or_else(|| panic!("no x-tollgate header: {reply:?}"));
+    let note = tollgate_note(&reply);
     assert!(
-        note.value
-            .split(';')
-            .any(|part| part.trim() == "balance=950"),
-        "{}",
-        note.value
+        note.split(';').any(|part| part.trim() == "balance=950"),
+        "{note}"
     );
     let balance = edge_balance(&mut stack.edge(), "gateway").await;
     assert_eq!(balance_of(&balance), "950", "GetBalance after the call");
@@ -710,7 +375,7 @@ async fn redis_cached_mode_spends_what_the_account_holds() {
 
     let outcome = debit(&mut stack.edge(), "cached-big", "d1", "50", cached).await;
     let balance_after = debited(outcome).balance_after;
-    let (allowed, insufficient, other) = drain(&stack, "cached-small", 200, cached).await;
+    let (allowed, insufficient, other) = drain(&stack.edge(), "cached-small", 200, cached).await;
     let balance = edge_balance(&mut stack.edge(), "cached-small").await;
 
     // Both halves observed before either is judged, so a failure reports all the figures.

@@ -13,10 +13,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use common::grpc::{
+    chat_at_one_credit, cost, create_account, debit, debited, edge_balance, ledger_balance, Admin,
+};
+use common::http_client::call;
 use tollgate_authority::ManualClock;
 use tollgate_authority_service::admin::AdminService;
 use tollgate_authority_service::console::Console;
@@ -33,31 +33,6 @@ const HOUR_MS: i64 = 60 * 60 * 1_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 /// 2026-01-10T00:00:00Z.
 const T0_MS: i64 = 1_768_003_200_000;
-
-async fn call(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, http::HeaderMap, String) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut request = http::Request::builder().method(method).uri(url);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        headers,
-        String::from_utf8_lossy(&bytes).into_owned(),
-    )
-}
 
 /// The session cookie (`name=value`) a response sets.
 fn session_cookie(headers: &http::HeaderMap) -> String {
@@ -278,33 +253,11 @@ async fn a_grant_past_its_expiry_is_not_expiring_but_awaits_the_expiry_run() {
     assert!(low.contains(">acme<") && low.contains(">13<"), "{low}");
 }
 
-type Edge = pb::enforcement_client::EnforcementClient<tonic::transport::Channel>;
-type Admin = pb::admin_client::AdminClient<tonic::transport::Channel>;
-
-async fn edge_balance(edge: &mut Edge) -> pb::GetBalanceReply {
-    edge.get_balance(common::request(pb::GetBalanceRequest {
-        account_id: "acme".into(),
-        ..pb::GetBalanceRequest::default()
-    }))
-    .await
-    .unwrap()
-    .into_inner()
-}
-
 /// Polls until the ledger's sum of open grants is `want` (the debit was reconciled).
 async fn wait_reconciled(admin: &mut Admin, want: &str) {
     let mut last = String::new();
     for _ in 0..RECONCILE_POLLS_MAX {
-        last = admin
-            .get_balance(common::request(pb::AdminGetBalanceRequest {
-                account_id: "acme".into(),
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .balance
-            .unwrap()
-            .balance;
+        last = ledger_balance(admin, "acme").await;
         if last == want {
             return;
         }
@@ -313,72 +266,34 @@ async fn wait_reconciled(admin: &mut Admin, want: &str) {
     panic!("the ledger stayed at {last}, expected {want}");
 }
 
-fn cost(credits: &str) -> Option<pb::Usage> {
-    Some(pb::Usage {
-        feature: "chat".into(),
-        amount: Some(pb::usage::Amount::Cost(credits.into())),
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_and_the_widget_tell_the_balance_the_edge_answers() {
     let node = common::Node::start().await;
-    let mut admin = Admin::new(node.channel.clone());
-    let mut edge = Edge::new(node.channel.clone());
-    admin
-        .define_feature(common::request(pb::DefineFeatureRequest {
-            idempotency_key: "feature.chat".into(),
-            feature: Some(pb::Feature {
-                feature: "chat".into(),
-                unit: "message".into(),
-                description: String::new(),
-            }),
-        }))
-        .await
-        .unwrap();
-    admin
-        .publish_price_book_version(common::request(pb::PublishPriceBookVersionRequest {
-            idempotency_key: "prices.1".into(),
-            version: Some(pb::PriceBookVersion {
-                version: 1,
-                effective_from: Some(at(0)),
-                default_rates: Some(pb::RateTable {
-                    rates: [("chat".to_owned(), "1".to_owned())].into(),
-                }),
-                ..pb::PriceBookVersion::default()
-            }),
-        }))
-        .await
-        .unwrap();
-    admin
-        .create_account(common::request(pb::CreateAccountRequest {
-            idempotency_key: "account.acme".into(),
-            account_id: "acme".into(),
-            ..pb::CreateAccountRequest::default()
-        }))
-        .await
-        .unwrap();
+    let mut admin = node.admin();
+    let mut edge = node.edge();
+    chat_at_one_credit(&mut admin, "").await;
+    create_account(&mut admin, "acme").await;
     let now_ms = Timestamp::from_datetime(chrono::Utc::now())
         .unwrap()
         .millis();
     admin
-        .issue_grant(common::request(grant("now", "10", now_ms - HOUR_MS, None)))
+        .issue_grant(grant("now", "10", now_ms - HOUR_MS, None))
         .await
         .unwrap();
     admin
-        .issue_grant(common::request(grant("later", "5", now_ms + DAY_MS, None)))
+        .issue_grant(grant("later", "5", now_ms + DAY_MS, None))
         .await
         .unwrap();
 
     // A hold of 2 stays in flight; a debit of 1 is reconciled into the ledger.
     let held = edge
-        .authorize(common::request(pb::AuthorizeRequest {
+        .authorize(pb::AuthorizeRequest {
             idempotency_key: "hold-1".into(),
             account_id: "acme".into(),
             usage: cost("2"),
             ttl_seconds: 600,
             ..pb::AuthorizeRequest::default()
-        }))
+        })
         .await
         .unwrap()
         .into_inner();
@@ -389,23 +304,10 @@ async fn the_console_and_the_widget_tell_the_balance_the_edge_answers() {
         ),
         "{held:?}"
     );
-    let debited = edge
-        .debit(common::request(pb::DebitRequest {
-            idempotency_key: "d1".into(),
-            account_id: "acme".into(),
-            usage: cost("1"),
-            ..pb::DebitRequest::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        matches!(debited.outcome, Some(pb::debit_reply::Outcome::Debited(_))),
-        "{debited:?}"
-    );
+    debited(debit(&mut edge, "acme", "d1", "1", pb::EnforcementMode::default()).await);
     // The ledger's sum of open grants: 10 + 5 - 1 (it knows nothing of the hold).
     wait_reconciled(&mut admin, "14").await;
-    let answer = edge_balance(&mut edge).await;
+    let answer = edge_balance(&mut edge, "acme").await;
     let edge_says = answer.balance.unwrap().balance;
     assert_eq!(edge_says, "7", "10 - 1 debited - 2 held; 5 start tomorrow");
 

@@ -4,13 +4,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tollgate_proto::pb;
 use tollgate_testkit::process::free_port;
 use tonic::transport::Channel;
+
+mod common;
 
 const ADMIN_KEY: &str = "serve-console-admin-key";
 const READ_KEY: &str = "serve-console-read-key";
@@ -28,30 +26,20 @@ impl Drop for Node {
     }
 }
 
+/// A JSON call, with `key` as the bearer token when given.
 async fn call(
     method: &str,
     url: &str,
     key: Option<&str>,
     body: &str,
 ) -> (u16, http::HeaderMap, String) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut request = http::Request::builder().method(method).uri(url);
-    if let Some(key) = key {
-        request = request.header("authorization", format!("Bearer {key}"));
+    let bearer = key.map(|key| format!("Bearer {key}"));
+    let mut headers = Vec::new();
+    if let Some(bearer) = &bearer {
+        headers.push(("authorization", bearer.as_str()));
     }
-    let request = request
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        headers,
-        String::from_utf8_lossy(&bytes).into_owned(),
-    )
+    headers.push(("content-type", "application/json"));
+    common::http_client::call(method, url, &headers, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

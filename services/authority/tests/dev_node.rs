@@ -11,6 +11,7 @@ use tonic::transport::Channel;
 
 mod common;
 
+use common::grpc::{ask_reflection, define_chat, price_chat, reflected_services};
 use common::{request, Node, WAIT_MS as RECONCILED_WITHIN_MS};
 
 fn timestamp(seconds: i64) -> prost_types::Timestamp {
@@ -33,37 +34,14 @@ async fn the_embedded_node_prices_decides_and_reconciles_with_nothing_else_runni
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 
-    admin
-        .define_feature(request(pb::DefineFeatureRequest {
-            idempotency_key: "f1".into(),
-            feature: Some(pb::Feature {
-                feature: "chat".into(),
-                unit: "message".into(),
-                description: "one chat message".into(),
-            }),
-        }))
-        .await
-        .unwrap();
+    define_chat(&mut node.admin(), "one chat message").await;
     let listed = admin
         .list_features(request(pb::ListFeaturesRequest::default()))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(listed.features.len(), 1);
-    admin
-        .publish_price_book_version(request(pb::PublishPriceBookVersionRequest {
-            idempotency_key: "p1".into(),
-            version: Some(pb::PriceBookVersion {
-                version: 1,
-                effective_from: Some(timestamp(0)),
-                default_rates: Some(pb::RateTable {
-                    rates: [("chat".to_owned(), "0.5".to_owned())].into(),
-                }),
-                ..pb::PriceBookVersion::default()
-            }),
-        }))
-        .await
-        .unwrap();
+    price_chat(&mut node.admin(), "0.5").await;
     admin
         .create_account(request(pb::CreateAccountRequest {
             idempotency_key: "a1".into(),
@@ -672,32 +650,8 @@ async fn catalogues_plans_and_contracts_over_the_wire_with_every_problem_named()
 async fn reflection_lists_every_service_the_embedded_node_answers() {
     use tonic_reflection::pb::{v1, v1alpha};
     let node = Node::start().await;
-    let ask_v1 = |message: v1::server_reflection_request::MessageRequest| {
-        let mut client =
-            v1::server_reflection_client::ServerReflectionClient::new(node.channel.clone());
-        async move {
-            let request = v1::ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(message),
-            };
-            let mut replies = client
-                .server_reflection_info(tokio_stream::iter([request]))
-                .await
-                .unwrap()
-                .into_inner();
-            replies.message().await.unwrap().expect("one reply")
-        }
-    };
-    let reply = ask_v1(v1::server_reflection_request::MessageRequest::ListServices(
-        String::new(),
-    ))
-    .await;
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        reply.message_response
-    else {
-        panic!("a v1 service list: {reply:?}");
-    };
-    let listed_v1: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let ask_v1 = |message| ask_reflection(node.channel.clone(), message);
+    let listed_v1 = reflected_services(node.channel.clone()).await;
 
     let request = v1alpha::ServerReflectionRequest {
         host: String::new(),

@@ -17,6 +17,7 @@ type Admin = pb::admin_client::AdminClient<Channel>;
 
 mod common;
 
+use common::grpc::chat_at_one_credit;
 use common::{request, Node, WAIT_MS};
 
 fn now_s() -> i64 {
@@ -360,34 +361,7 @@ async fn purchase_grants_once_per_reference_and_refund_voids_the_rest() {
     let node = Node::start_with(Some(STRIPE_SECRET)).await;
     let mut admin = pb::admin_client::AdminClient::new(node.channel.clone());
     let mut edge = pb::enforcement_client::EnforcementClient::new(node.channel.clone());
-    admin
-        .define_feature(request(pb::DefineFeatureRequest {
-            idempotency_key: "f1".into(),
-            feature: Some(pb::Feature {
-                feature: "chat".into(),
-                unit: "message".into(),
-                description: String::new(),
-            }),
-        }))
-        .await
-        .unwrap();
-    admin
-        .publish_price_book_version(request(pb::PublishPriceBookVersionRequest {
-            idempotency_key: "p1".into(),
-            version: Some(pb::PriceBookVersion {
-                version: 1,
-                effective_from: Some(prost_types::Timestamp {
-                    seconds: 0,
-                    nanos: 0,
-                }),
-                default_rates: Some(pb::RateTable {
-                    rates: [("chat".to_owned(), "1".to_owned())].into(),
-                }),
-                ..pb::PriceBookVersion::default()
-            }),
-        }))
-        .await
-        .unwrap();
+    chat_at_one_credit(&mut node.admin(), "").await;
     create_account(&mut admin, "acme").await;
     create_account(&mut admin, "beta").await;
 

@@ -16,6 +16,10 @@ use tollgate_testkit::process::free_port;
 use tollgate_testkit::{PostgresServer, RedisServer};
 use tonic::transport::Channel;
 
+mod common;
+
+use common::grpc::{define_chat, price_chat};
+
 const ADMIN_KEY: &str = "serve-admin-key";
 /// How long the test waits for the background loop to reconcile (it runs every 200 ms).
 const RECONCILED_WITHIN_MS: u64 = 30_000;
@@ -28,15 +32,6 @@ impl Drop for Node {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn request<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {ADMIN_KEY}").parse().unwrap(),
-    );
-    request
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,52 +77,26 @@ async fn serve_reconciles_allocates_and_answers_the_cold_path_for_a_configured_r
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let mut admin = pb::admin_client::AdminClient::new(channel);
+    let mut admin = common::grpc::admin(channel, ADMIN_KEY);
+    define_chat(&mut admin, "").await;
+    price_chat(&mut admin, "0.5").await;
     admin
-        .define_feature(request(pb::DefineFeatureRequest {
-            idempotency_key: "f1".into(),
-            feature: Some(pb::Feature {
-                feature: "chat".into(),
-                unit: "message".into(),
-                description: String::new(),
-            }),
-        }))
-        .await
-        .unwrap();
-    admin
-        .publish_price_book_version(request(pb::PublishPriceBookVersionRequest {
-            idempotency_key: "p1".into(),
-            version: Some(pb::PriceBookVersion {
-                version: 1,
-                effective_from: Some(prost_types::Timestamp {
-                    seconds: 0,
-                    nanos: 0,
-                }),
-                default_rates: Some(pb::RateTable {
-                    rates: [("chat".to_owned(), "0.5".to_owned())].into(),
-                }),
-                ..pb::PriceBookVersion::default()
-            }),
-        }))
-        .await
-        .unwrap();
-    admin
-        .create_account(request(pb::CreateAccountRequest {
+        .create_account(pb::CreateAccountRequest {
             idempotency_key: "a1".into(),
             account_id: "acme".into(),
             ..Default::default()
-        }))
+        })
         .await
         .unwrap();
     admin
-        .issue_grant(request(pb::IssueGrantRequest {
+        .issue_grant(pb::IssueGrantRequest {
             idempotency_key: "g1".into(),
             account_id: "acme".into(),
             grant_id: "bought".into(),
             amount: "100".into(),
             source: pb::GrantSource::Purchase.into(),
             ..Default::default()
-        }))
+        })
         .await
         .unwrap();
 
@@ -162,9 +131,9 @@ async fn serve_reconciles_allocates_and_answers_the_cold_path_for_a_configured_r
     let deadline = Instant::now() + Duration::from_millis(RECONCILED_WITHIN_MS);
     let balance = loop {
         let reply = admin
-            .get_balance(request(pb::AdminGetBalanceRequest {
+            .get_balance(pb::AdminGetBalanceRequest {
                 account_id: "acme".into(),
-            }))
+            })
             .await
             .unwrap()
             .into_inner();

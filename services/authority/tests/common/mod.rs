@@ -3,12 +3,14 @@
 
 #![allow(dead_code)]
 
+pub mod envoy;
+pub mod grpc;
+pub mod http_client;
+
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tollgate_authority_service::dev::{run, DevOptions};
 use tollgate_testkit::process::free_port;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 /// The node's key (every scope).
@@ -19,10 +21,7 @@ pub const WAIT_MS: u64 = 30_000;
 
 /// A request carrying the node's key.
 pub fn request<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    let value: MetadataValue<_> = format!("Bearer {KEY}").parse().unwrap();
-    request.metadata_mut().insert("authorization", value);
-    request
+    grpc::keyed(message, KEY)
 }
 
 pub struct Node {
@@ -62,20 +61,7 @@ impl Node {
                 let _ = stopped.await;
             },
         ));
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_MS);
-        let channel = loop {
-            match Channel::from_shared(format!("http://{listen}"))
-                .unwrap()
-                .connect()
-                .await
-            {
-                Ok(channel) => break channel,
-                Err(error) if tokio::time::Instant::now() > deadline => {
-                    panic!("the node did not listen: {error}")
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        };
+        let channel = grpc::connect(listen).await;
         Node {
             channel,
             listen,
@@ -84,6 +70,16 @@ impl Node {
             task: Some(task),
             _dir: dir,
         }
+    }
+
+    /// Admin on the node, with its key.
+    pub fn admin(&self) -> grpc::Admin {
+        grpc::admin(self.channel.clone(), KEY)
+    }
+
+    /// Enforcement on the node, with its key.
+    pub fn edge(&self) -> grpc::Edge {
+        grpc::edge(self.channel.clone(), KEY)
     }
 
     pub async fn stop(mut self) {
