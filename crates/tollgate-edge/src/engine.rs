@@ -270,7 +270,26 @@ pub struct Engine<S: RegionStore> {
     asked: DashMap<AccountId, Arc<tokio::sync::Mutex<Option<Asked>>>>,
     /// Per account, the last request for credits a spend was short of (single-flight too).
     short: DashMap<AccountId, Arc<tokio::sync::Mutex<Option<AskedForCredits>>>>,
+    /// Per account, the region as this edge last read it (see [`RegionSeen`]): what a cached
+    /// decision's balance counts besides its lease, without a call to the region.
+    region_seen: DashMap<AccountId, RegionSeen>,
 }
+
+/// The region's figures for an account as this edge last read them (a strict decision's
+/// result or a view), carried forward by this edge's own cached decisions.
+#[derive(Clone, Copy, Debug)]
+struct RegionSeen {
+    /// The region's active segments plus what this edge's lease can still pay. Invariant under
+    /// the lease's refills and returns (credits move between the two); each cached decision
+    /// from the lease takes its cost off.
+    credits: Credits,
+    /// The region's overdraft room left.
+    room: Credits,
+}
+
+/// Accounts whose region figures an edge remembers at most; past it, those without a lease
+/// here are dropped.
+pub const REGION_SEEN_MAX: usize = 1_000_000;
 
 /// The authority's last answer to a request for missing credits.
 #[derive(Clone, Debug)]
@@ -346,6 +365,7 @@ impl<S: RegionStore> Engine<S> {
             allocator: None,
             asked: DashMap::new(),
             short: DashMap::new(),
+            region_seen: DashMap::new(),
         }
     }
 
@@ -574,7 +594,8 @@ impl<S: RegionStore> Engine<S> {
         let view = self
             .call(self.store.view(account, self.clock.now()))
             .await?;
-        if leased(&view) < shortfall {
+        let mut out = leased(&view);
+        if out < shortfall {
             return Ok(None);
         }
         self.call(self.store.recall_leases(account)).await?;
@@ -585,18 +606,24 @@ impl<S: RegionStore> Engine<S> {
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(std::time::Duration::from_millis(RECALL_POLL_MS_MAX));
-            let decided = self.call(call()).await?;
-            let paid = shortfall_of(&decided).is_none();
-            outcome = Some(decided);
-            if paid {
-                break;
-            }
+            // Looked at before deciding, so a decision made after the leases are all back
+            // sees their credits.
             let view = self
                 .call(self.store.view(account, self.clock.now()))
                 .await?;
-            if leased(&view).is_zero() {
+            let still_out = leased(&view);
+            let decided = self.call(call()).await?;
+            let paid = shortfall_of(&decided).is_none();
+            outcome = Some(decided);
+            if paid || still_out.is_zero() {
                 break;
             }
+            if still_out >= out {
+                // Nothing came back since the last notice, which is fire-and-forget (a holder
+                // may have been reconnecting): say it again.
+                self.call(self.store.recall_leases(account)).await?;
+            }
+            out = still_out;
         }
         Ok(outcome)
     }
@@ -627,12 +654,21 @@ impl<S: RegionStore> Engine<S> {
                 return Ok(Asking::Brought { last: false });
             }
             let same_feature = |f: &Option<FeatureKey>| f.as_ref().is_none_or(|f| f == feature);
-            let republished = summary.published_at.millis() > previous.at_ms;
             if previous.exhausted.as_ref().is_some_and(same_feature)
-                && !republished
                 && arrived_ms - previous.at_ms < COLD_PATH_EXHAUSTED_TTL_MS
             {
-                return Ok(Asking::NothingMore);
+                // The summary this edge holds may predate a grant whose notice has not arrived
+                // (or was lost): one read of the region's copy tells whether the authority
+                // published the account since it said "nothing more".
+                let published = summary.published_at.millis() > previous.at_ms
+                    || self
+                        .catalogue
+                        .load_account(self.store.as_ref(), &summary.account, self.clock.now())
+                        .await?
+                        .is_some_and(|fresh| fresh.published_at.millis() > previous.at_ms);
+                if !published {
+                    return Ok(Asking::NothingMore);
+                }
             }
         }
         let answer = allocator
@@ -777,6 +813,17 @@ impl<S: RegionStore> Engine<S> {
             DebitOutcome::Refused(Refusal::Insufficient { shortfall, .. }) => Some(*shortfall),
             _ => None,
         };
+        // This edge's lease as it was before the call, and whether a refill moved credits from
+        // the region's pool into it meanwhile (then the script's pool and the lease may both
+        // count them).
+        let refills = || {
+            self.leases
+                .stats()
+                .refills
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let (refills_before, lease_before) =
+            (refills(), self.leases.available(&request.account, None, at));
         let (outcome, cold) = self
             .with_cold_path(
                 summary,
@@ -790,7 +837,21 @@ impl<S: RegionStore> Engine<S> {
             DebitOutcome::Allowed(allowed) => Decision::Done(Debited {
                 priced: *priced,
                 available_after: allowed.pool,
-                balance_after: account_balance(told, allowed.pool, allowed.overdraft_room, at),
+                balance_after: if allowed.replayed {
+                    // The pool and room the first decision saw; the lease is as it is now.
+                    account_balance(told, allowed.pool, allowed.overdraft_room, at)
+                } else {
+                    let lease = self.leases.available(&request.account, None, at);
+                    let credits = if refills() == refills_before {
+                        let credits = allowed.pool.checked_add(lease).unwrap_or(Credits::MAX);
+                        self.remember_seen(&request.account, credits, allowed.overdraft_room);
+                        credits
+                    } else {
+                        let lease = lease.min(lease_before);
+                        allowed.pool.checked_add(lease).unwrap_or(Credits::MAX)
+                    };
+                    account_balance(told, credits, allowed.overdraft_room, at)
+                },
                 draws: allowed.draws,
                 overdraft: allowed.overdraft,
                 usage_id: Some(allowed.usage_id),
@@ -801,6 +862,45 @@ impl<S: RegionStore> Engine<S> {
                 Decision::Refused(self.refused(told, refusal, priced.cost, &cold, at))
             }
         })
+    }
+
+    /// The region's active segments `pool` plus what this edge's lease can still pay (memory
+    /// only): the region's credits as far as this edge can see them without another call
+    /// (other edges' leases are not in a decision's result).
+    fn seen_credits(&self, account: &AccountId, pool: Credits, at: Timestamp) -> Credits {
+        pool.checked_add(self.leases.available(account, None, at))
+            .unwrap_or(Credits::MAX)
+    }
+
+    fn remember_seen(&self, account: &AccountId, credits: Credits, room: Credits) {
+        if self.region_seen.len() >= REGION_SEEN_MAX {
+            self.region_seen.retain(|a, _| self.leases.holds(a));
+        }
+        self.region_seen
+            .insert(account.clone(), RegionSeen { credits, room });
+    }
+
+    /// The balance after a cached decision of `cost` from this edge's lease (`lease_after`
+    /// left): from the region's figures as this edge last read them, less its own cached
+    /// decisions since; without them, from the lease alone. No call to the region.
+    fn cached_balance(
+        &self,
+        summary: &AccountSummary,
+        account: &AccountId,
+        cost: Option<Credits>,
+        lease_after: Credits,
+        at: Timestamp,
+    ) -> Credits {
+        let seen = self.region_seen.get_mut(account).map(|mut seen| {
+            if let Some(cost) = cost {
+                seen.credits = seen.credits.saturating_sub_floor_zero(cost);
+            }
+            *seen
+        });
+        match seen {
+            Some(seen) => account_balance(summary, seen.credits, seen.room, at),
+            None => account_balance(summary, lease_after, Credits::ZERO, at),
+        }
     }
 
     /// A region's refusal as the caller gets it: when the authority could not be reached to
@@ -869,9 +969,15 @@ impl<S: RegionStore> Engine<S> {
                 mode: EnforcementMode::Cached,
                 replayed,
                 available_after,
-                // From memory only: this edge's lease and the credits outside the region (the
-                // region's unleased credits would need a call to the store).
-                balance_after: account_balance(summary, available_after, Credits::ZERO, at),
+                // From memory only: the region as this edge last read it less its own cached
+                // decisions since, and the credits outside the region.
+                balance_after: self.cached_balance(
+                    summary,
+                    &request.account,
+                    (!replayed).then_some(priced.cost),
+                    available_after,
+                    at,
+                ),
             }),
             // The lease and the region cannot pay: the region, with what the authority brings,
             // decides (a strict debit under the same key; nothing was charged from the lease).
@@ -1065,6 +1171,13 @@ impl<S: RegionStore> Engine<S> {
             .filter(|s| s.is_active_at(now) && feature.is_none_or(|f| s.scope.covers(f)))
             .map(|s| s.remaining);
         let leased = self.leases.available(account, feature, now);
+        let active = view
+            .segments
+            .iter()
+            .filter(|s| s.is_active_at(now))
+            .map(|s| s.remaining);
+        let seen = Credits::checked_sum(active).unwrap_or(Credits::MAX);
+        self.remember_seen(account, self.seen_credits(account, seen, now), room);
         let region_available =
             Credits::checked_sum(segments.chain([room, leased])).unwrap_or(Credits::MAX);
         // The account's overdraft room: its limit less its debt as this region sees it.

@@ -111,6 +111,10 @@ impl ShadowBook {
         self.grants.get(id)
     }
 
+    pub fn grants(&self) -> impl Iterator<Item = &Grant> {
+        self.grants.values()
+    }
+
     /// What pending holds set aside at `at` (a hold past its TTL sets nothing aside).
     fn reserved_at(&self, at: Timestamp) -> Reserved {
         let mut reserved = Reserved::default();

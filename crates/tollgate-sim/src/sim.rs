@@ -46,6 +46,8 @@ const RETAIN_MS: i64 = 24 * 3_600_000;
 const REPLAY_AGE_MS_MAX: i64 = 3_600_000;
 /// The edges' reverse window (the default, five minutes).
 const REVERSE_WINDOW_MS: i64 = 5 * 60_000;
+/// How long an edge waits for other edges to give back their leases (real time).
+const RECALL_WAIT_MS: u64 = 10;
 /// Iterations of one clock advance at most (every loop is bounded).
 const ADVANCE_ITERATIONS_MAX: usize = 10_000;
 /// Replayable requests and holds remembered at most (oldest forgotten first).
@@ -480,6 +482,9 @@ impl Sim {
         settings.flush_interval_ms = FLUSH_INTERVAL_MS as u64;
         settings.lease_credits = credits(10 * MICROS);
         settings.reverse_window_ms = REVERSE_WINDOW_MS;
+        // Live edges answer a recall at once (the recall listener runs while the deciding edge
+        // waits); only a crashed edge's lease makes a decision wait it out, in real time.
+        settings.recall_wait_ms = RECALL_WAIT_MS;
         let clock: Arc<dyn tollgate_edge::Clock> = self.clock.clone();
         // The edge asks the authority on the cold path, as every deployed edge does.
         let allocator = RegionAllocator {

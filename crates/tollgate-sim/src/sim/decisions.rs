@@ -8,7 +8,9 @@ use tollgate_ledger::LedgerStore;
 use tollgate_region::RegionStore;
 
 use super::{credits, feature, Sim};
-use crate::oracle::{judge, multi_region_refusal_allowed, Answer, Circumstances, DecisionKind};
+use crate::oracle::{
+    judge, multi_region_refusal_allowed, Answer, BalanceClass, Circumstances, DecisionKind,
+};
 
 /// Grants listed in a false refusal's message at most.
 const GRANTS_LISTED_MAX: usize = 6;
@@ -87,62 +89,174 @@ impl Sim {
         if !applied.as_reported {
             figures.model_disagreements += 1;
         }
-        figures.balance(decided.kind, balance == done.balance_after);
-        if balance != done.balance_after && std::env::var_os("TG_BAL_DEBUG").is_some() {
-            self.debug_balance(decided, done, balance).await;
-        }
+        let parts = if balance == done.balance_after {
+            Vec::new()
+        } else {
+            self.balance_parts(decided, done, balance).await
+        };
+        let figures = &mut self.report.oracle;
+        figures.balance(decided.kind, balance == done.balance_after, &parts);
     }
 
-    async fn debug_balance(&self, decided: &Decided<'_>, done: &Debited, model: Credits) {
+    /// Why the balance an edge reported after a debit differs from the model's, part by part
+    /// (see [`BalanceClass`]): what the edge's reply could see of the region, read now from the
+    /// region, the account's summary and the edges' leases, against what the model holds.
+    async fn balance_parts(
+        &self,
+        decided: &Decided<'_>,
+        done: &Debited,
+        model: Credits,
+    ) -> Vec<BalanceClass> {
         let at = self.clock.at();
         let region = self.edges[decided.edge].region;
         let id = &self.accounts[decided.account].id;
         let store = &self.stores[region];
-        let view = store.view(id, at).await.ok();
-        let summary = store.account_summary(id).await.ok().flatten();
-        let mine = self.edges[decided.edge].engine.leases().unflushed(id);
-        let others: i64 = self
-            .edges
-            .iter()
-            .enumerate()
-            .filter(|(e, s)| *e != decided.edge && s.region == region)
-            .map(|(_, s)| s.engine.leases().unflushed(id).micros())
-            .sum();
-        let ledger = self.link.node().ledger().account(id).await.ok();
-        let (segs, leased, room, used, held) = view.as_ref().map_or((0, 0, 0, 0, 0), |v| {
-            let segs: i64 = v
-                .segments
-                .iter()
-                .filter(|s| s.is_active_at(at))
-                .map(|s| s.remaining.micros())
-                .sum();
+        let (Ok(view), Ok(Some(summary))) =
+            (store.view(id, at).await, store.account_summary(id).await)
+        else {
+            return vec![BalanceClass::RegionDown];
+        };
+        let lease = |e: usize| {
+            let leases = self.edges[e].engine.leases();
             (
-                segs,
-                v.leased.micros(),
-                v.overdraft_limit.micros() - v.overdraft_used.micros(),
-                v.overdraft_used.micros(),
-                v.held.micros(),
+                leases.available(id, None, at).micros(),
+                leases.unflushed(id).micros(),
             )
-        });
-        let (outside, basis) = summary.as_ref().map_or((0, 0), |s| {
-            (s.outside_at(at, None).micros(), s.debt_basis.micros())
-        });
-        let ideal = segs + leased - mine.micros() - others + outside - (basis - room).max(0);
-        eprintln!(
-            "BAL {} acct{} e{} edge {} model {} diff {} | ideal {} idealdiff {} | segs {} leased {} mine {} others {} room {} used {} held {} outside {} basis {} avail_after {} od {} | ledger {:?}",
-            decided.kind.name(),
-            decided.account,
-            self.edges[decided.edge].uid,
-            done.balance_after.micros(),
-            model.micros(),
-            done.balance_after.micros() - model.micros(),
-            ideal,
-            ideal - model.micros(),
-            segs, leased, mine.micros(), others, room, used, held, outside, basis,
-            done.available_after.micros(),
-            done.overdraft.micros(),
-            ledger.map(|l| (l.balance.micros(), l.debt.micros())),
-        );
+        };
+        let (mine, mine_unflushed) = lease(decided.edge);
+        let others_unflushed: i64 = (0..self.edges.len())
+            .filter(|&e| e != decided.edge && self.edges[e].region == region)
+            .map(|e| lease(e).1)
+            .sum();
+        let segments: i64 = view
+            .segments
+            .iter()
+            .filter(|s| s.is_active_at(at))
+            .map(|s| s.remaining.micros())
+            .sum();
+        let room = view.overdraft_limit.micros() - view.overdraft_used.micros();
+        let debt = (summary.debt_basis.micros() - room).max(0);
+        let outside = summary.outside_at(at, None).micros();
+        // The region's answer, exactly: every lease less every edge's unflushed spends.
+        let region_exact =
+            segments + view.leased.micros() - mine_unflushed - others_unflushed + outside - debt;
+        // What the reply could count without another call to the region.
+        let others_leases = view.leased.micros() - mine - mine_unflushed - others_unflushed;
+        let reply = done.balance_after.micros();
+        let mut parts = Parts {
+            classes: Vec::new(),
+            left: reply - model.micros(),
+        };
+        if done.mode == tollgate_region::EnforcementMode::Strict {
+            // The script's result has the region's pool and overdraft room, not other edges'
+            // leases.
+            parts.take(BalanceClass::OtherEdgesLeases, -others_leases);
+            let formula = region_exact - others_leases;
+            parts.take(BalanceClass::StaleSummary, reply - formula);
+        } else {
+            // Other edges' unflushed decisions are not seen, and the region as this edge last
+            // read it may have changed since.
+            parts.take(BalanceClass::OtherEdgesUnflushed, others_unflushed);
+            let seen = region_exact + others_unflushed;
+            parts.take(BalanceClass::RegionAsLastRead, reply - seen);
+        }
+        // What is left lies between the region's exact answer and the model: the debt as the
+        // region sees it (from the ledger's debt basis) and the model's.
+        let (ledger_balance, ledger_debt) = self
+            .link
+            .node()
+            .ledger()
+            .account(id)
+            .await
+            .map_or((0, 0), |l| (l.balance.micros(), l.debt.micros()));
+        let model_debt = self.shadows[decided.account].book().debt().micros();
+        // Client retries decided again from a lease while the first decision is charged or
+        // pending elsewhere: they settle as duplicates and go back to the lease.
+        let pending = mine_unflushed + others_unflushed;
+        let charged_pending: i64 = self
+            .acks
+            .iter()
+            .filter(|((r, _), ack)| {
+                *r == region
+                    && ack.account == decided.account
+                    && !ack.durable
+                    && !ack.lost
+                    && !ack.on_edges.is_empty()
+            })
+            .map(|(_, ack)| ack.cost)
+            .sum();
+        let retry_pending = charged_pending - pending;
+        // Credits the authority counts as handed to the region whose install has not arrived
+        // (lost on the way; the next recovery replays it).
+        let in_flight: i64 = match self
+            .link
+            .node()
+            .state()
+            .open_installs_of(&self.region_ids[region], id, 64)
+            .await
+        {
+            Ok(intents) => intents
+                .iter()
+                .filter(|i| i.spec.effective_at <= at && i.spec.expires_at.is_none_or(|e| at < e))
+                .map(|i| i.spec.amount.micros())
+                .sum(),
+            Err(_) => 0,
+        };
+        // Grants issued after the summary was last published that the region does not hold
+        // (the publish failed: the region was down).
+        let unpublished: i64 = self.shadows[decided.account]
+            .book()
+            .grants()
+            .filter(|g| {
+                g.effective_at > summary.published_at
+                    && g.is_active_at(at)
+                    && !view.segments.iter().any(|s| s.grant_id == g.id)
+            })
+            .map(|g| g.remaining.micros())
+            .sum();
+        parts.take_some(&[
+            (BalanceClass::DebtBasis, model_debt - debt),
+            (BalanceClass::RetryPending, retry_pending),
+            (BalanceClass::InstallInFlight, -in_flight),
+            (BalanceClass::Unpublished, -unpublished),
+        ]);
+        if parts.left != 0 && self.cfg.regions > 1 {
+            // Spends in other regions not reconciled yet, and their holds, are not seen here:
+            // at most what those regions hold.
+            if let Some(elsewhere) = self.held_elsewhere(region, decided.account).await {
+                if parts.left.abs() <= elsewhere.micros() {
+                    parts.classes.push(BalanceClass::OtherRegions);
+                    parts.left = 0;
+                }
+            }
+        }
+        let parts_left = parts.left;
+        let mut parts = parts.classes;
+        if parts_left != 0 {
+            parts.push(BalanceClass::Unexplained);
+        }
+        if self.cfg.print_trace {
+            println!(
+                "  balance after {}: edge {} model {} ({}); region exact {}, segments {}, leased {} (this edge {} + {} unflushed, others {} unflushed), room {}, debt basis {}, outside {}, model debt {}, ledger balance {} debt {}",
+                decided.kind.name(),
+                done.balance_after,
+                model,
+                parts.iter().map(|p| p.name()).collect::<Vec<_>>().join("+"),
+                Credits::from_micros(region_exact),
+                Credits::from_micros(segments),
+                view.leased,
+                Credits::from_micros(mine),
+                Credits::from_micros(mine_unflushed),
+                Credits::from_micros(others_unflushed),
+                Credits::from_micros(room),
+                summary.debt_basis,
+                Credits::from_micros(outside),
+                Credits::from_micros(model_debt),
+                Credits::from_micros(ledger_balance),
+                Credits::from_micros(ledger_debt),
+            );
+        }
+        parts
     }
 
     /// A new hold: the model places it too.
@@ -321,6 +435,46 @@ impl Sim {
         let acks = &self.acks;
         for shadow in &mut self.shadows {
             shadow.fold(|ack| acks.get(ack).is_some_and(|a| !a.durable && !a.lost));
+        }
+    }
+}
+
+/// A balance difference taken apart: the classes that explain parts of it and what is left.
+struct Parts {
+    classes: Vec<BalanceClass>,
+    left: i64,
+}
+
+impl Parts {
+    /// Takes the first of `candidates`' subsets (in the order of their bits) whose amounts add
+    /// up to all that is left, if any: these explain a difference only as a whole.
+    fn take_some(&mut self, candidates: &[(BalanceClass, i64)]) {
+        if self.left == 0 {
+            return;
+        }
+        for subset in 1u32..(1 << candidates.len()) {
+            let chosen = || {
+                candidates
+                    .iter()
+                    .enumerate()
+                    .filter(move |(i, (_, amount))| subset & (1 << i) != 0 && *amount != 0)
+                    .map(|(_, c)| *c)
+            };
+            if chosen().count() == subset.count_ones() as usize
+                && chosen().map(|(_, amount)| amount).sum::<i64>() == self.left
+            {
+                self.classes.extend(chosen().map(|(class, _)| class));
+                self.left = 0;
+                return;
+            }
+        }
+    }
+
+    /// Takes `amount` of what is left as `class`, when both are not zero.
+    fn take(&mut self, class: BalanceClass, amount: i64) {
+        if amount != 0 && self.left != 0 {
+            self.classes.push(class);
+            self.left -= amount;
         }
     }
 }
