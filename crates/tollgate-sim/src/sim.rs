@@ -1910,18 +1910,6 @@ impl Sim {
 
     async fn final_checks(&mut self) -> Result<(), String> {
         self.check().await?;
-        if std::env::var("SIM_DEBUG").is_ok() {
-            for (n, snap) in self.snapshots.iter().enumerate() {
-                eprintln!(
-                    "DEBUG final acct{n}: ledger {} (debt {}, expired {}) model {} (debt {})",
-                    snap.balance,
-                    snap.debt,
-                    snap.totals.expired,
-                    self.shadows[n].book().balance(self.clock.at()),
-                    self.shadows[n].book().debt()
-                );
-            }
-        }
         self.deep_check(true).await?;
         let acked = self.acknowledged();
         for (n, (account, snap)) in self.accounts.iter().zip(&self.snapshots).enumerate() {
