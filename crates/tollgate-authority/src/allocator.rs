@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use tollgate_core::command::{Memo, SettleDebt};
 use tollgate_core::{
     burn_order, AccountId, Credits, FeatureKey, Grant, GrantState, RegionId, Timestamp,
 };
@@ -23,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::authority::Authority;
 use crate::error::{AuthorityError, Result};
-use crate::reconciler::derived_key;
+use crate::reconciler::{derived_key, Overdrawn};
 use crate::settings::{
     ALLOCATION_GRANTS_FIRST, ALLOCATION_SEGMENTS_MAX, SUMMARY_OUTSIDE_GROUPS_MAX,
     SWEEP_ACCOUNTS_PER_PASS_MAX,
@@ -456,7 +457,8 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let regions = i64::try_from(self.regions.len()).unwrap_or(i64::MAX).max(1);
         let share = snapshot.overdraft_limit.micros() / regions;
         if room_now.micros() > share && uncovered == 0 {
-            // The limit was lowered: give back the room above the region's new share.
+            // Above its share (the limit was lowered, or a spend took room beyond the share
+            // earlier) and no spend needs it now: give back the room above the share.
             let limit = Credits::from_micros(view.overdraft_used.micros() + share);
             self.region(region)?
                 .set_overdraft_limit(account, limit, now)
@@ -532,6 +534,21 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         reconciled: Option<u64>,
         now: Timestamp,
     ) -> Result<tollgate_region::TakenBack> {
+        let all = Credits::from_micros(tollgate_region::REGION_MICROS_MAX);
+        self.take_back_part(region, account, grant, all, reconciled, now)
+            .await
+    }
+
+    /// Takes back up to `amount` of what a region holds of one grant, counting it given back.
+    async fn take_back_part(
+        &self,
+        region: &RegionId,
+        account: &AccountId,
+        grant: &tollgate_core::GrantId,
+        amount: Credits,
+        reconciled: Option<u64>,
+        now: Timestamp,
+    ) -> Result<tollgate_region::TakenBack> {
         let key = derived_key(
             "takeback",
             &[
@@ -540,18 +557,12 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 grant.as_str(),
                 &now.millis().to_string(),
                 &reconciled.map(|n| n.to_string()).unwrap_or_default(),
+                &amount.micros().to_string(),
             ],
         )?;
         let taken = self
             .region(region)?
-            .take_back(
-                account,
-                &key,
-                grant,
-                Credits::from_micros(tollgate_region::REGION_MICROS_MAX),
-                reconciled,
-                now,
-            )
+            .take_back(account, &key, grant, amount, reconciled, now)
             .await
             .map_err(|e| AuthorityError::region(region, e))?;
         if taken.taken.is_positive() {
@@ -560,6 +571,211 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 .await?;
         }
         Ok(taken)
+    }
+
+    /// Settles debt that usage ran up before a grant was issued when that usage reached the
+    /// ledger only after the grant (`overdrawn`: the account's usage records in the ledger
+    /// that ran into overdraft). The grant would have settled that debt had the usage arrived
+    /// first (a grant settles the debt standing when it is issued), so the account's state
+    /// would otherwise depend on the order its usage arrived in: the same balance, but debt
+    /// standing beside the grant's credits, and less overdraft room for the features the grant
+    /// does not cover.
+    ///
+    /// The grant's credits may be out in regions. What the authority still holds of them is
+    /// settled first, then what regions give back of them, each only once its usage of the
+    /// account is reconciled (a reversal not reconciled yet may have given draws back to the
+    /// segment; see `take_back_idle`). The room the settled debt frees is handed out again at
+    /// once (`rebalance`), so what a region can spend in total does not move. What cannot be
+    /// settled while a region holding the grant's credits has usage of the account not
+    /// reconciled yet is returned, to be tried again after a later reconciliation; the rest
+    /// stays debt until the next grant settles it. One usage record settles from one grant
+    /// once (the ledger key names both), so a batch applied again after a crash settles what
+    /// the first pass did not and nothing twice.
+    pub async fn settle_late_debt(
+        &self,
+        account: &AccountId,
+        overdrawn: &[Overdrawn],
+    ) -> Result<Vec<Overdrawn>> {
+        if overdrawn.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (waiting, moved) = {
+            let lock = self.account_lock(account);
+            let _held = lock.lock().await;
+            self.settle_late_debt_locked(account, overdrawn).await?
+        };
+        if moved {
+            self.rebalance(account).await?;
+        }
+        Ok(waiting)
+    }
+
+    /// [`Self::settle_late_debt`] under the account's lock: the usage left waiting, and
+    /// whether anything moved (credits taken back or debt settled) so that regions must be
+    /// topped up again.
+    async fn settle_late_debt_locked(
+        &self,
+        account: &AccountId,
+        overdrawn: &[Overdrawn],
+    ) -> Result<(Vec<Overdrawn>, bool)> {
+        let now = self.clock.now();
+        let snapshot = match self.ledger.account(account).await {
+            Ok(snapshot) => snapshot,
+            Err(LedgerError::UnknownAccount(_)) => return Ok((Vec::new(), false)),
+            Err(other) => return Err(other.into()),
+        };
+        let mut debt = snapshot.debt.micros();
+        let Some(earliest) = overdrawn.iter().map(|usage| usage.at).min() else {
+            return Ok((Vec::new(), false));
+        };
+        if debt <= 0 {
+            return Ok((Vec::new(), false));
+        }
+        // Grants issued after the earliest such usage and in effect when issued (a grant not
+        // in effect settles nothing; one past its expiry that the expiry run has not closed
+        // yet does), in the order they were issued.
+        let mut issued = Vec::new();
+        for grant in self
+            .ledger
+            .grants_with_credits(account, tollgate_ledger::OPEN_GRANTS_MAX)
+            .await?
+        {
+            if grant.effective_at > now {
+                continue;
+            }
+            if let Some(record) = self.ledger.grant(account, &grant.id).await? {
+                if record.created_at >= earliest && grant.is_active_at(record.created_at) {
+                    issued.push((record.created_at, grant));
+                }
+            }
+        }
+        if issued.is_empty() {
+            return Ok((Vec::new(), false));
+        }
+        issued.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        let mut rows = self.state.allocations(account).await?;
+        let memo = Memo::new("debt run up before this grant was issued, reconciled after it")
+            .map_err(|e| AuthorityError::invalid("memo", e))?;
+        let (mut settled, mut moved) = (0_i64, false);
+        let mut waiting = Vec::new();
+        let mut sorted: Vec<&Overdrawn> = overdrawn.iter().collect();
+        sorted.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.debit.cmp(&b.debit)));
+        for usage in sorted {
+            let mut left = usage.micros;
+            let mut blocked = false;
+            for (issued_at, grant) in issued.iter_mut() {
+                if debt <= 0 || left <= 0 {
+                    break;
+                }
+                if usage.at > *issued_at {
+                    continue;
+                }
+                let owed = left.min(debt).min(grant.remaining.micros());
+                if owed <= 0 {
+                    continue;
+                }
+                let gathered = self
+                    .gather(
+                        account,
+                        &grant.id,
+                        grant.remaining.micros(),
+                        owed,
+                        &rows,
+                        now,
+                    )
+                    .await?;
+                if gathered.taken_back {
+                    moved = true;
+                    rows = self.state.allocations(account).await?;
+                }
+                blocked |= gathered.blocked;
+                if gathered.micros <= 0 {
+                    continue;
+                }
+                let command = SettleDebt {
+                    key: derived_key("settle", &[usage.debit.as_str(), grant.id.as_str()])?,
+                    account: account.clone(),
+                    grant: grant.id.clone(),
+                    amount: Credits::from_micros(gathered.micros),
+                    memo: memo.clone(),
+                };
+                let amount = match self.ledger.settle_debt(command, now).await {
+                    Ok(Ok(receipt)) if !receipt.replayed => {
+                        receipt.movements.iter().map(|m| m.amount.micros()).sum()
+                    }
+                    // Settled before, by a pass that applied this usage first.
+                    Ok(Ok(_)) | Err(LedgerError::IdempotencyConflict { .. }) => 0,
+                    // What was taken back stays with the authority and is handed out again.
+                    Ok(Err(refusal)) => {
+                        warn!(%account, grant = %grant.id, refusal = %refusal.message,
+                            "the ledger settled no debt from a grant issued since");
+                        0
+                    }
+                    Err(other) => return Err(other.into()),
+                };
+                settled += amount;
+                debt -= amount;
+                left -= amount;
+                moved |= amount > 0;
+                grant.remaining = Credits::from_micros(grant.remaining.micros() - amount);
+            }
+            if blocked && left > 0 && debt > 0 {
+                waiting.push(Overdrawn {
+                    micros: left,
+                    ..usage.clone()
+                });
+            }
+        }
+        if settled > 0 {
+            debug!(%account, settled, "debt run up before a grant and reconciled after it, settled from it");
+        }
+        Ok((waiting, moved))
+    }
+
+    /// Gathers up to `owed` of a grant's credits for the ledger to settle debt from: what the
+    /// authority holds of them first (the grant's `remaining` less what regions hold), then
+    /// what regions give back.
+    async fn gather(
+        &self,
+        account: &AccountId,
+        grant: &tollgate_core::GrantId,
+        remaining: i64,
+        owed: i64,
+        rows: &[AllocationRow],
+        now: Timestamp,
+    ) -> Result<Gathered> {
+        let held_out: Vec<&AllocationRow> = rows
+            .iter()
+            .filter(|r| r.grant_id == grant.as_str() && r.outstanding() > 0)
+            .collect();
+        let out: i64 = held_out.iter().map(|r| r.outstanding()).sum();
+        let mut gathered = Gathered {
+            micros: (remaining - out).clamp(0, owed),
+            taken_back: false,
+            blocked: false,
+        };
+        for row in held_out {
+            if gathered.micros >= owed {
+                break;
+            }
+            let reconciled = self.state.usage_seq(&row.region, account).await?;
+            let taken = self
+                .take_back_part(
+                    &row.region,
+                    account,
+                    grant,
+                    Credits::from_micros(owed - gathered.micros),
+                    Some(reconciled),
+                    now,
+                )
+                .await?;
+            if taken.taken.is_positive() {
+                gathered.taken_back = true;
+                gathered.micros += taken.taken.micros();
+            }
+            gathered.blocked |= taken.unreconciled > 0;
+        }
+        Ok(gathered)
     }
 
     /// Takes back every allocation a region has not used for `idle_ms`: the region asks again
@@ -634,6 +850,14 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         }
         Ok(emptied)
     }
+}
+
+/// Credits gathered for settling debt from a grant, and whether regions gave any back.
+struct Gathered {
+    micros: i64,
+    taken_back: bool,
+    /// A region holding the grant's credits had usage of the account not reconciled yet.
+    blocked: bool,
 }
 
 /// What a region's summary says of the credits it does not hold: per open grant, what the

@@ -30,6 +30,11 @@ pub struct Authority<L: LedgerStore + ?Sized, R: RegionStore> {
     account_locks: std::sync::Mutex<BTreeMap<AccountId, Arc<Mutex<()>>>>,
     /// Accounts whose ledger changed since the notifier last looked.
     pub(crate) dirty: std::sync::Mutex<crate::notifier::Dirty>,
+    /// Usage whose debt a grant issued since should settle, waiting for a region holding the
+    /// grant's credits to have its usage of the account reconciled (see `settle_late_debt`).
+    /// Kept in memory: after a restart the debt stands until the account's next grant, as
+    /// it would have had the usage arrived first.
+    pub(crate) late_debt: std::sync::Mutex<BTreeMap<AccountId, Vec<crate::reconciler::Overdrawn>>>,
 }
 
 impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
@@ -52,6 +57,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             http,
             account_locks: std::sync::Mutex::new(BTreeMap::new()),
             dirty: std::sync::Mutex::new(crate::notifier::Dirty::default()),
+            late_debt: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 

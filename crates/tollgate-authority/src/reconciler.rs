@@ -12,6 +12,8 @@
 //! when a read finds the stream drained: everything decided before that read started is in,
 //! except what may still arrive late, bounded by `watermark_lateness_ms`.
 
+use std::collections::BTreeMap;
+
 use sha2::{Digest, Sha256};
 use tollgate_core::command::{Memo, Refund, UsageDebit};
 use tollgate_core::{AccountId, BurnPlan, DebitId, IdempotencyKey, RegionId, Timestamp};
@@ -23,6 +25,10 @@ use crate::authority::Authority;
 use crate::error::{AuthorityError, Result};
 use crate::settings::{USAGE_BATCH_RECORDS_MAX, USAGE_CONSUMER, USAGE_GROUP};
 use crate::state::UsageEffect;
+
+/// Accounts whose late debt waits for a region's reconciliation at most; beyond, the debt
+/// stands until the account's next grant.
+const LATE_DEBT_ACCOUNTS_MAX: usize = 10_000;
 
 /// Hex digits of the key's digest kept in a debit id (192 bits).
 const DEBIT_ID_DIGEST_HEX: usize = 48;
@@ -48,6 +54,20 @@ pub struct ReconcileReport {
     pub parked: usize,
     /// Accounts the batch touched (for refills and notifications).
     pub accounts: Vec<AccountId>,
+    /// Usage in the ledger (applied now or before) that ran into overdraft, for debt a grant
+    /// issued since should have settled (see `Authority::settle_late_debt`).
+    pub overdrawn: Vec<Overdrawn>,
+}
+
+/// A usage record in the ledger that ran the account into overdraft.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Overdrawn {
+    pub account: AccountId,
+    pub debit: DebitId,
+    /// The usage's event time.
+    pub at: Timestamp,
+    /// Micro-credits of overdraft.
+    pub micros: i64,
 }
 
 /// The ledger's debit id for a region's decision: the region and a digest of the decision's
@@ -243,6 +263,15 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                     continue;
                 }
             }
+            // A duplicate too: a crash may have come between applying it and settling.
+            if record.overdraft.is_positive() {
+                report.overdrawn.push(Overdrawn {
+                    account: record.account.clone(),
+                    debit: debit_id(region, &record.key)?,
+                    at: record.at,
+                    micros: record.overdraft.micros(),
+                });
+            }
             effects.push(effect_of(record, 1));
         }
         Ok(())
@@ -350,6 +379,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 "usage reconciled"
             );
         }
+        self.settle_late_debts(region, &report.overdrawn).await;
         for account in &report.accounts {
             self.mark_dirty(account);
             if let Err(error) = self.refill_if_low(region, account).await {
@@ -357,6 +387,46 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             }
         }
         Ok(report)
+    }
+
+    /// Settles the debt of usage just reconciled, and of usage waiting from earlier passes,
+    /// from grants issued after it (see `settle_late_debt`). A failure leaves the debt
+    /// standing, as if the usage had arrived first; it is logged.
+    async fn settle_late_debts(&self, region: &RegionId, overdrawn: &[Overdrawn]) {
+        let mut waiting = {
+            let mut late = match self.late_debt.lock() {
+                Ok(late) => late,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            std::mem::take(&mut *late)
+        };
+        for usage in overdrawn {
+            let list = waiting.entry(usage.account.clone()).or_default();
+            if !list.iter().any(|u| u.debit == usage.debit) {
+                list.push(usage.clone());
+            }
+        }
+        let mut still = BTreeMap::new();
+        for (account, usage) in waiting {
+            match self.settle_late_debt(&account, &usage).await {
+                Ok(left) if !left.is_empty() => {
+                    still.insert(account, left);
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    warn!(%region, %account, %error, "settling debt from a grant issued since failed; the debt stands until the next grant");
+                }
+            }
+        }
+        let mut late = match self.late_debt.lock() {
+            Ok(late) => late,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (account, usage) in still {
+            if late.len() < LATE_DEBT_ACCOUNTS_MAX {
+                late.entry(account).or_default().extend(usage);
+            }
+        }
     }
 
     /// Reconciles every region until a read finds its stream drained (at most `passes_max`

@@ -928,3 +928,55 @@ async fn credits_that_expired_just_before_an_upgrade_are_reinstated() {
     assert!(!down.upgrade);
     assert!(down.granted.is_empty());
 }
+
+#[tokio::test]
+async fn debt_run_up_before_a_grant_and_reconciled_after_it_is_settled_from_that_grant() {
+    let world = World::start(&["eu"], 10, 0, 10).await;
+    world.allocate("eu").await;
+    // 4 into overdraft in the region; the usage is not reconciled yet.
+    assert!(world.debit("eu", "before-the-grant", 4).await);
+    world.clock.advance_ms(1_000);
+    // A purchase while that usage is on its way: the ledger has no debt to settle yet.
+    issue(
+        &world.ledger,
+        "bought",
+        20,
+        GrantSource::Purchase,
+        None,
+        world.clock.now(),
+    )
+    .await;
+    world.node.rebalance(&acct()).await.unwrap();
+    assert_eq!(world.held("eu").await, (20 * MICROS, 6 * MICROS));
+    world.clock.advance_ms(1_000);
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    // Had the usage arrived first, the purchase would have settled the debt: it does now.
+    let snapshot = world.ledger.account(&acct()).await.unwrap();
+    assert_eq!(snapshot.debt, Credits::ZERO);
+    assert_eq!(snapshot.balance.micros(), 16 * MICROS);
+    let bought = world
+        .ledger
+        .grant(&acct(), &GrantId::new("bought").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bought.grant.remaining.micros(), 16 * MICROS);
+    // The region gave 4 of the grant back and holds the whole overdraft room again: what it
+    // can spend in total did not move.
+    assert_eq!(world.held("eu").await, (16 * MICROS, 10 * MICROS));
+    let settles: Vec<_> = world
+        .entries()
+        .await
+        .into_iter()
+        .filter(|(kind, _, _)| *kind == EntryKind::Settle)
+        .collect();
+    assert_eq!(settles.len(), 1, "{settles:?}");
+    // Reconciling again settles nothing twice.
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(
+        world.ledger.account(&acct()).await.unwrap().debt,
+        Credits::ZERO
+    );
+    world.assert_never_over_allocated().await;
+    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+}

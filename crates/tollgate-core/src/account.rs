@@ -241,17 +241,18 @@ impl AccountBook {
             grant_id: Some(id.clone()),
         }];
         self.grants.insert(id.clone(), grant);
-        movements.extend(self.settle_from(&id, at));
+        movements.extend(self.settle_from(&id, at, Credits::MAX));
         Ok(movements)
     }
 
-    /// Debt is settled first by the next grant, once that grant is in effect.
-    fn settle_from(&mut self, id: &GrantId, at: Timestamp) -> Option<Movement> {
+    /// Debt is settled first by the next grant, once that grant is in effect: at most
+    /// `at_most` of it.
+    fn settle_from(&mut self, id: &GrantId, at: Timestamp, at_most: Credits) -> Option<Movement> {
         let grant = self.grants.get_mut(id)?;
         if !self.debt.is_positive() || !grant.is_active_at(at) {
             return None;
         }
-        let amount = self.debt.min(grant.remaining);
+        let amount = self.debt.min(grant.remaining).min(at_most);
         if !amount.is_positive() {
             return None;
         }
@@ -261,6 +262,40 @@ impl AccountBook {
             kind: EntryKind::Settle,
             amount,
             grant_id: Some(id.clone()),
+        })
+    }
+
+    /// Settles up to `at_most` of the debt from one open grant in effect by `at`, as that
+    /// grant did with the debt standing when it was issued. For debt run up before a grant was
+    /// issued whose usage reached the ledger only after it: applied as it arrives, that usage
+    /// would otherwise leave the debt standing beside the grant's credits, and the account's
+    /// state would depend on the order its usage arrived in. A grant past its expiry that the
+    /// expiry run has not closed yet still settles (it was in effect when issued, and what it
+    /// settles is not left to expire). Settles nothing when there is no debt or the grant has
+    /// nothing left.
+    pub fn settle_debt(
+        &mut self,
+        id: &GrantId,
+        at_most: Credits,
+        at: Timestamp,
+    ) -> Result<Vec<Movement>, BookError> {
+        self.transact(|book| {
+            let grant = book
+                .grants
+                .get(id)
+                .ok_or_else(|| BookError::UnknownGrant(id.clone()))?;
+            if grant.state != GrantState::Open || grant.effective_at > at {
+                return Err(BookError::GrantClosed(id.clone()));
+            }
+            if at_most.is_negative() {
+                return Err(AmountError::Negative.into());
+            }
+            // In effect at its start, so that `settle_from` takes it whatever `at` is.
+            let from = grant.effective_at;
+            let movements: Vec<Movement> =
+                book.settle_from(id, from, at_most).into_iter().collect();
+            book.record(&movements)?;
+            Ok(movements)
         })
     }
 

@@ -249,6 +249,18 @@ pub struct Adjust {
     pub memo: Memo,
 }
 
+/// Settles debt from a grant issued after the debt was run up, when the usage that ran it up
+/// reached the ledger only after the grant (see `AccountBook::settle_debt`): at most `amount`,
+/// and never more than the debt or what the grant has left.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleDebt {
+    pub key: IdempotencyKey,
+    pub account: AccountId,
+    pub grant: GrantId,
+    pub amount: Credits,
+    pub memo: Memo,
+}
+
 /// Closes one period of a recurring grant: the rollover policy carries part of what is left
 /// into a `rollover` grant and the rest expires. The next period's grant is issued on its own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use tollgate_core::command::{
     Adjust, CloseGrant, CloseKind, ClosePeriod, CreateAccount, IssueGrant, Metadata, Refund,
-    UpdateAccount, UsageDebit,
+    SettleDebt, UpdateAccount, UsageDebit,
 };
 use tollgate_core::{
     AccountBook, AccountId, BookError, BurnPlan, Credits, DebitId, DebitRecord, Draw, EntryKind,
@@ -1227,6 +1227,39 @@ impl LedgerStore for Store {
                 movements,
                 context: admin_context(command.key.as_str(), command.memo.as_str()),
                 grant_id: created,
+                grant_metadata: Metadata::default(),
+            }))
+        })
+        .await
+    }
+
+    async fn settle_debt(
+        &self,
+        command: SettleDebt,
+        now: Timestamp,
+    ) -> Result<Outcome, LedgerError> {
+        const OPERATION: &str = "settle_debt";
+        if command.amount.is_negative() {
+            return Err(LedgerError::invalid("amount", "must not be negative"));
+        }
+        let fingerprint = apply::fingerprint(OPERATION, &command)?;
+        let load = Load {
+            grants: vec![command.grant.clone()],
+            debit: None,
+            with_credits: false,
+        };
+        let key = command.key.as_str().to_owned();
+        let account = command.account.clone();
+        self.mutate(&key, &account, OPERATION, fingerprint, now, load, |book, _| {
+            let result = book.settle_debt(&command.grant, command.amount, now);
+            let movements = match movements_or_refusal(&command.account, result)? {
+                Ok(movements) => movements,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
+            Ok(Ok(Done {
+                movements,
+                context: admin_context(command.key.as_str(), command.memo.as_str()),
+                grant_id: None,
                 grant_metadata: Metadata::default(),
             }))
         })

@@ -2,7 +2,8 @@
 
 use async_trait::async_trait;
 use tollgate_core::command::{
-    Adjust, CloseGrant, ClosePeriod, CreateAccount, IssueGrant, Refund, UpdateAccount, UsageDebit,
+    Adjust, CloseGrant, ClosePeriod, CreateAccount, IssueGrant, Refund, SettleDebt, UpdateAccount,
+    UsageDebit,
 };
 use tollgate_core::{AccountId, Grant, GrantId, Timestamp};
 
@@ -58,6 +59,15 @@ pub trait LedgerStore: Send + Sync {
     async fn refund(&self, command: Refund, now: Timestamp) -> Result<Outcome, LedgerError>;
 
     async fn adjust(&self, command: Adjust, now: Timestamp) -> Result<Outcome, LedgerError>;
+
+    /// Settles debt from one grant (a `settle` entry), for debt whose usage arrived after the
+    /// grant was issued. With no debt left, or nothing left in the grant, it settles nothing
+    /// and the receipt has no movements; a grant closed or not in effect is refused.
+    async fn settle_debt(
+        &self,
+        command: SettleDebt,
+        now: Timestamp,
+    ) -> Result<Outcome, LedgerError>;
 
     /// Applies region-decided debits, in one transaction. A debit id seen before is a
     /// [`UsageOutcome::Duplicate`] and moves nothing, so replaying a batch is safe.

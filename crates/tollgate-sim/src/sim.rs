@@ -578,6 +578,10 @@ impl Sim {
     }
 
     async fn grant_to(&mut self, account: usize) -> Step {
+        // A grant has an instant of its own: a decision at the same millisecond would be
+        // before or after it depending on the order two stores saw them in, and the model
+        // and the ledger could then settle debt differently, both rightly.
+        self.advance(1).await?;
         let amount = self.rng.range(10, 200) * MICROS;
         let now = self.clock.ms();
         let expires_at = if self.rng.chance(50) {
@@ -638,6 +642,7 @@ impl Sim {
             Ok(()) => "rebalanced".to_owned(),
             Err(e) => self.tolerate("rebalance", e)?,
         };
+        self.advance(1).await?;
         Ok(format!(
             "{id} acct{account} {} expires={:?} sends={sends}; {rebalance}",
             credits(amount),

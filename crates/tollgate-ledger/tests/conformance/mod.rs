@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tollgate_core::command::{
     Adjust, CloseGrant, CloseKind, CreateAccount, GrantTerms, IssueGrant, Memo, Metadata, Refund,
-    UpdateAccount, UsageDebit,
+    SettleDebt, UpdateAccount, UsageDebit,
 };
 use tollgate_core::{
     AccountId, BurnPlan, Credits, DebitId, Draw, EntryKind, FeatureKey, GrantId, GrantSource,
@@ -114,6 +114,7 @@ macro_rules! conformance_suite {
             a_refund_to_an_expired_grant_lands_in_a_new_refund_grant,
             replayed_usage_is_a_no_op,
             usage_the_ledger_cannot_take_is_refused_per_debit,
+            debt_whose_usage_arrives_after_a_grant_is_settled_from_it,
             grants_spent_to_zero_are_read_only_when_named,
             idempotent_mutations_replay_their_first_result,
             adjustments_and_voids_follow_the_rules,
@@ -712,6 +713,87 @@ pub async fn usage_the_ledger_cannot_take_is_refused_per_debit(f: &Fixture) {
         store.account(&account("acme")).await.unwrap().debt,
         Credits::ZERO
     );
+    assert_clean(&*store).await;
+}
+
+/// Usage that ran into overdraft before a grant was issued and reached the ledger after it
+/// leaves debt beside the grant's credits; `settle_debt` settles it from that grant, at most
+/// the debt and what the grant has, once per key; a grant not in effect yet settles nothing.
+pub async fn debt_whose_usage_arrives_after_a_grant_is_settled_from_it(f: &Fixture) {
+    let store = f.store();
+    create(&*store, "acme", "10").await;
+    issue(&*store, "acme", terms("g1", "5"), at(1)).await;
+    // Issued at 3, while usage of 2 is still on its way.
+    issue(&*store, "acme", terms("g2", "20"), at(3)).await;
+    let outcomes = store
+        .apply_usage(vec![usage("acme", "d1", at(2), &[("g1", "5")], "4")], at(4))
+        .await
+        .unwrap();
+    assert!(matches!(outcomes[0], UsageOutcome::Applied { .. }));
+    let before = store.account(&account("acme")).await.unwrap();
+    assert_eq!((before.balance, before.debt), (credits("16"), credits("4")));
+    let settle = |k: &str, grant: &str, amount: &str| SettleDebt {
+        key: key(k),
+        account: account("acme"),
+        grant: grant_id(grant),
+        amount: credits(amount),
+        memo: Memo::default(),
+    };
+    // At most what was asked: 3 of the 4.
+    let receipt = store
+        .settle_debt(settle("s1", "g2", "3"), at(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(receipt.movements.len(), 1);
+    assert_eq!(receipt.movements[0].kind, EntryKind::Settle);
+    assert_eq!(receipt.movements[0].amount, credits("3"));
+    assert_eq!(receipt.balance, credits("16"));
+    // The same key again moves nothing.
+    let again = store
+        .settle_debt(settle("s1", "g2", "3"), at(6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.replayed);
+    // Never more than the debt left.
+    let rest = store
+        .settle_debt(settle("s2", "g2", "50"), at(7))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest.movements[0].amount, credits("1"));
+    let after = store.account(&account("acme")).await.unwrap();
+    assert_eq!((after.balance, after.debt), (credits("16"), Credits::ZERO));
+    let g2 = store
+        .grant(&account("acme"), &grant_id("g2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(g2.grant.remaining, credits("16"));
+    // No debt: nothing to settle, nothing written.
+    let none = store
+        .settle_debt(settle("s3", "g2", "1"), at(8))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(none.movements.is_empty());
+    // A grant not in effect yet is refused.
+    issue(
+        &*store,
+        "acme",
+        GrantTerms {
+            effective_at: Some(at(1_000)),
+            ..terms("later", "5")
+        },
+        at(9),
+    )
+    .await;
+    let refused = store
+        .settle_debt(settle("s4", "later", "1"), at(10))
+        .await
+        .unwrap();
+    assert_eq!(refused.unwrap_err().code, RefusalCode::GrantClosed);
     assert_clean(&*store).await;
 }
 
