@@ -326,16 +326,21 @@ fn parse_micros(text: &str, what: &str) -> anyhow::Result<i64> {
 impl AdminApi {
     async fn observe(&self, account: &str) -> anyhow::Result<Observed> {
         let mut admin = self.client.clone();
-        let balance = admin
+        let reply = admin
             .get_balance(self.request(pb::AdminGetBalanceRequest {
                 account_id: account.into(),
             }))
             .await
             .with_context(|| format!("reading the balance of {account}"))?
-            .into_inner()
+            .into_inner();
+        // The ledger's own sum (`ledger_balance`), not the account's balance in
+        // `balance.balance`, which leaves out holds in flight and grants not effective now.
+        let ledger_balance = reply.ledger_balance;
+        let totals = reply
             .balance
-            .with_context(|| format!("no balance for {account}"))?;
-        let totals = balance.totals.unwrap_or_default();
+            .with_context(|| format!("no balance for {account}"))?
+            .totals
+            .unwrap_or_default();
         let mut debits: HashMap<String, (i64, u64)> = HashMap::new();
         let mut token = String::new();
         for _ in 0..ENTRY_PAGES_MAX {
@@ -362,7 +367,7 @@ impl AdminApi {
             token = page.next_page_token;
         }
         Ok(Observed {
-            balance: parse_micros(&balance.balance, "balance")?,
+            balance: parse_micros(&ledger_balance, "balance")?,
             granted: parse_micros(&totals.granted, "granted total")?,
             debits,
         })

@@ -11,6 +11,7 @@ use tollgate_proto::decode::{self, EntryQuery, GrantQuery};
 use tollgate_proto::{pb, ErrorCode, ServiceError};
 use tonic::{Request, Response, Status};
 
+use crate::balance;
 use crate::coordination::authority_error;
 use crate::encode;
 use crate::lifecycle;
@@ -21,6 +22,11 @@ pub use tollgate_authority::{Clock, SystemClock};
 /// Accounts whose ledger an admin call changed, bounded: a full channel drops the notice and
 /// the authority's next full notifier scan catches up.
 pub const CHANGES_CHANNEL_CAPACITY: usize = 4_096;
+
+/// What `GetBalance` names in `holds_unread` when this authority serves the ledger alone and
+/// reaches no region's holds.
+const REGIONS_NOT_REACHED: &str =
+    "every region: this authority serves the ledger only and reads no region's holds";
 
 pub struct AdminService {
     store: Arc<dyn LedgerStore>,
@@ -469,14 +475,16 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::AdminGetBalanceRequest>,
     ) -> Reply<pb::AdminGetBalanceReply> {
         let account = account_id(&request.into_inner().account_id)?;
-        let snapshot = self
-            .store
-            .account(&account)
-            .await
-            .map_err(encode::ledger_error)?;
-        Ok(Response::new(pb::AdminGetBalanceReply {
-            balance: Some(encode::balance(&snapshot)),
-        }))
+        let regions = self.lifecycle.as_deref();
+        let (snapshot, mut told) =
+            balance::read(self.store.as_ref(), regions, &account, self.clock.now())
+                .await
+                .map_err(encode::ledger_error)?;
+        if regions.is_none() {
+            // A ledger-only authority reaches no region: say so rather than count no holds.
+            told.holds_unread.push(REGIONS_NOT_REACHED.to_owned());
+        }
+        Ok(Response::new(encode::balance_reply(&snapshot, &told)))
     }
 
     async fn verify(&self, request: Request<pb::VerifyRequest>) -> Reply<pb::VerifyReply> {

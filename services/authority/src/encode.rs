@@ -7,6 +7,8 @@ use tollgate_ledger::{
 use tollgate_proto::decode::{entry_kind_to_pb, grant_to_pb, price_rule_to_pb, timestamp_to_pb};
 use tollgate_proto::{pb, ErrorCode, ServiceError};
 
+use crate::balance::{AccountBalance, GrantAside};
+
 pub fn ledger_error(error: LedgerError) -> tonic::Status {
     ledger_error_ref(&error)
 }
@@ -89,6 +91,36 @@ pub fn balance(snapshot: &AccountSnapshot) -> pb::Balance {
         totals: Some((&snapshot.totals).into()),
         entry_count: snapshot.entry_count,
         as_of: Some(timestamp_to_pb(snapshot.updated_at)),
+    }
+}
+
+/// Admin `GetBalance`'s reply: the account's balance as `told` (in `balance.balance`), with the
+/// terms it is made of and the ledger's own sum and totals from `snapshot`.
+pub fn balance_reply(
+    snapshot: &AccountSnapshot,
+    told: &AccountBalance,
+) -> pb::AdminGetBalanceReply {
+    let asides = |grants: &[GrantAside]| {
+        grants
+            .iter()
+            .map(|aside| pb::GrantAside {
+                grant_id: aside.grant.to_string(),
+                remaining: aside.remaining.to_string(),
+                at: Some(timestamp_to_pb(aside.at)),
+            })
+            .collect()
+    };
+    pb::AdminGetBalanceReply {
+        balance: Some(pb::Balance {
+            balance: told.balance.to_string(),
+            ..balance(snapshot)
+        }),
+        ledger_balance: snapshot.balance.to_string(),
+        effective: told.effective.to_string(),
+        held: told.held.to_string(),
+        upcoming: asides(&told.upcoming),
+        lapsed: asides(&told.lapsed),
+        holds_unread: told.holds_unread.clone(),
     }
 }
 

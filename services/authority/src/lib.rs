@@ -8,6 +8,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod background;
+pub mod balance;
 pub mod config;
 pub mod console;
 pub mod coordination;

@@ -210,6 +210,15 @@ async fn admin_calls_need_a_key_with_the_right_scope() {
         .expect("a read key may read")
         .into_inner();
     assert_eq!(balance.balance.unwrap().balance, "0");
+    // This authority serves the ledger alone: it says it read no region's holds rather than
+    // counting none.
+    assert_eq!(balance.held, "0");
+    assert_eq!(balance.holds_unread.len(), 1, "{:?}", balance.holds_unread);
+    assert!(
+        balance.holds_unread[0].starts_with("every region: "),
+        "{:?}",
+        balance.holds_unread
+    );
     let status = client
         .get_balance(with_key(
             pb::AdminGetBalanceRequest {

@@ -253,6 +253,47 @@ async fn a_grant_past_its_expiry_is_not_expiring_but_awaits_the_expiry_run() {
     assert!(low.contains(">acme<") && low.contains(">13<"), "{low}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_get_balance_tells_the_consoles_balance_and_names_the_lapsed_grant() {
+    let quiet = Quiet::start().await;
+    let cookie = acme_two_hours_on(&quiet).await;
+    let account = page(&quiet.base, "/console/accounts/acme", &cookie).await;
+
+    let told = quiet
+        .admin
+        .get_balance(tonic::Request::new(pb::AdminGetBalanceRequest {
+            account_id: "acme".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(told.balance.as_ref().unwrap().balance, "13", "{told:?}");
+    assert_eq!(element(&account, "balance"), "13");
+    assert_eq!(told.ledger_balance, "70", "{told:?}");
+    let named = |grants: &[pb::GrantAside]| -> Vec<(String, String, i64)> {
+        let at = |g: &pb::GrantAside| {
+            let at = g.at.expect("an instant");
+            tollgate_proto::decode::timestamp("at", &at)
+                .unwrap()
+                .millis()
+        };
+        grants
+            .iter()
+            .map(|g| (g.grant_id.clone(), g.remaining.clone(), at(g)))
+            .collect()
+    };
+    assert_eq!(
+        named(&told.upcoming),
+        [("tomorrow".into(), "50".into(), T0_MS + DAY_MS)]
+    );
+    assert_eq!(
+        named(&told.lapsed),
+        [("lapsing".into(), "7".into(), T0_MS + HOUR_MS)]
+    );
+    // No lifecycle here, so no region is read: the reply says so rather than count no holds.
+    assert_eq!(told.holds_unread.len(), 1, "{told:?}");
+}
+
 /// Polls until the ledger's sum of open grants is `want` (the debit was reconciled).
 async fn wait_reconciled(admin: &mut Admin, want: &str) {
     let mut last = String::new();

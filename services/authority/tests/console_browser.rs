@@ -42,6 +42,8 @@ fn screenshots_dir() -> PathBuf {
     dir.canonicalize().unwrap()
 }
 
+/// The ledger's sum for `account` (Admin `GetBalance`'s `ledger_balance`): what the background
+/// loop's reconciliation moves.
 async fn balance(admin: &mut pb::admin_client::AdminClient<Channel>, account: &str) -> String {
     admin
         .get_balance(request(pb::AdminGetBalanceRequest {
@@ -50,9 +52,7 @@ async fn balance(admin: &mut pb::admin_client::AdminClient<Channel>, account: &s
         .await
         .unwrap()
         .into_inner()
-        .balance
-        .unwrap()
-        .balance
+        .ledger_balance
 }
 
 async fn wait_for_balance(

@@ -693,15 +693,39 @@ pub async fn schedules(
     }
 }
 
-/// The ledger's balance and its equation's terms. The ledger's balance is every open grant's
-/// remainder (effective or not, expired or not yet closed) less debt; what the account can
-/// spend now is `--live`'s balance, so the label says which one this is.
-fn balance_text(balance: &pb::Balance) -> String {
+/// The account's balance first (its open grants effective and unexpired now, less holds in
+/// flight in every region, less debt: the figure edges answer with), then what it is made of and
+/// the ledger's own sum and equation terms. The ledger's sum counts every open grant's remainder
+/// (effective or not, expired or not yet closed), so grants left out of the balance are named
+/// with the instant that explains why.
+fn balance_text(reply: &pb::AdminGetBalanceReply) -> String {
+    let balance = reply.balance.clone().unwrap_or_default();
     let totals = balance.totals.clone().unwrap_or_default();
-    render::fields(&[
+    let mut fields = vec![
         ("account", balance.account_id.clone()),
-        ("ledger balance", balance.balance.clone()),
+        ("balance", balance.balance.clone()),
+        ("effective now", reply.effective.clone()),
+        ("held", reply.held.clone()),
         ("debt", balance.debt.clone()),
+        ("ledger balance", reply.ledger_balance.clone()),
+    ];
+    for grant in &reply.upcoming {
+        let starts = render::time(&grant.at);
+        let text = format!("{} {} from {starts}", grant.grant_id, grant.remaining);
+        fields.push(("upcoming", text));
+    }
+    for grant in &reply.lapsed {
+        let expired = render::time(&grant.at);
+        let text = format!(
+            "{} {} expired {expired}, awaiting the expiry run",
+            grant.grant_id, grant.remaining
+        );
+        fields.push(("lapsed", text));
+    }
+    for region in &reply.holds_unread {
+        fields.push(("holds unread", region.clone()));
+    }
+    fields.extend([
         ("overdraft limit", balance.overdraft_limit.clone()),
         ("granted", totals.granted),
         ("debited", totals.debited),
@@ -711,7 +735,8 @@ fn balance_text(balance: &pb::Balance) -> String {
         ("adjusted", totals.adjusted),
         ("entries", balance.entry_count.to_string()),
         ("as of", render::time(&balance.as_of)),
-    ])
+    ]);
+    render::fields(&fields)
 }
 
 pub async fn balance(conn: &Connection, out: &Out, args: BalanceArgs) -> Result<(), CliError> {
@@ -727,8 +752,7 @@ pub async fn balance(conn: &Connection, out: &Out, args: BalanceArgs) -> Result<
             })),
         )
         .await?;
-    let balance = reply.balance.unwrap_or_default();
-    out.print(render::balance(&balance), || balance_text(&balance));
+    out.print(render::admin_balance(&reply), || balance_text(&reply));
     Ok(())
 }
 

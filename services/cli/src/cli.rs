@@ -92,9 +92,9 @@ pub enum Command {
     /// Create, list and cancel recurring grant schedules.
     #[command(subcommand)]
     Schedules(SchedulesCommand),
-    /// An account's balance and the terms of its balance equation.
+    /// An account's balance now, the terms it is made of, and the ledger's sum.
     #[command(
-        after_help = "Examples:\n  tollgate balance acme          # the ledger: its balance equation's terms\n  tollgate balance acme --live   # the account's balance now, as edges answer it\n  tollgate balance acme --feature chat   # what can be spent now on chat"
+        after_help = "Examples:\n  tollgate balance acme          # the account's balance, its terms, the ledger's sum\n  tollgate balance acme --live   # the account's balance now, as edges answer it\n  tollgate balance acme --feature chat   # what can be spent now on chat"
     )]
     Balance(BalanceArgs),
     /// An account's ledger entries, filtered and paginated.
@@ -417,7 +417,7 @@ pub struct BalanceArgs {
     #[arg(long)]
     pub feature: Option<String>,
     /// Ask the edge for the account's balance now (effective grants less holds and debt), what
-    /// it can spend and what this region holds, rather than the ledger.
+    /// it can spend and what this region holds, rather than the authority.
     #[arg(long)]
     pub live: bool,
 }

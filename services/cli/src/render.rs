@@ -136,6 +136,28 @@ pub fn balance(balance: &pb::Balance) -> Value {
     })
 }
 
+/// Admin `GetBalance`: the account's balance in `balance`, its terms, and the ledger's sum.
+pub fn admin_balance(reply: &pb::AdminGetBalanceReply) -> Value {
+    let asides = |grants: &[pb::GrantAside]| -> Vec<Value> {
+        grants
+            .iter()
+            .map(|g| json!({"grant_id": g.grant_id, "remaining": g.remaining, "at": time_json(&g.at)}))
+            .collect()
+    };
+    let mut value = balance(&reply.balance.clone().unwrap_or_default());
+    for (key, extra) in [
+        ("ledger_balance", json!(reply.ledger_balance)),
+        ("effective", json!(reply.effective)),
+        ("held", json!(reply.held)),
+        ("upcoming", json!(asides(&reply.upcoming))),
+        ("lapsed", json!(asides(&reply.lapsed))),
+        ("holds_unread", json!(reply.holds_unread)),
+    ] {
+        value = with(value, key, extra);
+    }
+    value
+}
+
 pub fn account(account: &pb::Account) -> Value {
     json!({
         "account_id": account.account_id,

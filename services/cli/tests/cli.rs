@@ -627,9 +627,88 @@ fn balance_live_is_the_accounts_balance_after_debits_and_reconciliation() {
     assert!(balance_line.ends_with(" 7"), "{table:?}");
     assert!(!table.stdout.contains("entries"), "{table:?}");
     assert!(table.stdout.contains("this region can spend"), "{table:?}");
-    // Without --live, the ledger: its balance counts the grant that starts later, and says so.
-    let ledger = node.tollgate(&["balance", "acme"]).ok();
-    assert!(ledger.stdout.contains("ledger balance   12"), "{ledger:?}");
+    // Without --live, the authority tells the same balance, then the ledger's sum, which
+    // counts the grant that starts later, and names that grant with its start.
+    let plain = node.tollgate(&["balance", "acme"]).ok();
+    assert_eq!(figure(&plain.stdout, "balance"), "7", "{plain:?}");
+    assert_eq!(figure(&plain.stdout, "ledger balance"), "12", "{plain:?}");
+    assert_eq!(
+        figure(&plain.stdout, "upcoming"),
+        "later 5 from 2099-01-01T00:00:00.000Z",
+        "{plain:?}"
+    );
+}
+
+/// The value of the first `name  value` line of a `tollgate` table.
+fn figure(table: &str, name: &str) -> String {
+    table
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            rest.starts_with("  ").then(|| rest.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no {name:?} line in {table}"))
+}
+
+#[test]
+fn plain_balance_is_the_accounts_balance_less_holds_with_tomorrows_grant_named() {
+    let node = DevNode::start();
+    // `welcome`: 10 credits effective now; `tomorrow`: 5 credits that start in a day.
+    seed(&node);
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    node.tollgate(&[
+        "grants",
+        "issue",
+        "acme",
+        "--amount",
+        "5",
+        "--grant-id",
+        "tomorrow",
+        "--effective-at",
+        &tomorrow,
+    ])
+    .ok();
+    let told = node.tollgate(&["--json", "balance", "acme"]).ok().json();
+    assert_eq!(told["balance"], "10", "today's grant only: {told}");
+    assert_eq!(told["ledger_balance"], "15", "{told}");
+    assert_eq!(told["upcoming"][0]["grant_id"], "tomorrow", "{told}");
+    assert_eq!(told["upcoming"][0]["at"], tomorrow.as_str(), "{told}");
+
+    // A hold in flight (4 messages at 0.5) sets 2 credits aside: the balance says so at once,
+    // the same figure the edge answers; the ledger's sum knows nothing of it.
+    authorize(&node, "4", "in-flight");
+    let told = node.tollgate(&["--json", "balance", "acme"]).ok().json();
+    let live = node
+        .tollgate(&["--json", "balance", "acme", "--live"])
+        .ok()
+        .json();
+    assert_eq!(told["balance"], "8", "{told}");
+    assert_eq!(told["held"], "2", "{told}");
+    assert_eq!(told["ledger_balance"], "15", "{told}");
+    assert_eq!(told["holds_unread"], serde_json::json!([]), "{told}");
+    assert_eq!(live["balance"]["balance"], told["balance"], "{live}");
+
+    // The table tells the balance first, then its terms and the grant left out.
+    let table = node.tollgate(&["balance", "acme"]).ok();
+    let names: Vec<&str> = table
+        .stdout
+        .lines()
+        .map(|line| line.split("  ").next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        names[..3],
+        ["account", "balance", "effective now"],
+        "{table:?}"
+    );
+    assert_eq!(figure(&table.stdout, "balance"), "8", "{table:?}");
+    assert_eq!(figure(&table.stdout, "held"), "2", "{table:?}");
+    assert_eq!(figure(&table.stdout, "ledger balance"), "15", "{table:?}");
+    assert_eq!(
+        figure(&table.stdout, "upcoming"),
+        format!("tomorrow 5 from {tomorrow}"),
+        "{table:?}"
+    );
 }
 
 #[test]

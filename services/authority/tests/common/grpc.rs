@@ -177,8 +177,8 @@ pub async fn grant_at(
         .unwrap();
 }
 
-/// The ledger's balance of `account` (its sum of open grants).
-pub async fn ledger_balance(admin: &mut Admin, account: &str) -> String {
+/// Admin `GetBalance` of `account`: the account's balance, its parts and the ledger's sum.
+pub async fn admin_balance(admin: &mut Admin, account: &str) -> pb::AdminGetBalanceReply {
     admin
         .get_balance(pb::AdminGetBalanceRequest {
             account_id: account.into(),
@@ -186,9 +186,12 @@ pub async fn ledger_balance(admin: &mut Admin, account: &str) -> String {
         .await
         .unwrap()
         .into_inner()
-        .balance
-        .expect("a balance")
-        .balance
+}
+
+/// The ledger's balance of `account` (its sum of open grants less debt: Admin `GetBalance`'s
+/// `ledger_balance`).
+pub async fn ledger_balance(admin: &mut Admin, account: &str) -> String {
+    admin_balance(admin, account).await.ledger_balance
 }
 
 /// The ledger's balance of `account`, polled every 100 ms until it is `expected` or

@@ -172,13 +172,14 @@ pub fn tollgate(endpoint: &str, key: &str, args: &[&str]) -> Run {
     }
 }
 
-/// Polls the ledger balance until it is `want` (the background loop reconciled); bounded, and
-/// returns the last balance read whatever it is.
+/// Polls the ledger's balance (`ledger_balance`, its sum of open grants less debt) until it is
+/// `want` (the background loop reconciled); bounded, and returns the last balance read whatever
+/// it is.
 pub fn wait_for_balance(node: &DevNode, account: &str, want: &str) -> String {
     let mut balance = String::new();
     for _ in 0..RECONCILE_POLLS_MAX {
         let run = node.tollgate(&["--json", "balance", account]).ok();
-        balance = run.json()["balance"].as_str().unwrap().to_string();
+        balance = run.json()["ledger_balance"].as_str().unwrap().to_string();
         if balance == want {
             break;
         }
