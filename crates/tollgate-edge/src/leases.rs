@@ -79,6 +79,10 @@ struct Local {
     refill_running: bool,
     /// A refill got less than it asked for: the region is short, so do not ask again before.
     refill_quiet_until_ms: i64,
+    /// Being given back to the region: nothing is decided from it or added to it any more
+    /// (a decision taken in between would be served from credits the region is getting back,
+    /// and left pending on a lease no flush reaches).
+    retired: bool,
 }
 
 impl Local {
@@ -368,6 +372,10 @@ impl<S: RegionStore> Leases<S> {
     ) -> Result<Option<LeaseDecision>, EngineError> {
         let now_ms = self.clock.now().millis();
         let mut local = lease.local();
+        if local.retired {
+            // The region decides (strict), with the credits this lease gave back.
+            return Ok(None);
+        }
         if let Some(recent) = local.recent.get(&usage.key) {
             if recent.feature != usage.feature || recent.cost != cost.micros() {
                 return Err(EngineError::Conflict);
@@ -473,6 +481,9 @@ impl<S: RegionStore> Leases<S> {
             return Ok(());
         }
         let mut region = lease.region.lock().await;
+        if lease.local().retired {
+            return Ok(());
+        }
         let now = self.clock.now();
         let request = LeaseRequest {
             account: account.clone(),
@@ -775,8 +786,13 @@ impl<S: RegionStore> Leases<S> {
     async fn give_back(&self, account: &AccountId, lease: &Arc<AccountLease>) {
         self.flush(account, lease).await;
         let mut region = lease.region.lock().await;
-        if !lease.local().pending.is_empty() {
-            return;
+        {
+            // Checked and marked under the lock decisions take: none can slip in between.
+            let mut local = lease.local();
+            if !local.pending.is_empty() {
+                return;
+            }
+            local.retired = true;
         }
         if region.live {
             match self
@@ -787,6 +803,7 @@ impl<S: RegionStore> Leases<S> {
                 Ok(_) => *region = RegionSide::default(),
                 Err(error) => {
                     warn!(%account, %error, "lease return failed; it will expire in the region");
+                    lease.local().retired = false;
                     return;
                 }
             }
