@@ -634,21 +634,18 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         // Grants issued after the earliest such usage and in effect when issued (a grant not
         // in effect settles nothing; one past its expiry that the expiry run has not closed
         // yet does), in the order they were issued.
-        let mut issued = Vec::new();
-        for grant in self
+        let mut issued: Vec<(Timestamp, Grant)> = self
             .ledger
-            .grants_with_credits(account, tollgate_ledger::OPEN_GRANTS_MAX)
+            .grant_records_with_credits(account, tollgate_ledger::OPEN_GRANTS_MAX)
             .await?
-        {
-            if grant.effective_at > now {
-                continue;
-            }
-            if let Some(record) = self.ledger.grant(account, &grant.id).await? {
-                if record.created_at >= earliest && grant.is_active_at(record.created_at) {
-                    issued.push((record.created_at, grant));
-                }
-            }
-        }
+            .into_iter()
+            .filter(|record| {
+                record.grant.effective_at <= now
+                    && record.created_at >= earliest
+                    && record.grant.is_active_at(record.created_at)
+            })
+            .map(|record| (record.created_at, record.grant))
+            .collect();
         if issued.is_empty() {
             return Ok((Vec::new(), false));
         }

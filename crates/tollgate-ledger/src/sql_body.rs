@@ -146,17 +146,14 @@ fn grants_with_credits_of(
     account: &AccountId,
     rows: &[DbRow],
     limit: usize,
-) -> Result<Vec<Grant>, LedgerError> {
+) -> Result<Vec<GrantRecord>, LedgerError> {
     let limit = limit.min(OPEN_GRANTS_MAX);
     if rows.len() > OPEN_GRANTS_MAX {
         return Err(LedgerError::corrupt(format!(
             "account {account} has more than {OPEN_GRANTS_MAX} open grants with credits"
         )));
     }
-    rows.iter()
-        .take(limit)
-        .map(|row| grant_record_of(row).map(|r| r.grant))
-        .collect()
+    rows.iter().take(limit).map(grant_record_of).collect()
 }
 
 fn parse_opt_id<T>(row: &DbRow, column: &str) -> Result<Option<T>, LedgerError>
@@ -390,7 +387,7 @@ impl Store {
             .await?;
         grants_with_credits_of(account, &rows, OPEN_GRANTS_MAX)?
             .into_iter()
-            .map(|grant| Ok((grant.id.clone(), grant)))
+            .map(|record| Ok((record.grant.id.clone(), record.grant)))
             .collect()
     }
 
@@ -1422,6 +1419,15 @@ impl LedgerStore for Store {
         account: &AccountId,
         limit: usize,
     ) -> Result<Vec<Grant>, LedgerError> {
+        let records = self.grant_records_with_credits(account, limit).await?;
+        Ok(records.into_iter().map(|r| r.grant).collect())
+    }
+
+    async fn grant_records_with_credits(
+        &self,
+        account: &AccountId,
+        limit: usize,
+    ) -> Result<Vec<GrantRecord>, LedgerError> {
         self.snapshot(account).await?;
         let rows = sqlx::query(&with_credits_query())
             .bind(account.as_str())

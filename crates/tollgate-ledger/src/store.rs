@@ -95,6 +95,14 @@ pub trait LedgerStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Grant>, LedgerError>;
 
+    /// [`LedgerStore::grants_with_credits`] with each grant's record (its metadata and when it
+    /// was issued).
+    async fn grant_records_with_credits(
+        &self,
+        account: &AccountId,
+        limit: usize,
+    ) -> Result<Vec<GrantRecord>, LedgerError>;
+
     /// The account's entries matching `filter`, in sequence order, a page at a time.
     async fn entries(
         &self,
