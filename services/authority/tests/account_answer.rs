@@ -16,8 +16,9 @@ mod common;
 use common::envoy::{should_rate_limit_chat, tollgate_note};
 
 use common::grpc::{
-    balance_of, capture, chat_at_one_credit, create_account, debit, debited, drain, edge_balance,
-    grant, grant_at, hold, now_seconds, quote, reconciled_ledger_balance, release, Admin, Edge,
+    assert_cached_mode_spends_what_the_account_holds, balance_of, capture, chat_at_one_credit,
+    create_account, debit, debited, drain, edge_balance, grant, grant_at, hold, now_seconds, quote,
+    reconciled_ledger_balance, release, Admin, Edge,
 };
 
 const KEY: &str = "account-answer-key";
@@ -223,28 +224,9 @@ async fn cached_mode_spends_what_the_account_holds() {
     let node = Node::start().await;
     node.with_chat_at_one_credit().await;
     let mut admin = node.admin();
-    let cached = pb::EnforcementMode::Cached;
     create_account(&mut admin, "cached-big").await;
     grant(&mut admin, "cached-big", "g1", "1000").await;
     create_account(&mut admin, "cached-small").await;
     grant(&mut admin, "cached-small", "g1", "100").await;
-
-    let outcome = debit(&mut node.edge(), "cached-big", "d1", "50", cached).await;
-    let balance_after = debited(outcome).balance_after;
-    let (allowed, insufficient, other) = drain(&node.edge(), "cached-small", 200, cached).await;
-    let balance = edge_balance(&mut node.edge(), "cached-small").await;
-
-    // Both halves observed before either is judged, so a failure reports all the figures.
-    assert_eq!(
-        (
-            balance_after.as_str(),
-            allowed,
-            insufficient,
-            other.len(),
-            balance_of(&balance),
-        ),
-        ("950", 100, 100, 0, "0"),
-        "(balance_after of 50 from 1000, allowed, insufficient, other refusals, balance); \
-         other: {other:?}; GetBalance {balance:?}"
-    );
+    assert_cached_mode_spends_what_the_account_holds(|| node.edge()).await;
 }

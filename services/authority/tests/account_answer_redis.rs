@@ -32,9 +32,9 @@ mod common;
 use common::envoy::{should_rate_limit_chat, tollgate_note};
 
 use common::grpc::{
-    balance_of, capture, chat_at_one_credit, connect, create_account, debit, debited, drain,
-    edge_balance, grant, grant_at, hold, now_seconds, quote, reconciled_ledger_balance,
-    reflected_services, release, Admin, Edge,
+    assert_cached_mode_spends_what_the_account_holds, balance_of, capture, chat_at_one_credit,
+    connect, create_account, debit, debited, drain, edge_balance, grant, grant_at, hold,
+    now_seconds, quote, reconciled_ledger_balance, reflected_services, release, Admin, Edge,
 };
 
 /// Admin on the authority; the edge's cold path uses it too (Coordination needs `admin`).
@@ -369,26 +369,7 @@ async fn redis_the_envoy_adapter_allows_a_call_the_account_can_pay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cached_mode_spends_what_the_account_holds() {
     let stack = Stack::start().await;
-    let cached = pb::EnforcementMode::Cached;
     stack.account_with("cached-big", "1000").await;
     stack.account_with("cached-small", "100").await;
-
-    let outcome = debit(&mut stack.edge(), "cached-big", "d1", "50", cached).await;
-    let balance_after = debited(outcome).balance_after;
-    let (allowed, insufficient, other) = drain(&stack.edge(), "cached-small", 200, cached).await;
-    let balance = edge_balance(&mut stack.edge(), "cached-small").await;
-
-    // Both halves observed before either is judged, so a failure reports all the figures.
-    assert_eq!(
-        (
-            balance_after.as_str(),
-            allowed,
-            insufficient,
-            other.len(),
-            balance_of(&balance),
-        ),
-        ("950", 100, 100, 0, "0"),
-        "(balance_after of 50 from 1000, allowed, insufficient, other refusals, balance); \
-         other: {other:?}; GetBalance {balance:?}"
-    );
+    assert_cached_mode_spends_what_the_account_holds(|| stack.edge()).await;
 }

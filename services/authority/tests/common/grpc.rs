@@ -377,6 +377,31 @@ pub async fn drain(
     (allowed, insufficient, other)
 }
 
+/// Cached mode answers for the account: on `cached-big` (1,000 credits) a 50-credit debit
+/// leaves 950, and on `cached-small` (100 credits) 200 concurrent debits of 1 allow exactly 100
+/// and leave 0. Both accounts are set up by the caller, on whatever topology `edge` reaches.
+pub async fn assert_cached_mode_spends_what_the_account_holds(edge: impl Fn() -> Edge) {
+    let cached = pb::EnforcementMode::Cached;
+    let outcome = debit(&mut edge(), "cached-big", "d1", "50", cached).await;
+    let balance_after = debited(outcome).balance_after;
+    let (allowed, insufficient, other) = drain(&edge(), "cached-small", 200, cached).await;
+    let balance = edge_balance(&mut edge(), "cached-small").await;
+
+    // Both halves observed before either is judged, so a failure reports all the figures.
+    assert_eq!(
+        (
+            balance_after.as_str(),
+            allowed,
+            insufficient,
+            other.len(),
+            balance_of(&balance),
+        ),
+        ("950", 100, 100, 0, "0"),
+        "(balance_after of 50 from 1000, allowed, insufficient, other refusals, balance); \
+         other: {other:?}; GetBalance {balance:?}"
+    );
+}
+
 /// Asks v1 reflection on `channel` one question; answers its one reply.
 pub async fn ask_reflection(
     channel: Channel,
