@@ -591,10 +591,14 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     /// stays debt until the next grant settles it. One usage record settles from one grant
     /// once (the ledger key names both), so a batch applied again after a crash settles what
     /// the first pass did not and nothing twice.
+    ///
+    /// `tail` is for a batch being applied (see [`BatchTail`]): its region's credits may be
+    /// taken back before the batch is all applied.
     pub async fn settle_late_debt(
         &self,
         account: &AccountId,
         overdrawn: &[Overdrawn],
+        tail: Option<&BatchTail>,
     ) -> Result<Vec<Overdrawn>> {
         if overdrawn.is_empty() {
             return Ok(Vec::new());
@@ -602,7 +606,8 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let (waiting, moved) = {
             let lock = self.account_lock(account);
             let _held = lock.lock().await;
-            self.settle_late_debt_locked(account, overdrawn).await?
+            self.settle_late_debt_locked(account, overdrawn, tail)
+                .await?
         };
         if moved {
             self.rebalance(account).await?;
@@ -617,6 +622,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         &self,
         account: &AccountId,
         overdrawn: &[Overdrawn],
+        tail: Option<&BatchTail>,
     ) -> Result<(Vec<Overdrawn>, bool)> {
         let now = self.clock.now();
         let snapshot = match self.ledger.account(account).await {
@@ -678,6 +684,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                         grant.remaining.micros(),
                         owed,
                         &rows,
+                        tail,
                         now,
                     )
                     .await?;
@@ -732,6 +739,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     /// Gathers up to `owed` of a grant's credits for the ledger to settle debt from: what the
     /// authority holds of them first (the grant's `remaining` less what regions hold), then
     /// what regions give back.
+    #[allow(clippy::too_many_arguments)]
     async fn gather(
         &self,
         account: &AccountId,
@@ -739,6 +747,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         remaining: i64,
         owed: i64,
         rows: &[AllocationRow],
+        tail: Option<&BatchTail>,
         now: Timestamp,
     ) -> Result<Gathered> {
         let held_out: Vec<&AllocationRow> = rows
@@ -755,7 +764,16 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             if gathered.micros >= owed {
                 break;
             }
-            let reconciled = self.state.usage_seq(&row.region, account).await?;
+            let reconciled = match tail.filter(|t| t.region == row.region) {
+                Some(tail) if tail.returns.get(grant).is_some_and(|r| *r > 0) => {
+                    // A reversal still to apply gives some of it back: a debit after it
+                    // could find the grant short.
+                    gathered.blocked = true;
+                    continue;
+                }
+                Some(tail) => tail.through_seq,
+                None => self.state.usage_seq(&row.region, account).await?,
+            };
             let taken = self
                 .take_back_part(
                     &row.region,
@@ -847,6 +865,21 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         }
         Ok(emptied)
     }
+}
+
+/// The part of a usage batch still to apply for one account, when debt is settled before the
+/// batch is all applied (before a reversal's refund, which pays debt back first). A region
+/// gives back what its records so far left of a grant as long as nothing beyond the batch has
+/// come (`through_seq`, the account's last sequence number in the batch) and no reversal still
+/// to apply gives credits of that grant back (`returns`): a reversal is the one record that
+/// puts credits back in the region before the ledger counts them, so a debit after it could
+/// otherwise find the grant short. Debits still to apply already took their draws out of the
+/// region's segment, so what is taken back leaves the ledger enough for them.
+pub struct BatchTail {
+    pub region: RegionId,
+    pub through_seq: u64,
+    /// Micro-credits per grant id that the reversals still to apply give back.
+    pub returns: BTreeMap<tollgate_core::GrantId, i64>,
 }
 
 /// Credits gathered for settling debt from a grant, and whether regions gave any back.

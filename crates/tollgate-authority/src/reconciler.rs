@@ -21,6 +21,7 @@ use tollgate_ledger::{LedgerError, LedgerStore, UsageOutcome};
 use tollgate_region::{RegionStore, UsageKind, UsageRecord};
 use tracing::{info, warn};
 
+use crate::allocator::BatchTail;
 use crate::authority::Authority;
 use crate::error::{AuthorityError, Result};
 use crate::settings::{USAGE_BATCH_RECORDS_MAX, USAGE_CONSUMER, USAGE_GROUP};
@@ -199,16 +200,18 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             let (debits, after) = rest.split_at(run);
             self.apply_debits(region, debits, now, &mut report, &mut effects)
                 .await?;
-            let Some((reversal, after)) = after.split_first() else {
+            let Some((reversal, rest_after)) = after.split_first() else {
                 break;
             };
+            self.settle_before_refund(region, reversal, after, &mut report)
+                .await;
             if self.refund_reversal(region, reversal, now).await? {
                 report.reversed += 1;
                 effects.push(effect_of(reversal, -1));
             } else {
                 report.parked += 1;
             }
-            rest = after;
+            rest = rest_after;
         }
         self.state
             .record_usage_effects(region, &effects, now)
@@ -389,6 +392,54 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         Ok(report)
     }
 
+    /// Before a reversal is refunded, settles the late debt of its account's usage applied so
+    /// far in the batch (see `settle_late_debt`): the refund pays debt back first, and debt a
+    /// grant issued since should have settled is not the refund's to pay (had the usage
+    /// arrived first, the grant would have settled it before the reversal came). `tail` is
+    /// the batch from the reversal on. What this cannot settle yet is left in the report for
+    /// the end of the batch.
+    async fn settle_before_refund(
+        &self,
+        region: &RegionId,
+        reversal: &UsageRecord,
+        tail: &[UsageRecord],
+        report: &mut ReconcileReport,
+    ) {
+        let account = &reversal.account;
+        let (mine, others): (Vec<Overdrawn>, Vec<Overdrawn>) =
+            std::mem::take(&mut report.overdrawn)
+                .into_iter()
+                .partition(|usage| &usage.account == account);
+        report.overdrawn = others;
+        if mine.is_empty() {
+            return;
+        }
+        let mut batch_tail = BatchTail {
+            region: region.clone(),
+            through_seq: 0,
+            returns: BTreeMap::new(),
+        };
+        for record in tail.iter().filter(|r| &r.account == account) {
+            batch_tail.through_seq = batch_tail.through_seq.max(record.seq);
+            if record.kind == UsageKind::Reverse {
+                for draw in &record.draws {
+                    *batch_tail.returns.entry(draw.grant_id.clone()).or_default() +=
+                        draw.amount.micros();
+                }
+            }
+        }
+        match self
+            .settle_late_debt(account, &mine, Some(&batch_tail))
+            .await
+        {
+            Ok(waiting) => report.overdrawn.extend(waiting),
+            Err(error) => {
+                warn!(%region, %account, %error, "settling debt before a refund failed; tried again after the batch");
+                report.overdrawn.extend(mine);
+            }
+        }
+    }
+
     /// Settles the debt of usage just reconciled, and of usage waiting from earlier passes,
     /// from grants issued after it (see `settle_late_debt`). A failure leaves the debt
     /// standing, as if the usage had arrived first; it is logged.
@@ -408,7 +459,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         }
         let mut still = BTreeMap::new();
         for (account, usage) in waiting {
-            match self.settle_late_debt(&account, &usage).await {
+            match self.settle_late_debt(&account, &usage, None).await {
                 Ok(left) if !left.is_empty() => {
                     still.insert(account, left);
                 }

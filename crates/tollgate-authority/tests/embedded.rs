@@ -980,3 +980,53 @@ async fn debt_run_up_before_a_grant_and_reconciled_after_it_is_settled_from_that
     world.assert_never_over_allocated().await;
     assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
 }
+
+#[tokio::test]
+async fn a_reversal_reconciled_with_late_debt_refunds_after_the_grant_settled_that_debt() {
+    let world = World::start(&["eu"], 10, 0, 10).await;
+    world.allocate("eu").await;
+    assert!(world.debit("eu", "before-the-grant", 3).await);
+    world.clock.advance_ms(1_000);
+    issue(
+        &world.ledger,
+        "bought",
+        20,
+        GrantSource::Purchase,
+        None,
+        world.clock.now(),
+    )
+    .await;
+    world.node.rebalance(&acct()).await.unwrap();
+    world.clock.advance_ms(1_000);
+    // The spend is reversed before either reaches the ledger: one batch holds both.
+    world.reverse("eu", "undo", "before-the-grant").await;
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    // In event order the purchase settled the 3 of debt when it was issued, so the reversal
+    // found no debt to pay back and its 3 came back as a refund grant. Applied the other way
+    // round the refund would have paid the debt and the purchase stayed whole: the same
+    // balance, in the wrong grants.
+    let snapshot = world.ledger.account(&acct()).await.unwrap();
+    assert_eq!(
+        (snapshot.balance.micros(), snapshot.debt),
+        (20 * MICROS, Credits::ZERO)
+    );
+    let bought = world
+        .ledger
+        .grant(&acct(), &GrantId::new("bought").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bought.grant.remaining.micros(), 17 * MICROS);
+    let refunds: Vec<_> = world
+        .ledger
+        .grants_with_credits(&acct(), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|g| g.source == GrantSource::Refund)
+        .map(|g| g.remaining.micros())
+        .collect();
+    assert_eq!(refunds, vec![3 * MICROS]);
+    world.assert_never_over_allocated().await;
+    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+}
