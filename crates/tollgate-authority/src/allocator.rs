@@ -663,6 +663,10 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let mut waiting = Vec::new();
         let mut sorted: Vec<&Overdrawn> = overdrawn.iter().collect();
         sorted.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.debit.cmp(&b.debit)));
+        // In event order the first grant issued after the usage settled its debt before any
+        // issued later: while a region still holds that grant's credits (its usage of the
+        // account unreconciled), a later grant (a refund grant that never expires, say) must
+        // not settle the debt in its place, so the usage waits for the next batch.
         for usage in sorted {
             let mut left = usage.micros;
             let mut blocked = false;
@@ -694,6 +698,9 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 }
                 blocked |= gathered.blocked;
                 if gathered.micros <= 0 {
+                    if gathered.blocked {
+                        break;
+                    }
                     continue;
                 }
                 let command = SettleDebt {
@@ -722,6 +729,9 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 left -= amount;
                 moved |= amount > 0;
                 grant.remaining = Credits::from_micros(grant.remaining.micros() - amount);
+                if gathered.blocked {
+                    break;
+                }
             }
             if blocked && left > 0 && debt > 0 {
                 waiting.push(Overdrawn {

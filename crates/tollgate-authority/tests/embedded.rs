@@ -982,6 +982,73 @@ async fn debt_run_up_before_a_grant_and_reconciled_after_it_is_settled_from_that
 }
 
 #[tokio::test]
+async fn late_debt_waits_for_the_grant_issued_first_rather_than_settle_from_a_later_one() {
+    let world = World::start(&["eu", "us"], 10, 0, 10).await;
+    world.allocate("eu").await;
+    world.allocate("us").await;
+    // Debt run up in eu, not reconciled yet.
+    assert!(world.debit("eu", "before-the-grants", 3).await);
+    world.clock.advance_ms(1_000);
+    // A purchase, all of it handed to us, which then spends from it (not reconciled either).
+    issue(
+        &world.ledger,
+        "bought",
+        10,
+        GrantSource::Purchase,
+        None,
+        world.clock.now(),
+    )
+    .await;
+    world.allocate("us").await;
+    assert_eq!(world.held("us").await.0, 10 * MICROS);
+    assert!(world.debit("us", "from-the-purchase", 1).await);
+    world.clock.advance_ms(1_000);
+    // A second grant, which stays with the authority.
+    issue(
+        &world.ledger,
+        "later",
+        10,
+        GrantSource::Promo,
+        None,
+        world.clock.now(),
+    )
+    .await;
+    let remaining = |id: &'static str| {
+        let ledger = Arc::clone(&world.ledger);
+        async move {
+            ledger
+                .grant(&acct(), &GrantId::new(id).unwrap())
+                .await
+                .unwrap()
+                .unwrap()
+                .grant
+                .remaining
+                .micros()
+        }
+    };
+    // In event order the purchase settled the 3 of debt when it was issued. Its credits are
+    // with us, whose own usage is not reconciled, so the debt waits: the later grant does not
+    // settle it in the purchase's place.
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(
+        world.ledger.account(&acct()).await.unwrap().debt.micros(),
+        3 * MICROS
+    );
+    assert_eq!(remaining("later").await, 10 * MICROS);
+    // Once us is reconciled, the purchase settles it.
+    world.node.reconcile_once(&region("us")).await.unwrap();
+    world.node.reconcile_once(&region("eu")).await.unwrap();
+    assert_eq!(
+        world.ledger.account(&acct()).await.unwrap().debt,
+        Credits::ZERO
+    );
+    assert_eq!(remaining("bought").await, 6 * MICROS);
+    assert_eq!(remaining("later").await, 10 * MICROS);
+    world.assert_never_over_allocated().await;
+    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+}
+
+#[tokio::test]
 async fn a_reversal_reconciled_with_late_debt_refunds_after_the_grant_settled_that_debt() {
     let world = World::start(&["eu"], 10, 0, 10).await;
     world.allocate("eu").await;

@@ -142,6 +142,10 @@ pub struct AuthorizeRequest {
 pub struct Authorized {
     pub hold_id: HoldId,
     pub priced: Priced,
+    /// What the hold set aside: the region's draws and overdraft (a capture takes from them in
+    /// this order).
+    pub draws: Vec<Draw>,
+    pub overdraft: Credits,
     pub expires_at: Timestamp,
     pub replayed: bool,
 }
@@ -1064,6 +1068,8 @@ impl<S: RegionStore> Engine<S> {
             AuthorizeOutcome::Held(placed) => Decision::Done(Authorized {
                 hold_id,
                 priced,
+                draws: placed.draws,
+                overdraft: placed.overdraft,
                 expires_at: placed.expires_at,
                 replayed: placed.replayed,
             }),

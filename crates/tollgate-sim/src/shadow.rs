@@ -20,9 +20,10 @@
 //! let the model drift from the ledger through scopes and expiries, and then call refusals
 //! false that the ledger itself would make. The rules still judge: a spend is checked against
 //! the planner before it is applied (beyond the account's credits?) and its draws against the
-//! planner's (off the burn-down order?), and both are counted. Holds and captures are planned
-//! by the rules (the edge does not report a hold's draws); refunds go back to the recorded
-//! draws, as in the ledger. A refund grant the ledger creates is named after its debit
+//! planner's (off the burn-down order?), and both are counted. A hold reserves what its region
+//! set aside (the edge reports the hold's draws, judged the same way), and its capture takes
+//! from those in their order, as the region's does; refunds go back to the recorded draws, as
+//! in the ledger. A refund grant the ledger creates is named after its debit
 //! (`<debit>.refund.<n>`); the model names its own `<debit>.model-refund.<n>` and takes a
 //! ledger name found in a region's draws as the next of its refund grants for that debit.
 //!
@@ -348,8 +349,12 @@ impl ShadowBook {
         assert!(previous.is_none(), "debit {id} applied twice to the model");
     }
 
-    /// A hold of `cost` until `expires_at`. Returns whether the rules allowed it (when not, it
-    /// is placed anyway, as for a debit).
+    /// A hold of `cost` until `expires_at` that set aside `drawn` in its region. Like a debit,
+    /// the hold reserves what the region reported (what its capture will draw), judged against
+    /// the rules: beyond them, or off the burn-down order. A region drawing off the order is
+    /// one whose earlier grant was out of its reach (on an edge's lease, or under another
+    /// hold); planning the hold again by the rules would let the model's grants drift from
+    /// the ledger's.
     pub fn authorize(
         &mut self,
         id: HoldId,
@@ -357,11 +362,21 @@ impl ShadowBook {
         at: Timestamp,
         cost: Credits,
         expires_at: Timestamp,
-    ) -> bool {
+        drawn: &BurnPlan,
+    ) -> Applied {
         self.expire_holds(at);
-        let (reserved, allowed) = match self.plan(feature, at, cost) {
-            Ok(plan) => (plan, true),
-            Err(_) => (self.forced_plan(feature, at, cost), false),
+        let ruled = self.plan(feature, at, cost);
+        let reported = self
+            .resolve(drawn)
+            .filter(|plan| plan.total().ok() == Some(cost));
+        let applied = Applied {
+            allowed: ruled.is_ok(),
+            in_order: reported.as_ref() == ruled.as_ref().ok(),
+            as_reported: reported.is_some(),
+        };
+        let reserved = match (reported, ruled) {
+            (Some(plan), _) | (None, Ok(plan)) => plan,
+            (None, Err(_)) => self.forced_plan(feature, at, cost),
         };
         let hold = ShadowHold {
             reserved,
@@ -370,7 +385,7 @@ impl ShadowBook {
             expires_at,
         };
         self.holds.insert(id, hold);
-        allowed
+        applied
     }
 
     /// Captures `amount` of a pending hold as debit `id`, as of the hold's creation (the
@@ -514,6 +529,8 @@ enum Event {
         hold: HoldId,
         feature: FeatureKey,
         cost: Credits,
+        /// What the region set aside.
+        drawn: BurnPlan,
         at: Timestamp,
         expires_at: Timestamp,
     },
@@ -557,9 +574,10 @@ impl Event {
                 hold,
                 feature,
                 cost,
+                drawn,
                 at,
                 expires_at,
-            } => Applied::ruled(book.authorize(hold.clone(), feature, *at, *cost, *expires_at)),
+            } => book.authorize(hold.clone(), feature, *at, *cost, *expires_at, drawn),
             Event::Capture {
                 hold,
                 amount,
@@ -651,22 +669,24 @@ impl ShadowAccount {
         })
     }
 
+    /// A hold the region placed, setting `drawn` aside.
     pub fn authorize(
         &mut self,
         hold: HoldId,
         feature: FeatureKey,
-        cost: Credits,
+        (cost, drawn): (Credits, BurnPlan),
         at: Timestamp,
         expires_at: Timestamp,
-    ) -> bool {
+    ) -> Applied {
         let event = Event::Authorize {
             hold,
             feature,
             cost,
+            drawn,
             at,
             expires_at,
         };
-        self.record(event).allowed
+        self.record(event)
     }
 
     /// A capture of `amount` as debit `id` (zero ends the hold and charges nothing),
@@ -847,10 +867,16 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
             let planned = self.shadow.plan(&feature("gen"), at(now), cost);
             assert_eq!(planned.is_ok(), reference.is_ok(), "hold {cost} at {now}");
-            if reference.is_ok() {
-                assert!(self
-                    .shadow
-                    .authorize(id.clone(), &feature("gen"), at(now), cost, expires));
+            if let Ok(drawn) = planned {
+                let applied = self.shadow.authorize(
+                    id.clone(),
+                    &feature("gen"),
+                    at(now),
+                    cost,
+                    expires,
+                    &drawn,
+                );
+                assert!(applied.allowed && applied.in_order && applied.as_reported);
                 self.holds.push(id);
             }
         }

@@ -259,20 +259,32 @@ impl Sim {
         parts
     }
 
-    /// A new hold: the model places it too.
+    /// A new hold: the model places it too, on what the region set aside, counted beyond the
+    /// model or off the burn-down order as a debit is.
     pub(super) fn judge_hold(&mut self, decided: &Decided<'_>, held: &Authorized) {
         let at = self.clock.at();
         let shadow = &mut self.shadows[decided.account];
-        let allowed = shadow.authorize(
+        let drawn = BurnPlan {
+            draws: held.draws.clone(),
+            overdraft: held.overdraft,
+        };
+        let applied = shadow.authorize(
             held.hold_id.clone(),
             feature(decided.feature),
-            held.priced.cost,
+            (held.priced.cost, drawn),
             at,
             held.expires_at,
         );
-        self.report.oracle.decision(decided.kind);
-        if !allowed {
-            self.report.oracle.overspend(decided.kind);
+        let figures = &mut self.report.oracle;
+        figures.decision(decided.kind);
+        if !applied.allowed {
+            figures.overspend(decided.kind);
+        }
+        if !applied.in_order {
+            figures.off_order(decided.kind);
+        }
+        if !applied.as_reported {
+            figures.model_disagreements += 1;
         }
     }
 
@@ -351,6 +363,26 @@ impl Sim {
             ),
             Err(error) => format!("the ledger failed: {error}"),
         });
+        said.push(
+            match self.link.node().ledger().grants_with_credits(id, 32).await {
+                Ok(grants) => format!(
+                    "its open grants with credits: {}",
+                    grants
+                        .iter()
+                        .map(|g| format!(
+                            "{} {} (effective {}, expires {})",
+                            g.id,
+                            g.remaining,
+                            g.effective_at.millis(),
+                            g.expires_at
+                                .map_or("never".to_owned(), |e| e.millis().to_string())
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(error) => format!("the ledger's grants failed: {error}"),
+            },
+        );
         Err(said.join("; "))
     }
 
