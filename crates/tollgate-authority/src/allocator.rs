@@ -289,11 +289,14 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         need: i64,
         now: Timestamp,
     ) -> Result<(Vec<SegmentSpec>, i64)> {
-        let first = self
+        let mut first = self
             .ledger
             .grants_with_credits(account, ALLOCATION_GRANTS_FIRST)
             .await?;
-        if first.len() < ALLOCATION_GRANTS_FIRST {
+        let read = first.len();
+        // A grant being closed is handed out to nobody (see `closing`).
+        first.retain(|grant| !self.is_closing(account, &grant.id));
+        if read < ALLOCATION_GRANTS_FIRST {
             let free = free_micros(&first, rows, feature, now);
             return Ok((cut_slices(&first, rows, feature, need, now), free));
         }
@@ -302,10 +305,11 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             let free = free_micros(&first, rows, feature, now);
             return Ok((slices, free));
         }
-        let all = self
+        let mut all = self
             .ledger
             .grants_with_credits(account, tollgate_ledger::OPEN_GRANTS_MAX)
             .await?;
+        all.retain(|grant| !self.is_closing(account, &grant.id));
         let free = free_micros(&all, rows, feature, now);
         Ok((cut_slices(&all, rows, feature, need, now), free))
     }

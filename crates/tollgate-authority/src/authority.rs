@@ -35,6 +35,11 @@ pub struct Authority<L: LedgerStore + ?Sized, R: RegionStore> {
     /// Kept in memory: after a restart the debt stands until the account's next grant, as
     /// it would have had the usage arrived first.
     pub(crate) late_debt: std::sync::Mutex<BTreeMap<AccountId, Vec<crate::reconciler::Overdrawn>>>,
+    /// Grants being closed (see `closing`): allocation hands none of them out.
+    closing: std::sync::Mutex<std::collections::BTreeSet<(AccountId, tollgate_core::GrantId)>>,
+    /// One reconciliation of a region at a time: the background loop and a closing grant both
+    /// reconcile, and a region's batches apply in stream order.
+    reconciling: BTreeMap<RegionId, Arc<Mutex<()>>>,
 }
 
 impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
@@ -47,6 +52,10 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     ) -> Self {
         let (events, _) = broadcast::channel(WATCH_CHANNEL_CAPACITY);
         let http = HttpClient::new(settings.http_timeout_ms);
+        let reconciling = regions
+            .keys()
+            .map(|region| (region.clone(), Arc::default()))
+            .collect();
         Authority {
             ledger,
             state,
@@ -58,6 +67,8 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             account_locks: std::sync::Mutex::new(BTreeMap::new()),
             dirty: std::sync::Mutex::new(crate::notifier::Dirty::default()),
             late_debt: std::sync::Mutex::new(BTreeMap::new()),
+            closing: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            reconciling,
         }
     }
 
@@ -107,6 +118,19 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             .iter()
             .map(|w| w.name.clone())
             .collect()
+    }
+
+    pub(crate) fn closing_set(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(AccountId, tollgate_core::GrantId)>>
+    {
+        // A panic elsewhere while holding the set cannot leave it inconsistent.
+        self.closing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lock one region's reconciliation holds.
+    pub(crate) fn reconcile_lock(&self, region: &RegionId) -> Option<Arc<Mutex<()>>> {
+        self.reconciling.get(region).cloned()
     }
 
     pub(crate) fn account_lock(&self, account: &AccountId) -> Arc<Mutex<()>> {

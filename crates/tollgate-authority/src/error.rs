@@ -23,6 +23,13 @@ pub enum AuthorityError {
     Conflict(String),
     #[error("stored authority state is unreadable: {0}")]
     Corrupt(String),
+    /// Cannot be done now, for a reason that passes (a region not answering, credits on their
+    /// way back): retry later. The message says why.
+    #[error("{0}")]
+    Busy(String),
+    /// Cannot be done until someone acts (the message says what); retrying alone will not do.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 impl AuthorityError {

@@ -228,6 +228,19 @@ pub enum PurchaseError {
     Arithmetic(String),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// Taking the purchase's credits back from the regions failed or must wait (the message
+    /// says which); nothing was voided.
+    #[error(transparent)]
+    Closing(crate::AuthorityError),
+}
+
+impl From<crate::AuthorityError> for PurchaseError {
+    fn from(error: crate::AuthorityError) -> Self {
+        match error {
+            crate::AuthorityError::Ledger(ledger) => PurchaseError::Ledger(ledger),
+            other => PurchaseError::Closing(other),
+        }
+    }
 }
 
 /// What a purchase did: the ledger's outcome (a replay says `replayed`) and the grant as it
@@ -355,9 +368,12 @@ pub struct RefundResult {
 }
 
 /// Voids what is left of a purchase grant, idempotent by the order's key, and says how much
-/// money that remainder stands for.
+/// money that remainder stands for. `closer` takes the grant's credits back from the regions
+/// first (the authority; see `closing`), so what is voided, and owed back, is what no region
+/// can spend any more.
 pub async fn refund_purchase(
     ledger: &dyn LedgerStore,
+    closer: &dyn crate::closing::GrantCloser,
     order: RefundOrder,
     now: Timestamp,
 ) -> Result<RefundResult, PurchaseError> {
@@ -382,7 +398,7 @@ pub async fn refund_purchase(
         kind: tollgate_core::command::CloseKind::Void,
         memo: order.memo,
     };
-    let outcome = ledger.close_grant(command, now).await?;
+    let outcome = closer.close_grant(command, now).await?;
     let credits_voided = match &outcome {
         Ok(receipt) => Credits::checked_sum(
             receipt

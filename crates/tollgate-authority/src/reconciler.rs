@@ -368,6 +368,11 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     /// Reads, applies and acknowledges one batch of a region, then refills the accounts whose
     /// regional pool ran low.
     pub async fn reconcile_once(&self, region: &RegionId) -> Result<ReconcileReport> {
+        let lock = self.reconcile_lock(region);
+        let _held = match &lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
         let batch = self.read_usage(region).await?;
         let report = self.apply_usage(&batch).await?;
         self.acknowledge(batch).await?;

@@ -325,7 +325,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
 
     /// A closed grant's segments expired in the regions at the same instant; whatever is left
     /// there is taken back so the regions' views stay clean.
-    async fn forget_grant_allocations(
+    pub(crate) async fn forget_grant_allocations(
         &self,
         account: &AccountId,
         grant: &tollgate_core::GrantId,

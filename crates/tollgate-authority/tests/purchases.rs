@@ -4,6 +4,7 @@
 use tollgate_authority::purchases::{
     purchase, refund_purchase, PurchaseError, PurchaseOrder, RefundOrder,
 };
+use tollgate_authority::LedgerCloser;
 use tollgate_core::command::{CreateAccount, Memo, Metadata};
 use tollgate_core::{AccountId, Credits, Currency, IdempotencyKey, Money, Scope, Timestamp};
 use tollgate_ledger::{LedgerStore, SqliteLedger};
@@ -76,6 +77,7 @@ async fn a_purchase_is_granted_once_even_after_its_idempotency_record_is_forgott
     // Nothing used: the whole price is due back.
     let refunded = refund_purchase(
         &ledger,
+        &LedgerCloser(&ledger),
         RefundOrder {
             key: IdempotencyKey::new("r1").unwrap(),
             account: account.clone(),

@@ -22,6 +22,9 @@ pub enum ErrorCode {
     ResourceExhausted,
     /// A dependency (database, regional store) is unreachable; retry.
     Unavailable,
+    /// The call cannot succeed until someone acts (the message says what); retrying alone
+    /// will not do.
+    FailedPrecondition,
     /// The call is part of the contract but not served by this node yet.
     Unimplemented,
     /// A bug or inconsistent stored data; never the caller's fault.
@@ -29,7 +32,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::InvalidArgument,
         ErrorCode::NotFound,
         ErrorCode::AlreadyExists,
@@ -38,6 +41,7 @@ impl ErrorCode {
         ErrorCode::PermissionDenied,
         ErrorCode::ResourceExhausted,
         ErrorCode::Unavailable,
+        ErrorCode::FailedPrecondition,
         ErrorCode::Unimplemented,
         ErrorCode::Internal,
     ];
@@ -52,6 +56,7 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => tonic::Code::PermissionDenied,
             ErrorCode::ResourceExhausted => tonic::Code::ResourceExhausted,
             ErrorCode::Unavailable => tonic::Code::Unavailable,
+            ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
             ErrorCode::Unimplemented => tonic::Code::Unimplemented,
             ErrorCode::Internal => tonic::Code::Internal,
         }

@@ -107,6 +107,18 @@ impl AdminService {
         Ok(contracts.iter().any(|c| c.no_expiry && c.is_active_at(now)))
     }
 
+    /// What closes a grant early: the authority, which takes its credits back from the
+    /// regions first; without one (a ledger on its own) the ledger directly.
+    fn closer<'a>(
+        &'a self,
+        ledger_only: &'a tollgate_authority::LedgerCloser<'a>,
+    ) -> &'a dyn tollgate_authority::GrantCloser {
+        match &self.lifecycle {
+            Some(lifecycle) => lifecycle.closer(),
+            None => ledger_only,
+        }
+    }
+
     fn changed(&self, account: &AccountId) {
         if let Some(changes) = &self.changes {
             let _ = changes.try_send(account.clone());
@@ -321,8 +333,12 @@ impl pb::admin_server::Admin for AdminService {
     async fn void_grant(&self, request: Request<pb::VoidGrantRequest>) -> Reply<pb::MutationReply> {
         let command = CloseGrant::try_from(request.into_inner())?;
         let account = command.account.clone();
-        let outcome = self.store.close_grant(command, self.clock.now()).await;
-        let reply = encode::mutation(outcome.map_err(encode::ledger_error)?);
+        let ledger_only = tollgate_authority::LedgerCloser(self.store.as_ref());
+        let outcome = self
+            .closer(&ledger_only)
+            .close_grant(command, self.clock.now())
+            .await;
+        let reply = encode::mutation(outcome.map_err(crate::coordination::authority_error)?);
         self.changed(&account);
         Ok(Response::new(reply))
     }
@@ -641,8 +657,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::RefundPurchaseRequest>,
     ) -> Reply<pb::RefundPurchaseReply> {
+        let ledger_only = tollgate_authority::LedgerCloser(self.store.as_ref());
         let (reply, account) = crate::purchases::refund_purchase(
             self.store.as_ref(),
+            self.closer(&ledger_only),
             self.clock.now(),
             request.into_inner(),
         )

@@ -37,6 +37,13 @@ pub fn authority_error(error: AuthorityError) -> Status {
         AuthorityError::Conflict(_) => ErrorCode::AlreadyExists,
         AuthorityError::Region { .. } | AuthorityError::State(_) => ErrorCode::Unavailable,
         AuthorityError::Corrupt(_) => ErrorCode::Internal,
+        // Said as it is: what to wait for, or what to do, is in the message.
+        AuthorityError::Busy(why) => {
+            return ServiceError::new(ErrorCode::Unavailable, why.clone()).into()
+        }
+        AuthorityError::Precondition(why) => {
+            return ServiceError::new(ErrorCode::FailedPrecondition, why.clone()).into()
+        }
     };
     if matches!(code, ErrorCode::Internal | ErrorCode::Unavailable) {
         tracing::error!(%error, "authority call failed");

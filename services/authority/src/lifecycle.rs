@@ -112,10 +112,16 @@ pub trait Lifecycle: Send + Sync + 'static {
         account: AccountId,
         change: SettingsChange,
     ) -> Result<AccountSettings, AuthorityError>;
+    /// Closes grants after taking their credits back from every region (a void, a refunded
+    /// purchase): see `tollgate_authority::closing`.
+    fn closer(&self) -> &dyn tollgate_authority::GrantCloser;
 }
 
 #[tonic::async_trait]
 impl<R: RegionStore> Lifecycle for Authority<dyn LedgerStore, R> {
+    fn closer(&self) -> &dyn tollgate_authority::GrantCloser {
+        self
+    }
     async fn define_feature(&self, feature: Feature) -> Result<(), AuthorityError> {
         Authority::define_feature(self, &feature).await
     }

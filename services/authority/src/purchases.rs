@@ -41,6 +41,7 @@ fn purchase_status(error: PurchaseError) -> Status {
             ServiceError::new(ErrorCode::Internal, "internal error").into()
         }
         PurchaseError::Ledger(error) => encode::ledger_error(error),
+        PurchaseError::Closing(error) => crate::coordination::authority_error(error),
     }
 }
 
@@ -155,12 +156,13 @@ pub fn refund_order(request: &pb::RefundPurchaseRequest) -> Result<RefundOrder, 
 /// `RefundPurchase`: returns the reply and the account whose credits changed.
 pub async fn refund_purchase(
     ledger: &dyn LedgerStore,
+    closer: &dyn tollgate_authority::GrantCloser,
     now: tollgate_core::Timestamp,
     request: pb::RefundPurchaseRequest,
 ) -> Result<(pb::RefundPurchaseReply, AccountId), Status> {
     let order = refund_order(&request)?;
     let account = order.account.clone();
-    let result = purchases::refund_purchase(ledger, order, now)
+    let result = purchases::refund_purchase(ledger, closer, order, now)
         .await
         .map_err(purchase_status)?;
     let outcome = match split(result.outcome) {
@@ -326,6 +328,8 @@ fn webhook_error(event_id: &str, error: PurchaseError) -> Response {
         PurchaseError::Terms(_) | PurchaseError::NotAPurchase { .. } => StatusCode::BAD_REQUEST,
         PurchaseError::Ledger(LedgerError::UnknownAccount(_)) => StatusCode::UNPROCESSABLE_ENTITY,
         PurchaseError::Ledger(LedgerError::InvalidArgument { .. }) => StatusCode::BAD_REQUEST,
+        // The webhook only purchases; a refund's closing never reaches here.
+        PurchaseError::Closing(_) => StatusCode::SERVICE_UNAVAILABLE,
         PurchaseError::Ledger(_) | PurchaseError::Arithmetic(_) => {
             tracing::error!(event_id, %error, "stripe purchase failed");
             let status = encode::ledger_error_ref(match &error {

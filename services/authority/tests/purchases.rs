@@ -337,23 +337,33 @@ async fn debit(
     account: &str,
     quantity: &str,
 ) {
-    let reply = edge
-        .debit(request(pb::DebitRequest {
-            idempotency_key: key.into(),
-            account_id: account.into(),
-            usage: Some(pb::Usage {
-                feature: "chat".into(),
-                amount: Some(pb::usage::Amount::Quantity(quantity.into())),
-            }),
-            ..pb::DebitRequest::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let outcome = debit_outcome(edge, key, account, quantity).await;
     assert!(
-        matches!(reply.outcome, Some(pb::debit_reply::Outcome::Debited(_))),
-        "{reply:?}"
+        matches!(outcome, pb::debit_reply::Outcome::Debited(_)),
+        "{outcome:?}"
     );
+}
+
+async fn debit_outcome(
+    edge: &mut pb::enforcement_client::EnforcementClient<Channel>,
+    key: &str,
+    account: &str,
+    quantity: &str,
+) -> pb::debit_reply::Outcome {
+    edge.debit(request(pb::DebitRequest {
+        idempotency_key: key.into(),
+        account_id: account.into(),
+        usage: Some(pb::Usage {
+            feature: "chat".into(),
+            amount: Some(pb::usage::Amount::Quantity(quantity.into())),
+        }),
+        ..pb::DebitRequest::default()
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .outcome
+    .expect("a debit outcome")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,6 +489,12 @@ async fn purchase_grants_once_per_reference_and_refund_voids_the_rest() {
         ("9.50", "EUR")
     );
     assert_eq!(balance(&mut admin, "acme").await, "0");
+    // The region gave the purchase back before it was voided: nothing more is spent from it.
+    let after = debit_outcome(&mut edge, "d2", "acme", "1").await;
+    assert!(
+        matches!(&after, pb::debit_reply::Outcome::Refused(r) if r.code() == pb::RefusalCode::InsufficientCredits),
+        "{after:?}"
+    );
     let ledger = entries(&mut admin, "acme").await;
     assert_eq!(ledger.len(), 3, "{ledger:?}");
     assert_eq!(
