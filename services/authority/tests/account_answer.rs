@@ -1,7 +1,9 @@
 //! The edge answers for the account, not for the region's slice: the real `tollgate-authority
 //! dev` binary over gRPC, with spends larger than a first slice, parallel spends that drain
 //! the account exactly, grants that are not effective yet, balances that equal the ledger after
-//! reconciliation, the Envoy adapter, and cached mode.
+//! reconciliation, a retried Authorize (the same hold, set aside once; another request under
+//! its key a conflict), the Envoy adapter, and cached mode. The twin on a real regional Redis
+//! is `account_answer_redis.rs`; the assertions both run live in `common/grpc.rs`.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -16,6 +18,7 @@ mod common;
 use common::envoy::{should_rate_limit_chat, tollgate_note};
 
 use common::grpc::{
+    assert_a_retried_authorize_returns_the_same_hold,
     assert_cached_mode_spends_what_the_account_holds, balance_of, capture, chat_at_one_credit,
     create_account, debit, debited, drain, edge_balance, grant, grant_at, hold, now_seconds, quote,
     reconciled_ledger_balance, release, Admin, Edge,
@@ -203,6 +206,16 @@ async fn balance_after_and_get_balance_equal_the_ledger_after_reconciliation() {
         ledger,
         "Enforcement GetBalance"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_authorize_returns_the_same_hold() {
+    let node = Node::start().await;
+    node.with_chat_at_one_credit().await;
+    let mut admin = node.admin();
+    create_account(&mut admin, "retry").await;
+    grant(&mut admin, "retry", "g1", "1000").await;
+    assert_a_retried_authorize_returns_the_same_hold(|| node.edge()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,8 +4,11 @@
 //! Envoy adapter, health and reflection) on `RedisRegionStore` whose cold path asks that
 //! authority over gRPC. Everything is driven through gRPC clients only: spends larger than a
 //! first slice, parallel spends that drain the account exactly, grants that are not effective
-//! yet, balances that equal the ledger after reconciliation, a retried Authorize, reflection,
-//! the Envoy adapter, and cached mode. The embedded node's twin is `account_answer.rs`.
+//! yet, balances that equal the ledger after reconciliation, a retried Authorize (the same hold,
+//! set aside once; another request under its key a conflict), reflection, the Envoy adapter,
+//! cached mode, and a restart of the edge and of redis-server after which the account burns its
+//! grants in order and spends exactly what the ledger says it has. The embedded node's twin is
+//! `account_answer.rs`; the assertions both run live in `common/grpc.rs`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,9 +35,11 @@ mod common;
 use common::envoy::{should_rate_limit_chat, tollgate_note};
 
 use common::grpc::{
+    assert_a_retried_authorize_returns_the_same_hold,
     assert_cached_mode_spends_what_the_account_holds, balance_of, capture, chat_at_one_credit,
-    connect, create_account, debit, debited, drain, edge_balance, grant, grant_at, hold,
-    now_seconds, quote, reconciled_ledger_balance, reflected_services, release, Admin, Edge,
+    connect, create_account, debit, debited, drain, draws, edge_balance, grant, grant_at,
+    grant_from, hold, now_seconds, quote, reconciled_ledger_balance, reflected_services,
+    refusal_code, release, remaining_per_grant, Admin, Edge,
 };
 
 /// Admin on the authority; the edge's cold path uses it too (Coordination needs `admin`).
@@ -50,17 +55,98 @@ const RECONCILED_WITHIN_MS: u64 = 20_000;
 /// `chat` priced at 1 credit per message. The servers end when it is dropped.
 struct Stack {
     authority: Channel,
-    edge: Channel,
-    edge_address: SocketAddr,
-    tasks: Vec<JoinHandle<()>>,
+    authority_address: SocketAddr,
+    authority_task: JoinHandle<()>,
+    edge: EdgeServer,
     // Dropped last: the servers above use them.
     _dir: tempfile::TempDir,
-    _redis: RedisServer,
+    redis: RedisServer,
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        self.authority_task.abort();
+    }
+}
+
+/// The edge: an `Engine` on the region's Redis whose cold path asks the authority, and its gRPC
+/// server. Its tasks end when it is stopped or dropped.
+struct EdgeServer {
+    channel: Channel,
+    address: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for EdgeServer {
+    fn drop(&mut self) {
         self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
+
+/// The region's store on the Redis at `url`.
+async fn region_store(url: &str) -> Arc<RedisRegionStore> {
+    Arc::new(
+        RedisRegionStore::connect(url, KEY_PREFIX, RETAIN_MS_DEFAULT)
+            .await
+            .expect("the regional Redis"),
+    )
+}
+
+impl EdgeServer {
+    /// Starts an edge on the Redis at `redis_url`, asking the authority at `authority_address`;
+    /// it loads the price book in the region at start.
+    async fn start(redis_url: &str, authority_address: SocketAddr) -> EdgeServer {
+        let region = RegionId::new(REGION).unwrap();
+        let allocator = AuthorityClient::new(
+            &format!("http://{authority_address}"),
+            region.clone(),
+            Some(ADMIN_KEY),
+            "edge-answer".into(),
+        )
+        .unwrap();
+        let engine = Arc::new(
+            Engine::new(
+                region_store(redis_url).await,
+                EdgeSettings::new(region),
+                Arc::new(tollgate_edge::SystemClock),
+            )
+            .with_allocator(Arc::new(allocator)),
+        );
+        let mut tasks = engine.start().await;
+        let enforce_keys = Arc::new(KeyRing::new(vec![KeyEntry {
+            name: "checkout".into(),
+            digest: key_digest(ENFORCE_KEY),
+            scope: Scope::Enforce,
+        }]));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tasks.push(tokio::spawn(async move {
+            let serving = serve_grpc(
+                listener,
+                engine,
+                Arc::new(Metrics::new().unwrap()),
+                enforce_keys,
+                ServeLimits::default(),
+                std::future::pending(),
+            );
+            if let Err(error) = serving.await {
+                panic!("the edge stopped: {error}");
+            }
+        }));
+        EdgeServer {
+            channel: connect(address).await,
+            address,
+            tasks,
+        }
+    }
+
+    /// Ends the gRPC server and the engine's tasks, as a crash would (nothing is flushed), and
+    /// waits until they are gone.
+    async fn stop(&mut self) {
+        for task in std::mem::take(&mut self.tasks) {
+            task.abort();
+            let _ = task.await;
+        }
     }
 }
 
@@ -69,16 +155,8 @@ impl Stack {
         let redis = RedisServer::start().expect("a redis-server for the test");
         let dir = tempfile::tempdir().unwrap();
         let region = RegionId::new(REGION).unwrap();
-        let mut tasks = Vec::new();
 
         // The authority: SQLite ledger and state, the region's Redis, Admin and Coordination.
-        let store = |url: String| async move {
-            Arc::new(
-                RedisRegionStore::connect(&url, KEY_PREFIX, RETAIN_MS_DEFAULT)
-                    .await
-                    .expect("the regional Redis"),
-            )
-        };
         let ledger = tollgate_authority_service::open_ledger(&format!(
             "sqlite://{}",
             dir.path().join("ledger.db").display()
@@ -94,7 +172,7 @@ impl Stack {
         let authority = Arc::new(Authority::new(
             Arc::clone(&ledger),
             state,
-            BTreeMap::from([(region.clone(), store(redis.url()).await)]),
+            BTreeMap::from([(region, region_store(&redis.url()).await)]),
             Arc::new(SystemClock),
             AuthoritySettings::default(),
         ));
@@ -105,7 +183,7 @@ impl Stack {
         }]));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let authority_address = listener.local_addr().unwrap();
-        tasks.push(tokio::spawn(async move {
+        let authority_task = tokio::spawn(async move {
             let serving = serve_authority(
                 listener,
                 ledger,
@@ -117,7 +195,7 @@ impl Stack {
             if let Err(error) = serving.await {
                 panic!("the authority stopped: {error}");
             }
-        }));
+        });
         let authority_channel = connect(authority_address).await;
         chat_at_one_credit(
             &mut common::grpc::admin(authority_channel.clone(), ADMIN_KEY),
@@ -126,51 +204,25 @@ impl Stack {
         .await;
 
         // The edge, started after the price book is in the region so it loads it at start.
-        let allocator = AuthorityClient::new(
-            &format!("http://{authority_address}"),
-            region.clone(),
-            Some(ADMIN_KEY),
-            "edge-answer".into(),
-        )
-        .unwrap();
-        let engine = Arc::new(
-            Engine::new(
-                store(redis.url()).await,
-                EdgeSettings::new(region),
-                Arc::new(tollgate_edge::SystemClock),
-            )
-            .with_allocator(Arc::new(allocator)),
-        );
-        tasks.extend(engine.start().await);
-        let enforce_keys = Arc::new(KeyRing::new(vec![KeyEntry {
-            name: "checkout".into(),
-            digest: key_digest(ENFORCE_KEY),
-            scope: Scope::Enforce,
-        }]));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let edge_address = listener.local_addr().unwrap();
-        tasks.push(tokio::spawn(async move {
-            let serving = serve_grpc(
-                listener,
-                engine,
-                Arc::new(Metrics::new().unwrap()),
-                enforce_keys,
-                ServeLimits::default(),
-                std::future::pending(),
-            );
-            if let Err(error) = serving.await {
-                panic!("the edge stopped: {error}");
-            }
-        }));
-        let edge = connect(edge_address).await;
+        let edge = EdgeServer::start(&redis.url(), authority_address).await;
         Stack {
             authority: authority_channel,
+            authority_address,
+            authority_task,
             edge,
-            edge_address,
-            tasks,
             _dir: dir,
-            _redis: redis,
+            redis,
         }
+    }
+
+    /// Stops the edge, restarts the redis-server (SIGKILL, then the same port and directory: the
+    /// AOF brings the region back), and starts a new edge on it, on a new port. The authority
+    /// keeps running and reconnects to Redis on its own.
+    async fn restart_edge_and_redis(&mut self) {
+        self.edge.stop().await;
+        // The restart waits for redis-server on this thread; the authority's tasks go on.
+        tokio::task::block_in_place(|| self.redis.restart()).expect("the redis-server restarted");
+        self.edge = EdgeServer::start(&self.redis.url(), self.authority_address).await;
     }
 
     fn admin(&self) -> Admin {
@@ -178,7 +230,7 @@ impl Stack {
     }
 
     fn edge(&self) -> Edge {
-        common::grpc::edge(self.edge.clone(), ENFORCE_KEY)
+        common::grpc::edge(self.edge.channel.clone(), ENFORCE_KEY)
     }
 
     /// An account with one purchase grant (effective now, never expiring) of `amount`.
@@ -304,40 +356,82 @@ async fn redis_balance_after_and_get_balance_equal_the_ledger_after_reconciliati
 async fn redis_a_retried_authorize_returns_the_same_hold() {
     let stack = Stack::start().await;
     stack.account_with("retry", "1000").await;
-    let mut edge = stack.edge();
+    assert_a_retried_authorize_returns_the_same_hold(|| stack.edge()).await;
+}
 
-    let first = hold(&mut edge, "retry", "h1", "50").await;
-    // The same key and the same request, as a client retries after a lost reply.
-    let again = hold(&mut edge, "retry", "h1", "50").await;
-    let balance = edge_balance(&mut edge, "retry").await;
-    assert!(!first.hold_id.is_empty(), "a hold id: {first:?}");
+/// The region's Redis keeps the account through a restart of the edge and of redis-server
+/// (its AOF): the next spend burns the rest of the promo (priority 30) before the purchase
+/// (priority 50), and the account then spends exactly what the ledger says it has left.
+/// `dev_binary.rs` restarts the embedded node, whose region lives in memory, the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_restart_keeps_burn_order_and_spendable_credits() {
+    let mut stack = Stack::start().await;
+    let mut admin = stack.admin();
+    create_account(&mut admin, "acme").await;
+    grant_from(&mut admin, "acme", "promo", "10", pb::GrantSource::Promo).await;
+    grant_from(
+        &mut admin,
+        "acme",
+        "bought",
+        "100",
+        pb::GrantSource::Purchase,
+    )
+    .await;
+    let strict = pb::EnforcementMode::Strict;
+    let first = debited(debit(&mut stack.edge(), "acme", "d1", "3", strict).await);
     assert_eq!(
-        (
-            again.hold_id.as_str(),
-            &again.expires_at,
-            again.replayed,
-            first.replayed
-        ),
-        (first.hold_id.as_str(), &first.expires_at, true, false),
-        "(hold id, expiry, replayed) of the retry, and the first call not replayed"
+        draws(&first),
+        [("promo", "3")],
+        "the first spend burns the promo"
     );
+    let ledger = reconciled_ledger_balance(&mut admin, "acme", "107", RECONCILED_WITHIN_MS).await;
+    assert_eq!(ledger, "107", "the ledger before the restart");
+
+    stack.restart_edge_and_redis().await;
+
+    let mut edge = stack.edge();
+    let second = debited(debit(&mut edge, "acme", "d2", "8", strict).await);
     assert_eq!(
+        (draws(&second), second.balance_after.as_str()),
+        (vec![("promo", "7"), ("bought", "1")], "99"),
+        "(draws, balance_after) after the restart: the promo's rest burns before the purchase"
+    );
+    let ledger = reconciled_ledger_balance(&mut admin, "acme", "99", RECONCILED_WITHIN_MS).await;
+    let mut remaining = remaining_per_grant(&mut admin, "acme").await;
+    remaining.sort();
+    assert_eq!(
+        (ledger.as_str(), remaining),
         (
-            first.balance_after.as_str(),
-            again.balance_after.as_str(),
-            balance_of(&balance),
-            balance.held.as_str(),
+            "99",
+            vec![
+                ("bought".to_owned(), "99".to_owned()),
+                ("promo".to_owned(), "0".to_owned())
+            ]
         ),
-        ("950", "950", "950", "50"),
-        "(first balance_after, retry balance_after, GetBalance balance, held): \
-         one hold set aside once"
+        "(ledger balance, remaining per grant) after reconciliation"
+    );
+
+    // The ledger's 99 credits, spent in parts larger and smaller than a slice, and no more.
+    let mut balances_after = Vec::new();
+    for (key, credits) in [("d3", "50"), ("d4", "40"), ("d5", "9")] {
+        let outcome = debit(&mut edge, "acme", key, credits, strict).await;
+        balances_after.push(debited(outcome).balance_after);
+    }
+    let refused = refusal_code(debit(&mut edge, "acme", "d6", "0.000001", strict).await);
+    assert_eq!(
+        (balances_after, refused),
+        (
+            vec!["49".to_owned(), "9".to_owned(), "0".to_owned()],
+            pb::RefusalCode::InsufficientCredits
+        ),
+        "(balance_after of 50, 40 and 9 from the ledger's 99, then a millionth of a credit)"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_reflection_lists_the_envoy_rate_limit_service() {
     let stack = Stack::start().await;
-    let listed = reflected_services(connect(stack.edge_address).await).await;
+    let listed = reflected_services(connect(stack.edge.address).await).await;
     for service in [
         "envoy.service.ratelimit.v3.RateLimitService",
         "tollgate.v1.Enforcement",
@@ -355,7 +449,8 @@ async fn redis_the_envoy_adapter_allows_a_call_the_account_can_pay() {
     let stack = Stack::start().await;
     stack.account_with("gateway", "1000").await;
 
-    let reply = should_rate_limit_chat(stack.edge.clone(), ENFORCE_KEY, "gateway", 50).await;
+    let reply =
+        should_rate_limit_chat(stack.edge.channel.clone(), ENFORCE_KEY, "gateway", 50).await;
     assert_eq!(reply.overall_code, Code::Ok as i32, "{reply:?}");
     let note = tollgate_note(&reply);
     assert!(

@@ -1,5 +1,6 @@
 //! gRPC clients that present a key, and the Admin and Enforcement calls the tests repeat: feature
-//! `chat` at 1 credit, accounts, grants, debits, holds and balances.
+//! `chat` at 1 credit, accounts, grants, debits, holds and balances; and the assertions both
+//! topologies run (cached mode, a retried Authorize).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -137,15 +138,27 @@ pub async fn create_account(admin: &mut Admin, account: &str) {
         .unwrap();
 }
 
-/// A grant effective when issued, never expiring, at the source's default priority.
+/// A purchase grant effective when issued, never expiring, at the source's default priority.
 pub async fn grant(admin: &mut Admin, account: &str, grant_id: &str, amount: &str) {
+    grant_from(admin, account, grant_id, amount, pb::GrantSource::Purchase).await;
+}
+
+/// A grant from `source` effective when issued, never expiring, at the source's default
+/// priority (promo 30 burns before purchase 50).
+pub async fn grant_from(
+    admin: &mut Admin,
+    account: &str,
+    grant_id: &str,
+    amount: &str,
+    source: pb::GrantSource,
+) {
     admin
         .issue_grant(pb::IssueGrantRequest {
             idempotency_key: format!("grant.{account}.{grant_id}"),
             account_id: account.into(),
             grant_id: grant_id.into(),
             amount: amount.into(),
-            source: pb::GrantSource::Purchase.into(),
+            source: source.into(),
             ..pb::IssueGrantRequest::default()
         })
         .await
@@ -212,6 +225,23 @@ pub async fn reconciled_ledger_balance(
     }
 }
 
+/// What the ledger says each grant of `account` has left, as (grant, remaining), in the order
+/// Admin `ListGrants` answers them.
+pub async fn remaining_per_grant(admin: &mut Admin, account: &str) -> Vec<(String, String)> {
+    admin
+        .list_grants(pb::ListGrantsRequest {
+            account_id: account.into(),
+            ..pb::ListGrantsRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants
+        .into_iter()
+        .map(|grant| (grant.grant_id, grant.remaining))
+        .collect()
+}
+
 /// `credits` of feature `chat`.
 pub fn cost(credits: &str) -> Option<pb::Usage> {
     Some(pb::Usage {
@@ -245,6 +275,23 @@ pub fn debited(outcome: pb::debit_reply::Outcome) -> pb::Debited {
     match outcome {
         pb::debit_reply::Outcome::Debited(debited) => debited,
         pb::debit_reply::Outcome::Refused(refused) => panic!("refused: {refused:?}"),
+    }
+}
+
+/// The debit's draws as (grant, credits).
+pub fn draws(debited: &pb::Debited) -> Vec<(&str, &str)> {
+    debited
+        .draws
+        .iter()
+        .map(|draw| (draw.grant_id.as_str(), draw.amount.as_str()))
+        .collect()
+}
+
+/// The refusal's code, or a panic naming the debit that was allowed.
+pub fn refusal_code(outcome: pb::debit_reply::Outcome) -> pb::RefusalCode {
+    match outcome {
+        pb::debit_reply::Outcome::Refused(refused) => refused.code(),
+        pb::debit_reply::Outcome::Debited(debited) => panic!("debited: {debited:?}"),
     }
 }
 
@@ -399,6 +446,55 @@ pub async fn assert_cached_mode_spends_what_the_account_holds(edge: impl Fn() ->
         ("950", 100, 100, 0, "0"),
         "(balance_after of 50 from 1000, allowed, insufficient, other refusals, balance); \
          other: {other:?}; GetBalance {balance:?}"
+    );
+}
+
+/// A retried Authorize answers the first hold and sets nothing more aside. On `retry` (1,000
+/// credits, set up by the caller on whatever topology `edge` reaches) a hold of 50 sent again
+/// later under the same key answers the first hold id and expiry, marked replayed; a hold of 60
+/// under that key is an idempotency conflict (ALREADY_EXISTS); and the balance shows one hold
+/// of 50 throughout.
+pub async fn assert_a_retried_authorize_returns_the_same_hold(edge: impl Fn() -> Edge) {
+    let mut edge = edge();
+    let first = hold(&mut edge, "retry", "h1", "50").await;
+    // Instants are kept to the millisecond: a retry a few milliseconds later would have a later
+    // expiry if it were authorized afresh.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The same key and the same request, as a client retries after a lost reply.
+    let again = hold(&mut edge, "retry", "h1", "50").await;
+    // The same key with another request: a client bug, not a retry.
+    let conflict = edge.authorize(authorize("retry", "h1", "60")).await;
+    let balance = edge_balance(&mut edge, "retry").await;
+
+    assert!(!first.hold_id.is_empty(), "a hold id: {first:?}");
+    assert_eq!(
+        (
+            again.hold_id.as_str(),
+            &again.expires_at,
+            again.replayed,
+            first.replayed
+        ),
+        (first.hold_id.as_str(), &first.expires_at, true, false),
+        "(hold id, expiry, replayed) of the retry, and the first call not replayed"
+    );
+    match conflict {
+        Err(status) => assert_eq!(
+            status.code(),
+            tonic::Code::AlreadyExists,
+            "the same key with 60 credits: {status:?}"
+        ),
+        Ok(reply) => panic!("the same key with 60 credits answered {reply:?}"),
+    }
+    assert_eq!(
+        (
+            first.balance_after.as_str(),
+            again.balance_after.as_str(),
+            balance_of(&balance),
+            balance.held.as_str(),
+        ),
+        ("950", "950", "950", "50"),
+        "(first balance_after, retry balance_after, GetBalance balance, held): \
+         one hold set aside once"
     );
 }
 
