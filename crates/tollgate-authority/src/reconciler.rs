@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 use tollgate_core::command::{Memo, Refund, UsageDebit};
 use tollgate_core::{AccountId, BurnPlan, DebitId, IdempotencyKey, RegionId, Timestamp};
-use tollgate_ledger::{LedgerError, LedgerStore, UsageOutcome};
+use tollgate_ledger::{EntryFilter, LedgerError, LedgerStore, PageRequest, UsageOutcome};
 use tollgate_region::{RegionStore, UsageKind, UsageRecord};
 use tracing::{info, warn};
 
@@ -257,20 +257,28 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             .collect::<Result<Vec<_>>>()?;
         let outcomes = self.ledger.apply_usage(commands, now).await?;
         for (record, outcome) in debits.iter().zip(outcomes) {
-            match outcome {
-                UsageOutcome::Applied { .. } => report.applied += 1,
-                UsageOutcome::Duplicate { .. } => report.duplicates += 1,
+            // The ledger's id for it: a key reused after the region forgot it is charged
+            // under a later generation of the id (`debit_generation`).
+            let debit = match outcome {
+                UsageOutcome::Applied { debit_id, .. } => {
+                    report.applied += 1;
+                    debit_id
+                }
+                UsageOutcome::Duplicate { debit_id } => {
+                    report.duplicates += 1;
+                    debit_id
+                }
                 UsageOutcome::Refused { refusal, .. } => {
                     self.park(region, record, &refusal.message, now).await?;
                     report.parked += 1;
                     continue;
                 }
-            }
+            };
             // A duplicate too: a crash may have come between applying it and settling.
             if record.overdraft.is_positive() {
                 report.overdrawn.push(Overdrawn {
                     account: record.account.clone(),
-                    debit: debit_id(region, &record.key)?,
+                    debit,
                     at: record.at,
                     micros: record.overdraft.micros(),
                 });
@@ -293,15 +301,20 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         record: &UsageRecord,
         now: Timestamp,
     ) -> Result<bool> {
-        let debit = debit_id(region, &record.key)?;
-        let key = derived_key(
-            "reverse",
-            &[
-                region.as_str(),
-                record.account.as_str(),
-                record.key.as_str(),
-            ],
-        )?;
+        let base = debit_id(region, &record.key)?;
+        let debit = self
+            .latest_generation(&record.account, base.clone())
+            .await?;
+        let mut parts = vec![
+            region.as_str(),
+            record.account.as_str(),
+            record.key.as_str(),
+        ];
+        if debit != base {
+            // A later decision under a reused key is reversed under a key of its own.
+            parts.push(debit.as_str());
+        }
+        let key = derived_key("reverse", &parts)?;
         let command = Refund {
             key,
             account: record.account.clone(),
@@ -321,6 +334,29 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         };
         self.park(region, record, &reason, now).await?;
         Ok(false)
+    }
+
+    /// The latest decision the ledger charged under `base` (see `debit_generation`): a
+    /// region's reversal names its key, and the region knows only the last decision made
+    /// under it.
+    async fn latest_generation(&self, account: &AccountId, base: DebitId) -> Result<DebitId> {
+        let mut latest = base.clone();
+        for generation in 2..=tollgate_ledger::DEBIT_GENERATIONS_MAX {
+            let next = tollgate_ledger::debit_generation(&base, generation)?;
+            let filter = EntryFilter {
+                debit: Some(next.clone()),
+                ..EntryFilter::account(account.clone())
+            };
+            let page = PageRequest {
+                size: 1,
+                token: None,
+            };
+            if self.ledger.entries(&filter, page).await?.items.is_empty() {
+                break;
+            }
+            latest = next;
+        }
+        Ok(latest)
     }
 
     async fn park(

@@ -982,6 +982,44 @@ async fn debt_run_up_before_a_grant_and_reconciled_after_it_is_settled_from_that
 }
 
 #[tokio::test]
+async fn a_key_reused_after_the_region_forgot_it_is_charged_and_its_reversal_refunds_that_decision()
+{
+    let world = World::start(&["eu"], 0, 0, 10).await;
+    issue(
+        &world.ledger,
+        "bought",
+        100,
+        GrantSource::Purchase,
+        None,
+        world.clock.now(),
+    )
+    .await;
+    world.allocate("eu").await;
+    assert!(world.debit("eu", "nightly-job", 2).await);
+    world.reconcile_expecting("eu", 1, 0, 0).await;
+    // A day and more later the region has forgotten the key; the caller reuses it for
+    // another spend, which the region charges as new.
+    world.clock.advance_ms(RETAIN_MS_DEFAULT + 60_000);
+    assert!(world.debit("eu", "nightly-job", 5).await);
+    world.reconcile_expecting("eu", 1, 0, 0).await;
+    let balance = |world: &World| {
+        let ledger = Arc::clone(&world.ledger);
+        async move { ledger.account(&acct()).await.unwrap().balance.micros() }
+    };
+    assert_eq!(
+        balance(&world).await,
+        93 * MICROS,
+        "both spends are charged"
+    );
+    // The region reverses the spend it knows under that key: the second one.
+    world.reverse("eu", "undo-nightly", "nightly-job").await;
+    world.reconcile_expecting("eu", 0, 1, 0).await;
+    assert_eq!(balance(&world).await, 98 * MICROS);
+    world.assert_never_over_allocated().await;
+    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+}
+
+#[tokio::test]
 async fn late_debt_waits_for_the_grant_issued_first_rather_than_settle_from_a_later_one() {
     let world = World::start(&["eu", "us"], 10, 0, 10).await;
     world.allocate("eu").await;

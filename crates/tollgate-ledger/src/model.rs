@@ -10,7 +10,7 @@ use tollgate_core::{
     PriceRule, RegionId, Timestamp, Totals,
 };
 
-use crate::error::Refusal;
+use crate::error::{LedgerError, Refusal};
 
 /// Largest page of entries or grants one query returns.
 pub const PAGE_SIZE_MAX: u32 = 1_000;
@@ -120,6 +120,21 @@ pub enum UsageOutcome {
     /// The ledger cannot take it (it names an unknown grant, or draws more than is left);
     /// nothing moved. The reconciler parks it for an operator.
     Refused { debit_id: DebitId, refusal: Refusal },
+}
+
+/// How many decisions may reuse one debit id (the same idempotency key in one region, each
+/// after the region forgot the one before): the ledger tells them apart by generation.
+pub const DEBIT_GENERATIONS_MAX: u32 = 1_000;
+
+/// The id of the `generation`th decision charged under `base` (1 is `base` itself). A region
+/// forgets an idempotency key after its retention (24 h); the ledger keeps debit ids for
+/// ever. A key reused after that is a new decision, charged under the next generation,
+/// never taken for a replay of the first (see `LedgerStore::apply_usage`).
+pub fn debit_generation(base: &DebitId, generation: u32) -> Result<DebitId, LedgerError> {
+    if generation <= 1 {
+        return Ok(base.clone());
+    }
+    DebitId::new(format!("{base}.g{generation}")).map_err(|e| LedgerError::invalid("debit_id", e))
 }
 
 /// Which entries of one account to list.

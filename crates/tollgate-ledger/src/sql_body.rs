@@ -821,15 +821,49 @@ impl Store {
         let mut groups = Vec::new();
         let mut applied = Vec::new();
         for debit in debits {
-            let debit_id = debit.debit_id.clone();
-            if Self::debit_in_tx(w, account, &debit.debit_id).await?.is_some() {
-                outcomes.push(UsageOutcome::Duplicate { debit_id });
+            // The same decision again (same event time, same draws) is a duplicate; another
+            // decision under the same id (a key reused after the region forgot it) is charged
+            // under the next generation of the id, never dropped as a replay.
+            let mut generation = 1;
+            let debit_id = loop {
+                let id = crate::model::debit_generation(&debit.debit_id, generation)?;
+                let seen = match book.debit_record(&id) {
+                    Some(record) => Some(record.clone()),
+                    None => Self::debit_in_tx(w, account, &id).await?,
+                };
+                match seen {
+                    None => break Some(id),
+                    Some(record) if record.at == debit.at && record.plan == debit.plan => {
+                        outcomes.push(UsageOutcome::Duplicate { debit_id: id });
+                        break None;
+                    }
+                    Some(_) if generation >= crate::model::DEBIT_GENERATIONS_MAX => {
+                        return Err(LedgerError::invalid(
+                            "debit_id",
+                            format!(
+                                "{} was used for {generation} different decisions",
+                                debit.debit_id
+                            ),
+                        ));
+                    }
+                    Some(_) => generation += 1,
+                }
+            };
+            let Some(debit_id) = debit_id else {
                 continue;
-            }
+            };
+            let debit: std::borrow::Cow<'_, UsageDebit> = if debit_id == debit.debit_id {
+                std::borrow::Cow::Borrowed(*debit)
+            } else {
+                std::borrow::Cow::Owned(UsageDebit {
+                    debit_id: debit_id.clone(),
+                    ..(*debit).clone()
+                })
+            };
             match book.apply_debit(debit_id.clone(), debit.at, debit.plan.clone(), true) {
                 Ok(movements) => {
-                    groups.push((movements, usage_context(debit)));
-                    applied.push((outcomes.len(), *debit));
+                    groups.push((movements, usage_context(&debit)));
+                    applied.push((outcomes.len(), debit));
                     outcomes.push(UsageOutcome::Applied {
                         debit_id,
                         first_seq: 0,
@@ -852,7 +886,7 @@ impl Store {
         Self::write_changes(w, &changes, None, now).await?;
         for ((index, debit), range) in applied.iter().zip(&changes.ranges) {
             if let Some(record) = book.debit_record(&debit.debit_id) {
-                Self::insert_debit(w, debit, record, now).await?;
+                Self::insert_debit(w, debit.as_ref(), record, now).await?;
             }
             if let Some(UsageOutcome::Applied {
                 first_seq,

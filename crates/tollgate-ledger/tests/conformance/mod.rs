@@ -113,6 +113,7 @@ macro_rules! conformance_suite {
             a_refund_larger_than_what_remains_refundable_is_refused,
             a_refund_to_an_expired_grant_lands_in_a_new_refund_grant,
             replayed_usage_is_a_no_op,
+            a_debit_id_reused_for_another_decision_is_charged_under_its_next_generation,
             usage_the_ledger_cannot_take_is_refused_per_debit,
             debt_whose_usage_arrives_after_a_grant_is_settled_from_it,
             grants_spent_to_zero_are_read_only_when_named,
@@ -665,6 +666,63 @@ pub async fn replayed_usage_is_a_no_op(f: &Fixture) {
         .iter()
         .all(|o| matches!(o, UsageOutcome::Duplicate { .. })));
     assert_eq!(store.account(&account("acme")).await.unwrap(), before);
+    assert_clean(&*store).await;
+}
+
+/// A region forgets an idempotency key after its retention; the ledger keeps debit ids for
+/// ever. A key reused later is another decision (another event time): it is charged under the
+/// id's next generation, not taken for a replay. The same decision again is still a duplicate.
+pub async fn a_debit_id_reused_for_another_decision_is_charged_under_its_next_generation(
+    f: &Fixture,
+) {
+    let store = f.store();
+    create(&*store, "acme", "0").await;
+    issue(&*store, "acme", terms("g1", "10"), at(1)).await;
+    let first = usage("acme", "d1", at(2), &[("g1", "1")], "0");
+    let day_later = usage("acme", "d1", at(2 + 86_400_001), &[("g1", "3")], "0");
+    let outcomes = store
+        .apply_usage(vec![first.clone(), day_later.clone()], at(10))
+        .await
+        .unwrap();
+    let second_id = tollgate_ledger::debit_generation(&debit_id("d1"), 2).unwrap();
+    assert!(
+        matches!(&outcomes[0], UsageOutcome::Applied { debit_id: id, .. } if *id == debit_id("d1")),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(&outcomes[1], UsageOutcome::Applied { debit_id: id, .. } if *id == second_id),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        store.account(&account("acme")).await.unwrap().balance,
+        credits("6")
+    );
+    // Both again, and a third decision under the same id, in a later batch.
+    let third = usage("acme", "d1", at(2 + 2 * 86_400_001), &[("g1", "2")], "0");
+    let again = store
+        .apply_usage(vec![day_later, first, third], at(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        again[..2],
+        [
+            UsageOutcome::Duplicate {
+                debit_id: second_id.clone()
+            },
+            UsageOutcome::Duplicate {
+                debit_id: debit_id("d1")
+            },
+        ]
+    );
+    let third_id = tollgate_ledger::debit_generation(&debit_id("d1"), 3).unwrap();
+    assert!(
+        matches!(&again[2], UsageOutcome::Applied { debit_id: id, .. } if *id == third_id),
+        "{again:?}"
+    );
+    assert_eq!(
+        store.account(&account("acme")).await.unwrap().balance,
+        credits("4")
+    );
     assert_clean(&*store).await;
 }
 
