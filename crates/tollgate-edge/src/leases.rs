@@ -199,6 +199,9 @@ pub struct LeaseStats {
     pub duplicates: AtomicU64,
     /// Decisions that could not be charged (the lease had expired and the region refused them).
     pub lost_entries: AtomicU64,
+    /// Decisions charged under a derived key: their key had been used for a different request
+    /// (a reused key with another body, seen by this or another edge, or in strict mode).
+    pub rekeyed: AtomicU64,
     /// Milliseconds between the oldest flushed decision and its flush, last time.
     pub flush_lag_ms: AtomicU64,
     /// Leases given back because another edge of the region recalled them.
@@ -636,8 +639,14 @@ impl<S: RegionStore> Leases<S> {
             SettleOutcome::Settled(statuses) => {
                 region.renewed_at_ms = now.millis();
                 for (entry, status) in settlement.entries.iter().zip(statuses) {
+                    if let SettleStatus::Rekeyed { key, .. } = &status {
+                        self.stats.rekeyed.fetch_add(1, Ordering::Relaxed);
+                        warn!(%account, key = %entry.key, charged_as = %key, "idempotency key reused with a different request; charged under a derived key");
+                    }
                     match status {
-                        SettleStatus::Recorded(_) => {
+                        // Charged now, or by an earlier settlement of these very decisions whose
+                        // reply was lost: either way the credits are spent.
+                        SettleStatus::Recorded(_) | SettleStatus::Rekeyed { .. } => {
                             for draw in &entry.draws {
                                 if let Some(amount) = region.amounts.get_mut(&draw.grant_id) {
                                     *amount -= draw.amount.micros();

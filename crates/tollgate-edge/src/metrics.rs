@@ -17,6 +17,7 @@ pub const LEASE_REFILLS_TOTAL: &str = "tollgate_edge_lease_refills_total";
 pub const LEASE_FLUSHES_TOTAL: &str = "tollgate_edge_lease_flushes_total";
 pub const LEASE_DUPLICATES_TOTAL: &str = "tollgate_edge_lease_duplicates_total";
 pub const LEASE_LOST_ENTRIES_TOTAL: &str = "tollgate_edge_lease_lost_entries_total";
+pub const LEASE_REKEYED_TOTAL: &str = "tollgate_edge_lease_rekeyed_total";
 pub const LEASE_RECALLED_TOTAL: &str = "tollgate_edge_lease_recalled_total";
 pub const FLUSH_LAG_MS: &str = "tollgate_edge_flush_lag_ms";
 pub const PENDING_DECISIONS: &str = "tollgate_edge_pending_decisions";
@@ -65,6 +66,7 @@ pub struct Metrics {
     flushes: IntGauge,
     duplicates: IntGauge,
     lost: IntGauge,
+    rekeyed: IntGauge,
     recalled: IntGauge,
     flush_lag_ms: IntGauge,
     pending: IntGauge,
@@ -96,6 +98,10 @@ impl Metrics {
                 LEASE_LOST_ENTRIES_TOTAL,
                 "cached decisions the region could not charge",
             )?,
+            rekeyed: gauge(
+                LEASE_REKEYED_TOTAL,
+                "cached decisions whose key was used for a different request, charged under a derived key",
+            )?,
             recalled: gauge(
                 LEASE_RECALLED_TOTAL,
                 "leases given back because another edge of the region needed their credits",
@@ -124,6 +130,7 @@ impl Metrics {
             &metrics.flushes,
             &metrics.duplicates,
             &metrics.lost,
+            &metrics.rekeyed,
             &metrics.recalled,
             &metrics.flush_lag_ms,
             &metrics.pending,
@@ -152,6 +159,7 @@ impl Metrics {
         self.flushes.set(read(&leases.flushes));
         self.duplicates.set(read(&leases.duplicates));
         self.lost.set(read(&leases.lost_entries));
+        self.rekeyed.set(read(&leases.rekeyed));
         self.recalled.set(read(&leases.recalled));
         self.flush_lag_ms.set(read(&leases.flush_lag_ms));
         self.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));

@@ -813,6 +813,229 @@ pub async fn leases_take_settle_and_return<S: RegionStore>(store: &S) {
     assert_eq!((view.pool(), view.leases), (credits("13"), 0));
 }
 
+/// Takes a lease of `amount` on the account's segments, for the settlement checks below.
+async fn lease_of<S: RegionStore>(store: &S, who: &AccountId, id: &str, amount: &str) -> LeaseId {
+    let lease_id = LeaseId::new(id).unwrap();
+    let request = LeaseRequest {
+        account: who.clone(),
+        key: key(&format!("take-{id}")),
+        lease_id: lease_id.clone(),
+        amount: credits(amount),
+        now: at(2),
+        expires_at: at(60_000),
+    };
+    let lease = store.take_lease(&request).await.unwrap();
+    assert_eq!(lease.granted, credits(amount), "the lease is funded");
+    lease_id
+}
+
+/// One decision from a lease: `amount` drawn from grant `g` at `at_ms`.
+fn lease_usage(k: &str, amount: &str, at_ms: i64) -> LeaseUsage {
+    LeaseUsage {
+        key: key(k),
+        feature: feature("gen"),
+        at: at(at_ms),
+        draws: vec![Draw {
+            grant_id: grant("g"),
+            amount: credits(amount),
+        }],
+        overdraft: Credits::ZERO,
+        actor: None,
+        price: PRICE,
+    }
+}
+
+async fn settle<S: RegionStore>(
+    store: &S,
+    who: &AccountId,
+    lease_id: &LeaseId,
+    now_ms: i64,
+    entries: Vec<LeaseUsage>,
+) -> Vec<SettleStatus> {
+    let settlement = LeaseSettlement {
+        account: who.clone(),
+        lease_id: lease_id.clone(),
+        now: at(now_ms),
+        expires_at: at(60_000),
+        entries,
+    };
+    match store.settle_lease(&settlement).await.unwrap() {
+        SettleOutcome::Settled(statuses) => statuses,
+        SettleOutcome::NoLease => panic!("the lease is live"),
+    }
+}
+
+/// Every usage record waiting in the stream, as (key, cost), acknowledged.
+async fn drain_usage<S: RegionStore>(store: &S) -> Vec<(String, Credits)> {
+    let records = store.read_usage("authority", "auditor", 100).await.unwrap();
+    let ids: Vec<UsageId> = records.iter().map(|r| r.id.clone()).collect();
+    store.ack_usage("authority", &ids).await.unwrap();
+    records
+        .into_iter()
+        .map(|r| (r.key.to_string(), r.cost))
+        .collect()
+}
+
+/// A settlement the region committed but whose reply was lost is sent again by the edge: each
+/// entry is answered as recorded, with its first usage id, and nothing is charged twice. (Were
+/// it answered "duplicate", the edge would credit back decisions that were charged.)
+pub async fn a_settlement_sent_again_after_a_lost_reply_is_recorded_once<S: RegionStore>(
+    store: &S,
+) {
+    let a = account("acct-settle-resent");
+    install(store, &a, segment("g", "10", 50, None)).await;
+    store.create_usage_group("authority").await.unwrap();
+    let lease_id = lease_of(store, &a, "edge-1", "5").await;
+    let batch = vec![lease_usage("u1", "2", 4), lease_usage("u2", "1", 4)];
+    let first = settle(store, &a, &lease_id, 5, batch.clone()).await;
+    let [SettleStatus::Recorded(id1), SettleStatus::Recorded(id2)] = &first[..] else {
+        panic!("a first settlement is recorded: {first:?}")
+    };
+    let mut again = batch;
+    again.push(lease_usage("u3", "1", 6));
+    let resent = settle(store, &a, &lease_id, 7, again).await;
+    assert_eq!(
+        resent[..2],
+        [
+            SettleStatus::Recorded(id1.clone()),
+            SettleStatus::Recorded(id2.clone())
+        ],
+        "the decisions of a settlement sent again are the ones already recorded"
+    );
+    assert!(
+        matches!(&resent[2], SettleStatus::Recorded(id) if id != id1 && id != id2),
+        "a new decision in the same batch is recorded: {resent:?}"
+    );
+    assert_eq!(
+        drain_usage(store).await,
+        [
+            ("u1".to_string(), credits("2")),
+            ("u2".to_string(), credits("1")),
+            ("u3".to_string(), credits("1"))
+        ],
+        "each decision reaches the usage stream once"
+    );
+    let view = store.view(&a, at(8)).await.unwrap();
+    assert_eq!(
+        (view.leased, view.pool()),
+        (credits("1"), credits("5")),
+        "the lease paid each decision once"
+    );
+}
+
+/// A key first used for one request (here a strict debit of 1) and then, from a lease, for
+/// another (3 credits): the lease's decision was served, so it is charged, under a key derived
+/// from its own, and a settlement sent again finds that charge. The same other request decided
+/// again on another edge is a duplicate of it.
+pub async fn a_reused_key_with_another_request_is_charged_under_a_derived_key<S: RegionStore>(
+    store: &S,
+) {
+    let a = account("acct-settle-rekeyed");
+    install(store, &a, segment("g", "20", 50, None)).await;
+    store.create_usage_group("authority").await.unwrap();
+    debit_allowed(store, &debit_command(&a, "k", "gen", "1", at(1))).await;
+    let long = "x".repeat(tollgate_core::ids::IDEMPOTENCY_KEY_LEN_MAX);
+    debit_allowed(store, &debit_command(&a, &long, "gen", "1", at(1))).await;
+    let lease_id = lease_of(store, &a, "edge-1", "8").await;
+    let derived = |k: &str, cost: &str| {
+        crate::derived_key(
+            &key(k),
+            &crate::debit_fingerprint(&feature("gen"), credits(cost), &PRICE),
+        )
+    };
+    let batch = vec![lease_usage("k", "3", 4), lease_usage(&long, "2", 4)];
+    let first = settle(store, &a, &lease_id, 5, batch.clone()).await;
+    let [SettleStatus::Rekeyed {
+        usage_id: id_k,
+        key: key_k,
+    }, SettleStatus::Rekeyed {
+        usage_id: id_long,
+        key: key_long,
+    }] = &first[..]
+    else {
+        panic!("a reused key with another request is charged under a derived key: {first:?}")
+    };
+    assert_eq!(key_k, &derived("k", "3"));
+    assert!(key_k.as_str().starts_with("k~"), "{key_k}");
+    assert_eq!(key_long, &derived(&long, "2"));
+    assert_eq!(
+        key_long.as_str().len(),
+        tollgate_core::ids::IDEMPOTENCY_KEY_LEN_MAX,
+        "a long key is cut so that the derived key is valid"
+    );
+    let cousin = format!("{}y", &long[..long.len() - 1]);
+    assert_ne!(
+        key_long,
+        &derived(&cousin, "2"),
+        "keys cut to the same head still derive different keys"
+    );
+    let resent = settle(store, &a, &lease_id, 6, batch).await;
+    assert_eq!(
+        resent, first,
+        "sent again, the entries find their first charge"
+    );
+
+    // Another edge serves the same other request for key "k": charged once already.
+    let other_lease = lease_of(store, &a, "edge-2", "3").await;
+    let elsewhere = settle(store, &a, &other_lease, 7, vec![lease_usage("k", "3", 6)]).await;
+    assert_eq!(elsewhere, [SettleStatus::Duplicate]);
+
+    let charged = drain_usage(store).await;
+    assert_eq!(
+        charged,
+        [
+            ("k".to_string(), credits("1")),
+            (long.clone(), credits("1")),
+            (key_k.to_string(), credits("3")),
+            (key_long.to_string(), credits("2"))
+        ],
+        "the reused key's requests are each charged once"
+    );
+    assert_ne!(id_k, id_long);
+    // A strict debit of the other request under the derived key is a replay of its charge.
+    let replay = debit_allowed(store, &debit_command(&a, key_k.as_str(), "gen", "3", at(8))).await;
+    assert!(replay.replayed && &replay.usage_id == id_k, "{replay:?}");
+    let view = store.view(&a, at(9)).await.unwrap();
+    assert_eq!(
+        view.leased,
+        credits("6"),
+        "edge-1 has 3 of its 8 left, edge-2 all of its 3"
+    );
+}
+
+/// The same request under the same key, decided again (a client's retry decided from a lease,
+/// at another time or from another lease), is a duplicate; only the very decision an earlier
+/// settlement committed is answered as recorded.
+pub async fn the_same_request_decided_again_is_a_duplicate<S: RegionStore>(store: &S) {
+    let a = account("acct-settle-again");
+    install(store, &a, segment("g", "10", 50, None)).await;
+    store.create_usage_group("authority").await.unwrap();
+    let lease_id = lease_of(store, &a, "edge-1", "5").await;
+    let other_lease = lease_of(store, &a, "edge-2", "3").await;
+    let first = settle(store, &a, &lease_id, 5, vec![lease_usage("u1", "2", 4)]).await;
+    let [SettleStatus::Recorded(id)] = &first[..] else {
+        panic!("{first:?}")
+    };
+    assert_eq!(
+        settle(store, &a, &lease_id, 6, vec![lease_usage("u1", "2", 4)]).await,
+        [SettleStatus::Recorded(id.clone())],
+        "the very decision, sent again"
+    );
+    assert_eq!(
+        settle(store, &a, &lease_id, 7, vec![lease_usage("u1", "2", 5)]).await,
+        [SettleStatus::Duplicate],
+        "the same request decided at another time"
+    );
+    assert_eq!(
+        settle(store, &a, &other_lease, 8, vec![lease_usage("u1", "2", 4)]).await,
+        [SettleStatus::Duplicate],
+        "the same request decided from another lease at the same time"
+    );
+    assert_eq!(drain_usage(store).await, [("u1".to_string(), credits("2"))]);
+    let view = store.view(&a, at(9)).await.unwrap();
+    assert_eq!(view.leased, credits("6"));
+}
+
 /// A lease nobody settles or returns goes back to the segments at its expiry.
 pub async fn expired_leases_give_credits_back<S: RegionStore>(store: &S) {
     let a = account("acct-lease-expiry");

@@ -220,6 +220,32 @@ pub(crate) fn debit_fingerprint(feature: &FeatureKey, cost: Credits, price: &Pri
     )
 }
 
+/// Hex digits of the SHA-1 tag that ends a derived key.
+pub const DERIVED_KEY_TAG_HEX: usize = 16;
+/// Derived keys a settled entry tries in turn, after its own, before it is rejected. A further
+/// one is needed only when a client reused a key with yet another request, or sent a derived
+/// key as its own.
+pub const DERIVED_KEYS_MAX: usize = 3;
+
+/// The key a decision settled from a lease is charged under when its own key is remembered for
+/// a different request: `<key>~<first 16 hex digits of sha1(fingerprint "\n" key)>`, the key
+/// cut so that the whole fits [`IDEMPOTENCY_KEY_LEN_MAX`](tollgate_core::ids::IDEMPOTENCY_KEY_LEN_MAX).
+/// The key is in the hash, so two long keys cut to the same prefix still differ. Deterministic,
+/// so a settlement sent again finds its first charge. `lease_settle.lua` has the same function.
+pub fn derived_key(key: &IdempotencyKey, fingerprint: &str) -> IdempotencyKey {
+    // The same SHA-1 Redis computes for `redis.sha1hex`: the redis crate's script digest (it
+    // hashes the text as given), which spares a dependency for these few bytes.
+    let digest = redis::Script::new(&format!("{fingerprint}\n{key}"))
+        .get_hash()
+        .to_string();
+    let tag = &digest[..DERIVED_KEY_TAG_HEX.min(digest.len())];
+    let kept = tollgate_core::ids::IDEMPOTENCY_KEY_LEN_MAX - 1 - DERIVED_KEY_TAG_HEX;
+    // Keys are ASCII, so any byte index is a character boundary.
+    let head = key.as_str().get(..kept).unwrap_or(key.as_str());
+    IdempotencyKey::new(format!("{head}~{tag}"))
+        .unwrap_or_else(|_| unreachable!("a cut key, '~' and hex digits make a valid key"))
+}
+
 pub(crate) fn capture_fingerprint(command: &CaptureCommand) -> String {
     match command.amount {
         Some(amount) => format!("capture|{}|{}", command.hold_id, amount.micros()),

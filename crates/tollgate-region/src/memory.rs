@@ -2,7 +2,7 @@
 //! by step (same sweep, same planning, same bucket arithmetic), and the conformance suite holds
 //! both to the same answers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use tollgate_core::grant::burn_key_order;
@@ -12,7 +12,7 @@ use tollgate_core::{
 };
 
 use crate::types::*;
-use crate::{debit_fingerprint, RegionStore, Result};
+use crate::{debit_fingerprint, derived_key, RegionStore, Result, DERIVED_KEYS_MAX};
 
 /// Due holds and leases handled per call, as in the scripts.
 const SWEEP_MAX: usize = 64;
@@ -75,8 +75,9 @@ struct Remembered {
 
 #[derive(Clone, Debug)]
 enum Stored {
-    /// A debit, with what its reversal's usage record needs.
-    Debit(Allowed, FeatureKey, PriceTag),
+    /// A debit, with what its reversal's usage record needs, and the lease it was settled
+    /// from (none for a strict debit).
+    Debit(Allowed, FeatureKey, PriceTag, Option<LeaseId>),
     Reverse(Credits, UsageId),
     Hold(HoldPlaced),
     Capture(Captured),
@@ -165,6 +166,38 @@ impl AccountState {
             return Some(Err(RegionError::IdempotencyConflict));
         }
         Some(Ok(remembered.result.clone()))
+    }
+
+    /// What `key` remembers for `entry`, settled now from the settlement's lease. The same
+    /// decision is the same request at the same time with the same draws, from the same lease,
+    /// remembered before this settlement (`written`: keys this settlement wrote).
+    fn remembered_as(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        settlement: &LeaseSettlement,
+        entry: &LeaseUsage,
+        written: &HashSet<IdempotencyKey>,
+        now: i64,
+    ) -> Seen {
+        let Some(remembered) = self.remembered.get(key).filter(|r| now < r.forget_at) else {
+            return Seen::Nothing;
+        };
+        if remembered.fingerprint != fingerprint {
+            return Seen::Other;
+        }
+        match &remembered.result {
+            Stored::Debit(allowed, _, _, Some(lease_id))
+                if !written.contains(key)
+                    && *lease_id == settlement.lease_id
+                    && allowed.at == entry.at
+                    && allowed.draws == entry.draws
+                    && allowed.overdraft == entry.overdraft =>
+            {
+                Seen::Same(allowed.usage_id.clone())
+            }
+            _ => Seen::Again,
+        }
     }
 
     fn remember(
@@ -441,6 +474,129 @@ impl State {
         self.stream.push_back((self.next_seq, record));
         id
     }
+
+    /// The status of one settled entry: its own key first, then derived keys in turn, as
+    /// `lease_settle.lua` does.
+    fn settle_entry(
+        &mut self,
+        settlement: &LeaseSettlement,
+        entry: &LeaseUsage,
+        lease: &mut LeaseEntry,
+        written: &mut HashSet<IdempotencyKey>,
+        now: i64,
+        retain_ms: i64,
+    ) -> SettleStatus {
+        let fingerprint = debit_fingerprint(&entry.feature, entry.cost(), &entry.price);
+        let mut key = entry.key.clone();
+        for _ in 0..=DERIVED_KEYS_MAX {
+            let a = self.account(&settlement.account);
+            let usage_id =
+                match a.remembered_as(&key, &fingerprint, settlement, entry, written, now) {
+                    Seen::Other => {
+                        key = derived_key(&key, &fingerprint);
+                        continue;
+                    }
+                    Seen::Again => return SettleStatus::Duplicate,
+                    Seen::Same(usage_id) => usage_id,
+                    Seen::Nothing => {
+                        if let Some(problem) = lease_problem(lease, entry) {
+                            return SettleStatus::Rejected(problem);
+                        }
+                        written.insert(key.clone());
+                        self.record_entry(
+                            settlement,
+                            entry,
+                            &key,
+                            fingerprint,
+                            lease,
+                            now,
+                            retain_ms,
+                        )
+                    }
+                };
+            return if key == entry.key {
+                SettleStatus::Recorded(usage_id)
+            } else {
+                SettleStatus::Rekeyed { usage_id, key }
+            };
+        }
+        SettleStatus::Rejected(
+            "idempotency key and its derived keys all used by other requests".to_string(),
+        )
+    }
+
+    /// Charges a settled entry under `key`: spends it from the lease, appends its usage record
+    /// and remembers the key.
+    #[allow(clippy::too_many_arguments)]
+    fn record_entry(
+        &mut self,
+        settlement: &LeaseSettlement,
+        entry: &LeaseUsage,
+        key: &IdempotencyKey,
+        fingerprint: String,
+        lease: &mut LeaseEntry,
+        now: i64,
+        retain_ms: i64,
+    ) -> UsageId {
+        for draw in &entry.draws {
+            if let Some((_, amount)) = lease.slices.iter_mut().find(|(g, _)| *g == draw.grant_id) {
+                *amount -= draw.amount.micros();
+            }
+        }
+        lease.overdraft -= entry.overdraft.micros();
+        let a = self.account(&settlement.account);
+        let record = UsageRecord {
+            id: UsageId(String::new()),
+            kind: UsageKind::Debit,
+            account: settlement.account.clone(),
+            key: key.clone(),
+            feature: entry.feature.clone(),
+            at: entry.at,
+            cost: entry.cost(),
+            draws: entry.draws.clone(),
+            overdraft: entry.overdraft,
+            pool: Credits::from_micros(a.pool()),
+            overdraft_room: Credits::from_micros(a.od_limit - a.od_used),
+            actor: entry.actor.clone(),
+            price: entry.price,
+            hold_id: None,
+            lease_id: Some(settlement.lease_id.clone()),
+            seq: 0,
+        };
+        let allowed = Allowed {
+            draws: entry.draws.clone(),
+            overdraft: entry.overdraft,
+            pool: record.pool,
+            overdraft_room: record.overdraft_room,
+            usage_id: UsageId(String::new()),
+            at: entry.at,
+            replayed: false,
+        };
+        let usage_id = self.append(record, now);
+        let stored = Stored::Debit(
+            Allowed {
+                usage_id: usage_id.clone(),
+                ..allowed
+            },
+            entry.feature.clone(),
+            entry.price,
+            Some(settlement.lease_id.clone()),
+        );
+        self.account(&settlement.account)
+            .remember(key, fingerprint, stored, now, retain_ms);
+        usage_id
+    }
+}
+
+/// What an idempotency key remembers, for an entry settled now.
+enum Seen {
+    Nothing,
+    /// A different request.
+    Other,
+    /// This very decision, charged by an earlier settlement whose reply was lost.
+    Same(UsageId),
+    /// The same request, decided again.
+    Again,
 }
 
 fn refusal_of_state(state: HoldState) -> HoldRefusal {
@@ -680,7 +836,12 @@ impl RegionStore for MemoryRegionStore {
             a.remember(
                 &command.key,
                 fingerprint,
-                Stored::Debit(allowed.clone(), command.feature.clone(), command.price),
+                Stored::Debit(
+                    allowed.clone(),
+                    command.feature.clone(),
+                    command.price,
+                    None,
+                ),
                 now,
                 retain_ms,
             );
@@ -903,7 +1064,7 @@ impl RegionStore for MemoryRegionStore {
             else {
                 return Ok(ReverseOutcome::Refused(ReverseRefusal::UnknownDebit));
             };
-            let Stored::Debit(allowed, feature, price) = debit.result.clone() else {
+            let Stored::Debit(allowed, feature, price, _) = debit.result.clone() else {
                 return Ok(ReverseOutcome::Refused(ReverseRefusal::UnknownDebit));
             };
             if debit.reversed {
@@ -1066,74 +1227,16 @@ impl RegionStore for MemoryRegionStore {
             let Some(mut lease) = a.leases.get(&settlement.lease_id).cloned() else {
                 return Ok(SettleOutcome::NoLease);
             };
-            let mut statuses = Vec::with_capacity(settlement.entries.len());
-            for entry in &settlement.entries {
-                let a = state.account(&settlement.account);
-                if a.remembered
-                    .get(&entry.key)
-                    .is_some_and(|r| now < r.forget_at)
-                {
-                    statuses.push(SettleStatus::Duplicate);
-                    continue;
-                }
-                if let Some(problem) = lease_problem(&lease, entry) {
-                    statuses.push(SettleStatus::Rejected(problem));
-                    continue;
-                }
-                for draw in &entry.draws {
-                    if let Some((_, amount)) =
-                        lease.slices.iter_mut().find(|(g, _)| *g == draw.grant_id)
-                    {
-                        *amount -= draw.amount.micros();
-                    }
-                }
-                lease.overdraft -= entry.overdraft.micros();
-                let record = UsageRecord {
-                    id: UsageId(String::new()),
-                    kind: UsageKind::Debit,
-                    account: settlement.account.clone(),
-                    key: entry.key.clone(),
-                    feature: entry.feature.clone(),
-                    at: entry.at,
-                    cost: entry.cost(),
-                    draws: entry.draws.clone(),
-                    overdraft: entry.overdraft,
-                    pool: Credits::from_micros(a.pool()),
-                    overdraft_room: Credits::from_micros(a.od_limit - a.od_used),
-                    actor: entry.actor.clone(),
-                    price: entry.price,
-                    hold_id: None,
-                    lease_id: Some(settlement.lease_id.clone()),
-                    seq: 0,
-                };
-                let allowed = Allowed {
-                    draws: entry.draws.clone(),
-                    overdraft: entry.overdraft,
-                    pool: record.pool,
-                    overdraft_room: record.overdraft_room,
-                    usage_id: UsageId(String::new()),
-                    at: entry.at,
-                    replayed: false,
-                };
-                let usage_id = state.append(record, now);
-                let fingerprint = debit_fingerprint(&entry.feature, entry.cost(), &entry.price);
-                let stored = Stored::Debit(
-                    Allowed {
-                        usage_id: usage_id.clone(),
-                        ..allowed
-                    },
-                    entry.feature.clone(),
-                    entry.price,
-                );
-                state.account(&settlement.account).remember(
-                    &entry.key,
-                    fingerprint,
-                    stored,
-                    now,
-                    retain_ms,
-                );
-                statuses.push(SettleStatus::Recorded(usage_id));
-            }
+            // Keys written by this call: an entry repeated within one settlement is decided
+            // again, never a resend of an earlier call.
+            let mut written = HashSet::new();
+            let statuses = settlement
+                .entries
+                .iter()
+                .map(|entry| {
+                    state.settle_entry(settlement, entry, &mut lease, &mut written, now, retain_ms)
+                })
+                .collect();
             let a = state.account(&settlement.account);
             a.lease_due
                 .remove(&(lease.expires_at, settlement.lease_id.clone()));

@@ -454,13 +454,13 @@ impl RegionStore for RedisRegionStore {
         let (status, rest) = split_reply(&reply)?;
         match result_of(status, rest) {
             Some((result, replayed)) => {
-                // Results stored before the overdraft room was part of them have five fields.
-                let (draws, overdraft, pool, usage_id, at, room) = match fields(result) {
-                    Ok([d, o, p, u, a, r]) => (d, o, p, u, a, r),
-                    Err(_) => {
-                        let [d, o, p, u, a] = fields(result)?;
-                        (d, o, p, u, a, "0")
-                    }
+                // Results stored before the overdraft room was part of them have five fields;
+                // a decision settled from a lease adds its lease id as a seventh.
+                let parts: Vec<&str> = result.split('|').collect();
+                let (draws, overdraft, pool, usage_id, at, room) = match parts[..] {
+                    [d, o, p, u, a, r] | [d, o, p, u, a, r, _] => (d, o, p, u, a, r),
+                    [d, o, p, u, a] => (d, o, p, u, a, "0"),
+                    _ => return Err(RegionError::Corrupt(format!("result {result:?}"))),
                 };
                 Ok(DebitOutcome::Allowed(Allowed {
                     draws: parse_draws(draws)?,
@@ -692,6 +692,16 @@ impl RegionStore for RedisRegionStore {
             .iter()
             .map(|status| match status.split_once(':') {
                 Some(("ok", id)) => Ok(SettleStatus::Recorded(UsageId(id.to_string()))),
+                // A usage id never holds a colon; the derived key may.
+                Some(("rekeyed", rest)) => match rest.split_once(':') {
+                    Some((id, key)) => Ok(SettleStatus::Rekeyed {
+                        usage_id: UsageId(id.to_string()),
+                        key: IdempotencyKey::new(key).map_err(|e| {
+                            RegionError::Corrupt(format!("derived key {key:?}: {e}"))
+                        })?,
+                    }),
+                    None => Err(RegionError::Corrupt(format!("settle status {status:?}"))),
+                },
                 Some(("rejected", why)) => Ok(SettleStatus::Rejected(why.to_string())),
                 None if status == "duplicate" => Ok(SettleStatus::Duplicate),
                 _ => Err(RegionError::Corrupt(format!("settle status {status:?}"))),

@@ -261,9 +261,18 @@ pub struct LeaseSettlement {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SettleStatus {
+    /// Charged: by this call, or by an earlier call carrying this very decision (same request,
+    /// time, draws and lease) whose reply was lost, in which case the id is the first charge's.
     Recorded(UsageId),
-    /// The key was charged already (by this or another edge): nothing is charged again and the
-    /// edge credits the amount back to its lease.
+    /// The key was remembered for a different request (a reused key with another body): the
+    /// decision was served, so it is charged, under `key`, derived from its own (see
+    /// [`derived_key`](crate::derived_key)). The edge treats it as recorded.
+    Rekeyed {
+        usage_id: UsageId,
+        key: IdempotencyKey,
+    },
+    /// The same request was charged already (by this or another edge, or earlier in the same
+    /// settlement): nothing is charged again and the edge credits the amount back to its lease.
     Duplicate,
     /// The entry does not fit the lease (a bug in the edge); nothing is charged.
     Rejected(String),
