@@ -205,8 +205,11 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         while record.next_close < record.next_issue
             && (closed as u64) < SCHEDULE_CATCH_UP_PERIODS_MAX
         {
+            let closing = record.schedule.grant_id(record.next_close);
             if through.is_none_or(|t| t < record.next_close_at)
-                || self.holds_pending(&record.account).await?
+                || self
+                    .holds_pending_on(&record.account, closing.as_ref())
+                    .await?
             {
                 report.deferred += 1;
                 break;
@@ -254,16 +257,27 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         Ok(closed)
     }
 
-    /// True when a region still holds a pending hold for the account: its capture will carry
-    /// the authorization's time and may burn a grant about to expire.
-    async fn holds_pending(&self, account: &AccountId) -> Result<bool> {
+    /// True when a region holds a pending hold drawing on `grant`: its capture carries the
+    /// authorization's time and may burn the grant about to expire or close. Holds on the
+    /// account's other grants do not hold this one back (an account with steady holds, a
+    /// stream of model calls say, would otherwise never see its grants expire or roll over).
+    /// `None` (the grant's id could not be named) waits for any pending hold.
+    async fn holds_pending_on(
+        &self,
+        account: &AccountId,
+        grant: Option<&tollgate_core::GrantId>,
+    ) -> Result<bool> {
         let now = self.clock.now();
         for (region, store) in &self.regions {
             let view = store
                 .view(account, now)
                 .await
                 .map_err(|e| AuthorityError::region(region, e))?;
-            if view.holds_pending > 0 {
+            let waits = match grant {
+                Some(grant) => view.held_grants.contains(grant),
+                None => view.holds_pending > 0,
+            };
+            if waits {
                 return Ok(true);
             }
         }
@@ -286,7 +300,10 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             {
                 continue;
             }
-            if self.holds_pending(&record.account).await? {
+            if self
+                .holds_pending_on(&record.account, Some(&record.grant.id))
+                .await?
+            {
                 report.deferred += 1;
                 continue;
             }

@@ -19,12 +19,13 @@ use tollgate_authority::{
 use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata};
 use tollgate_core::{
     AccountId, Credits, EntryKind, FeatureKey, GrantId, GrantSchedule, GrantSource, GrantState,
-    IdempotencyKey, PeriodUnit, PriceRule, Recurrence, RegionId, RolloverPolicy, Scope, Timestamp,
+    HoldId, IdempotencyKey, PeriodUnit, PriceRule, Recurrence, RegionId, RolloverPolicy, Scope,
+    Timestamp,
 };
 use tollgate_ledger::{EntryFilter, LedgerStore, PageRequest, PostgresLedger};
 use tollgate_region::{
-    DebitCommand, DebitOutcome, PriceTag, RedisRegionStore, RegionStore, ReverseCommand,
-    ReverseOutcome, RETAIN_MS_DEFAULT,
+    AuthorizeCommand, AuthorizeOutcome, DebitCommand, DebitOutcome, PriceTag, RedisRegionStore,
+    RegionStore, ReverseCommand, ReverseOutcome, RETAIN_MS_DEFAULT,
 };
 use tollgate_testkit::{PostgresServer, RedisServer};
 
@@ -127,6 +128,11 @@ impl World {
             expires_at,
             ..GrantTerms::new(GrantId::new(id).unwrap(), credits(amount), source)
         };
+        self.issue(account, terms).await;
+    }
+
+    async fn issue(&self, account: &str, terms: GrantTerms) {
+        let id = terms.id.clone();
         self.ledger
             .issue_grant(
                 IssueGrant {
@@ -339,6 +345,101 @@ async fn two_regions_debit_one_account_and_every_acknowledged_debit_is_applied_o
         .is_clean());
     // Every region's watermark moved once its stream was drained.
     assert_eq!(node.state().watermarks().await.unwrap().len(), 2);
+}
+
+/// A pending hold holds back the expiry of the grants it draws from (its capture carries the
+/// authorization's time), and only those: steady holds on an account's other grants would
+/// otherwise keep its expiring grants open for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_on_another_grant_does_not_hold_back_an_expiry() {
+    let start = ts("2027-05-01T00:00:00Z");
+    let expiry = ts("2027-05-01T01:00:00Z");
+    let world = World::start(&["eu"], start).await;
+    world.account("acme", "0").await;
+    world.grant("acme", "promo", "100", Some(expiry)).await;
+    // A purchase burning first (priority 0): the hold sets its credits aside, not the promo's.
+    world
+        .issue(
+            "acme",
+            GrantTerms {
+                priority: Some(0),
+                ..GrantTerms::new(
+                    GrantId::new("bought").unwrap(),
+                    credits("50"),
+                    GrantSource::Purchase,
+                )
+            },
+        )
+        .await;
+    let node = world.authority(settings()).await;
+    allocate(&node, "eu", "acme").await;
+    let hold = |id: &str, cost: &str, expires_at: Timestamp| AuthorizeCommand {
+        account: acct("acme"),
+        key: key(&format!("auth-{id}")),
+        hold_id: HoldId::new(id).unwrap(),
+        feature: FeatureKey::new("chat").unwrap(),
+        cost: credits(cost),
+        now: world.clock.now(),
+        expires_at,
+        actor: None,
+        price: PriceTag {
+            version: 1,
+            rule: PriceRule::Default,
+        },
+    };
+    // Holds for a day: one on the purchase only...
+    let day = Timestamp::from_millis(start.millis() + 24 * 3_600_000).unwrap();
+    let placed = world
+        .store("eu")
+        .authorize(&hold("on-bought", "5", day))
+        .await
+        .unwrap();
+    let AuthorizeOutcome::Held(placed) = placed else {
+        panic!("{placed:?}");
+    };
+    assert_eq!(placed.draws[0].grant_id.as_str(), "bought");
+
+    // ...does not keep the promo open past its expiry.
+    world
+        .clock
+        .set(Timestamp::from_millis(expiry.millis() + 10 * 60_000).unwrap());
+    node.reconcile_all(10).await.unwrap();
+    let report = node.tick().await.unwrap();
+    assert_eq!((report.grants_expired, report.deferred), (1, 0));
+    assert_eq!(
+        grant_state(&world, "acme", "promo").await,
+        (GrantState::Expired, Credits::ZERO)
+    );
+
+    // A hold drawing on an expiring grant still holds it back.
+    world.grant("acme", "trial", "20", Some(day)).await;
+    let spent_bought = world
+        .store("eu")
+        .authorize(&hold("rest-of-bought", "45", day))
+        .await
+        .unwrap();
+    assert!(matches!(spent_bought, AuthorizeOutcome::Held(_)));
+    allocate(&node, "eu", "acme").await;
+    let on_trial = world
+        .store("eu")
+        .authorize(&hold("on-trial", "2", Timestamp::MAX))
+        .await
+        .unwrap();
+    let AuthorizeOutcome::Held(on_trial) = on_trial else {
+        panic!("{on_trial:?}");
+    };
+    assert_eq!(on_trial.draws[0].grant_id.as_str(), "trial");
+    world
+        .clock
+        .set(Timestamp::from_millis(day.millis() + 10 * 60_000).unwrap());
+    node.reconcile_all(10).await.unwrap();
+    let report = node.tick().await.unwrap();
+    assert_eq!(report.grants_expired, 0);
+    assert!(report.deferred >= 1);
+    assert_eq!(
+        grant_state(&world, "acme", "trial").await.0,
+        GrantState::Open
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -555,6 +555,7 @@ pub async fn holds_capture_partially<S: RegionStore>(store: &S) {
         (view.held, view.holds_pending, view.pool()),
         (credits("5"), 1, Credits::ZERO)
     );
+    assert_eq!(view.held_grants, vec![grant("g")]);
 
     let capture = CaptureCommand {
         account: a.clone(),
@@ -584,6 +585,7 @@ pub async fn holds_capture_partially<S: RegionStore>(store: &S) {
         (view.pool(), view.overdraft_used, view.holds_pending),
         (credits("0.5"), Credits::ZERO, 0)
     );
+    assert!(view.held_grants.is_empty(), "{:?}", view.held_grants);
     store
         .authorize(&hold_command(&a, "auth2", "h2", "0.25", at(30), 60_000))
         .await

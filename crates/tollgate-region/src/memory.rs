@@ -1302,6 +1302,14 @@ impl RegionStore for MemoryRegionStore {
                 overdraft_used: Credits::from_micros(a.od_used),
                 held: Credits::from_micros(pending.iter().map(|h| h.amount).sum()),
                 holds_pending: pending.len() as u64,
+                held_grants: pending
+                    .iter()
+                    .flat_map(|h| h.draws.iter())
+                    .filter(|(_, amount)| *amount > 0)
+                    .map(|(grant, _)| grant.clone())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
                 leased: Credits::from_micros(leased),
                 leases: a.leases.len() as u64,
                 usage_seq: a.usage_seq,

@@ -735,7 +735,7 @@ impl RegionStore for RedisRegionStore {
         let reply = self
             .run(&self.scripts.view, account, None, now, &[])
             .await?;
-        let [od_limit, od_used, held, pending, leased, leases, usage_seq, segments @ ..] =
+        let [od_limit, od_used, held, pending, leased, leases, usage_seq, held_grants, segments @ ..] =
             &reply[..]
         else {
             return Err(RegionError::Corrupt(format!("view {reply:?}")));
@@ -751,6 +751,14 @@ impl RegionStore for RedisRegionStore {
             overdraft_used: micros(od_used)?,
             held: micros(held)?,
             holds_pending: count(pending)?,
+            held_grants: held_grants
+                .split(',')
+                .filter(|id| !id.is_empty())
+                .map(|id| {
+                    tollgate_core::GrantId::new(id)
+                        .map_err(|e| RegionError::Corrupt(format!("held grant {id:?}: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()?,
             leased: micros(leased)?,
             leases: count(leases)?,
             usage_seq: count(usage_seq)?,

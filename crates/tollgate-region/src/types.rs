@@ -319,6 +319,9 @@ pub struct AccountView {
     /// Credits set aside by pending holds.
     pub held: Credits,
     pub holds_pending: u64,
+    /// The grants pending holds set credits aside from, in id order: an expiry or period close
+    /// of one of them waits for those holds (their captures carry the authorization's time).
+    pub held_grants: Vec<tollgate_core::GrantId>,
     /// Credits out on edge nodes' leases.
     pub leased: Credits,
     pub leases: u64,
