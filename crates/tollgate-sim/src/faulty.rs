@@ -9,6 +9,8 @@
 //!   replay that moves nothing).
 //! - **Acknowledgement lost**: the next `ack_usage` fails before it reaches the store, so the
 //!   records are delivered again.
+//! - **Settle reply lost**: the next `settle_lease` is applied and its answer lost; the edge
+//!   sends the same decisions again, which must be recorded once and credited back never.
 
 use std::sync::Mutex;
 
@@ -39,6 +41,7 @@ struct Switches {
     down: bool,
     install: Option<InstallFault>,
     ack_lost: bool,
+    settle_reply_lost: bool,
 }
 
 pub struct FaultyRegion {
@@ -77,16 +80,21 @@ impl FaultyRegion {
         self.switches().ack_lost = true;
     }
 
+    pub fn arm_settle_reply_lost(&self) {
+        self.switches().settle_reply_lost = true;
+    }
+
     /// Whether a one-shot fault is still waiting for its message.
     pub fn armed(&self) -> bool {
         let s = self.switches();
-        s.install.is_some() || s.ack_lost
+        s.install.is_some() || s.ack_lost || s.settle_reply_lost
     }
 
     pub fn disarm(&self) {
         let mut s = self.switches();
         s.install = None;
         s.ack_lost = false;
+        s.settle_reply_lost = false;
     }
 
     pub fn take_violations(&self) -> Vec<String> {
@@ -222,7 +230,11 @@ impl RegionStore for FaultyRegion {
 
     async fn settle_lease(&self, settlement: &LeaseSettlement) -> Result<SettleOutcome> {
         self.up()?;
-        self.inner.settle_lease(settlement).await
+        let outcome = self.inner.settle_lease(settlement).await;
+        if outcome.is_ok() && std::mem::take(&mut self.switches().settle_reply_lost) {
+            return Err(RegionError::Redis("settle reply lost (simulated)".into()));
+        }
+        outcome
     }
 
     async fn return_lease(

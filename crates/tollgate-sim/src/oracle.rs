@@ -41,6 +41,10 @@ pub enum Cause {
     RegionDown,
     /// Credits out on the lease of an edge that crashed, out of reach until the lease expires.
     CrashedEdgeLease,
+    /// Debt a spend ran up in the region before a grant was issued, the spend not reconciled
+    /// yet: in event order the grant settled that debt, but the region's overdraft room stays
+    /// used until the authority reconciles the spend and settles it (docs/answer.md).
+    DebtUnreconciled,
     /// None of the above: the region (with what the authority brought) held less than the
     /// account had.
     RegionShort,
@@ -53,6 +57,7 @@ impl Cause {
             Cause::RetryOfAcknowledged => "retry_of_acknowledged",
             Cause::RegionDown => "region_down",
             Cause::CrashedEdgeLease => "crashed_edge_lease",
+            Cause::DebtUnreconciled => "debt_unreconciled",
             Cause::RegionShort => "region_short",
         }
     }
@@ -148,6 +153,7 @@ pub struct Circumstances {
     pub retry_of_acknowledged: bool,
     pub region_down: bool,
     pub crashed_edge_lease: bool,
+    pub debt_unreconciled: bool,
 }
 
 impl Circumstances {
@@ -160,6 +166,8 @@ impl Circumstances {
             Cause::RegionDown
         } else if self.crashed_edge_lease {
             Cause::CrashedEdgeLease
+        } else if self.debt_unreconciled {
+            Cause::DebtUnreconciled
         } else {
             Cause::RegionShort
         }
@@ -181,17 +189,21 @@ pub fn multi_region_refusal_allowed(
 ) -> bool {
     match cause {
         Cause::AuthorityDown => matches!(answer, Answer::AuthorityUnreachable { .. }),
-        Cause::RetryOfAcknowledged | Cause::CrashedEdgeLease | Cause::RegionDown => true,
+        Cause::RetryOfAcknowledged
+        | Cause::CrashedEdgeLease
+        | Cause::DebtUnreconciled
+        | Cause::RegionDown => true,
         Cause::RegionShort => available.micros() - elsewhere.micros() < cost.micros(),
     }
 }
 
 /// Whether a false refusal breaks the run. With one region an edge refuses only what the
-/// account's own ledger refuses, with two stated exceptions (docs/answer.md), both counted:
+/// account's own ledger refuses, with three stated exceptions (docs/answer.md), all counted:
 /// while the authority is unreachable, and then only under its own code
 /// (`AuthorityUnreachable`: an `Insufficient` answer then would tell the caller the account is
-/// short when nobody knows); and credits on the lease of an edge that crashed, out of reach
-/// until the lease expires (every live edge gives its lease back when recalled). A retry of a
+/// short when nobody knows); credits on the lease of an edge that crashed, out of reach
+/// until the lease expires (every live edge gives its lease back when recalled); and overdraft
+/// room used by a spend a later grant settles, until that spend is reconciled. A retry of a
 /// spend already acknowledged is counted apart (see [`Cause::RetryOfAcknowledged`]).
 pub fn judge(regions: usize, cause: Cause, answer: Answer) -> bool {
     if regions > 1 {
@@ -200,7 +212,7 @@ pub fn judge(regions: usize, cause: Cause, answer: Answer) -> bool {
     }
     match cause {
         Cause::AuthorityDown => matches!(answer, Answer::AuthorityUnreachable { .. }),
-        Cause::RetryOfAcknowledged | Cause::CrashedEdgeLease => true,
+        Cause::RetryOfAcknowledged | Cause::CrashedEdgeLease | Cause::DebtUnreconciled => true,
         Cause::RegionDown | Cause::RegionShort => false,
     }
 }
@@ -379,12 +391,13 @@ mod tests {
     };
 
     #[test]
-    fn one_region_allows_a_false_refusal_only_for_the_authority_or_a_crashed_edges_lease() {
+    fn one_region_allows_a_false_refusal_only_for_the_stated_bounds() {
         assert!(judge(1, Cause::AuthorityDown, UNREACHABLE));
         assert!(!judge(1, Cause::AuthorityDown, SHORT));
         assert!(!judge(1, Cause::RegionShort, SHORT));
         assert!(!judge(1, Cause::RegionShort, UNREACHABLE));
         assert!(judge(1, Cause::CrashedEdgeLease, SHORT));
+        assert!(judge(1, Cause::DebtUnreconciled, SHORT));
         assert!(!judge(1, Cause::RegionDown, SHORT));
     }
 
@@ -452,8 +465,14 @@ mod tests {
             retry_of_acknowledged: true,
             region_down: true,
             crashed_edge_lease: true,
+            debt_unreconciled: true,
         };
         assert_eq!(all.cause(), Cause::AuthorityDown);
+        let debt = Circumstances {
+            debt_unreconciled: true,
+            ..Circumstances::default()
+        };
+        assert_eq!(debt.cause(), Cause::DebtUnreconciled);
         assert_eq!(Circumstances::default().cause(), Cause::RegionShort);
     }
 }

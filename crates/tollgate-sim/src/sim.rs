@@ -1484,9 +1484,16 @@ impl Sim {
                 };
                 (kind, format!("r{region} next install {fault:?}"))
             }
-            4 => {
+            4 if self.rng.below(2) == 0 => {
                 self.stores[region].arm_ack_lost();
                 ("ack_lost", format!("r{region} next acknowledgement lost"))
+            }
+            4 => {
+                self.stores[region].arm_settle_reply_lost();
+                (
+                    "settle_reply_lost",
+                    format!("r{region} next lease settlement applied, its reply lost"),
+                )
             }
             5 => (
                 "authority_restart",

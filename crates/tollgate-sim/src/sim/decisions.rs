@@ -14,6 +14,8 @@ use crate::oracle::{
 
 /// Grants listed in a false refusal's message at most.
 const GRANTS_LISTED_MAX: usize = 6;
+/// How many of an account's latest spends the oracle checks for one not reconciled yet.
+const DEBT_UNRECONCILED_ACKS_LOOKED_AT: usize = 64;
 
 /// Which edge decided, for which account, what kind of decision, on which feature.
 pub(super) struct Decided<'a> {
@@ -319,6 +321,7 @@ impl Sim {
             retry_of_acknowledged: refusal.retry,
             region_down: self.stores[region].is_down(),
             crashed_edge_lease: self.crashed_edge_lease(region, decided.account).await,
+            debt_unreconciled: self.debt_unreconciled(region, decided.account).await,
         };
         let cause = circumstances.cause();
         self.report.oracle.false_refusal(decided.kind, cause);
@@ -425,6 +428,58 @@ impl Sim {
             .filter(|e| e.region == region && e.engine.leases().holds(id))
             .count() as u64;
         view.leases > live
+    }
+
+    /// Whether the region's overdraft room is used by a spend the ledger has not seen yet,
+    /// made before the account's latest grant: in event order that grant settled the debt
+    /// (see [`Cause::DebtUnreconciled`]).
+    async fn debt_unreconciled(&self, region: usize, account: usize) -> bool {
+        let id = &self.accounts[account].id;
+        let at = self.clock.at();
+        let Ok(view) = self.stores[region].view(id, at).await else {
+            return false;
+        };
+        let Ok(snapshot) = self.link.node().ledger().account(id).await else {
+            return false;
+        };
+        if view.overdraft_used <= snapshot.debt {
+            return false;
+        }
+        let Some(last_grant_ms) = self.shadows[account]
+            .book()
+            .grants()
+            .map(|g| g.effective_at.millis())
+            .filter(|ms| *ms <= at.millis())
+            .max()
+        else {
+            return false;
+        };
+        // The latest spends made before that grant; the unreconciled one is among the recent.
+        let candidates = self
+            .ack_order
+            .iter()
+            .rev()
+            .filter_map(|key| self.acks.get(key))
+            .filter(|ack| ack.account == account && !ack.lost && ack.at_ms < last_grant_ms)
+            .take(DEBT_UNRECONCILED_ACKS_LOOKED_AT);
+        for ack in candidates {
+            let Ok(debit) = DebitId::new(ack.debit_id.clone()) else {
+                continue;
+            };
+            let filter = tollgate_ledger::EntryFilter {
+                debit: Some(debit),
+                ..tollgate_ledger::EntryFilter::account(id.clone())
+            };
+            let page = tollgate_ledger::PageRequest {
+                size: 1,
+                token: None,
+            };
+            match self.link.node().ledger().entries(&filter, page).await {
+                Ok(found) if found.items.is_empty() => return true,
+                _ => {}
+            }
+        }
+        false
     }
 
     fn false_refusal_message(
