@@ -10,6 +10,13 @@
 //! Bounded error, as DESIGN.md states: a crash loses the decisions not flushed yet (at most one
 //! flush interval), and the lease that the region gets back at its expiry is what this edge
 //! could have overspent at most.
+//!
+//! A flush that finds its lease expired in the region charges its decisions one by one as
+//! strict debits, at their event times. One the region does not charge (unreachable, or it can
+//! no longer pay) is served and not charged: it waits on the edge as *unbilled*, next to the
+//! account's pending buffer, and the flusher tries it again with a bounded backoff. A retry is a
+//! strict debit under the same key and request, so an attempt whose reply was lost replays and
+//! nothing is charged twice.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,8 +30,9 @@ use tollgate_core::{
     Timestamp,
 };
 use tollgate_region::{
-    Change, DebitCommand, DebitOutcome, Lease, LeaseRequest, LeaseSettlement, LeaseUsage, PriceTag,
-    RegionStore, SettleOutcome, SettleStatus, LEASE_SETTLE_ENTRIES_MAX,
+    derived_key, Change, DebitCommand, DebitOutcome, Lease, LeaseRequest, LeaseSettlement,
+    LeaseUsage, PriceTag, Refusal, RegionError, RegionStore, SettleOutcome, SettleStatus,
+    DERIVED_KEYS_MAX, LEASE_SETTLE_ENTRIES_MAX,
 };
 use tracing::{error, warn};
 
@@ -38,6 +46,11 @@ const FLUSH_PARALLEL_MAX: usize = 64;
 const HOST_IN_ID_LEN_MAX: usize = 40;
 /// How often leases are checked for renewal or idleness, in milliseconds.
 const MAINTENANCE_MS: u64 = 1_000;
+/// Longest wait before an unbilled decision is tried again, in milliseconds. The first retry
+/// waits one flush interval, and each failure doubles the wait up to this.
+pub const UNBILLED_RETRY_MS_MAX: i64 = 5_000;
+/// Unbilled decisions logged one by one at shutdown; the rest are only counted.
+const UNBILLED_LOGGED_AT_SHUTDOWN_MAX: usize = 1_000;
 
 #[derive(Clone, Debug)]
 struct Slice {
@@ -67,12 +80,38 @@ struct Recent {
     overdraft: Credits,
 }
 
+/// A cached decision whose lease expired before its flush, and which a direct charge has not
+/// charged yet: served to the caller, not yet in the region.
+#[derive(Clone, Debug)]
+struct Unbilled {
+    entry: LeaseUsage,
+    /// Direct charges tried and not done.
+    failures: u32,
+    /// Not tried again before this time (ms), unless the edge is shutting down.
+    retry_at_ms: i64,
+}
+
+/// What one direct charge did.
+enum DirectCharge {
+    /// Charged now, or found charged by an earlier attempt whose reply was lost.
+    Charged,
+    /// The region answered and did not charge: it cannot pay from its segments now.
+    Refused(Refusal),
+    /// The key and each derived key are remembered for other requests.
+    KeysExhausted,
+    /// The store failed or did not answer in time.
+    Failed(String),
+}
+
 #[derive(Default)]
 struct Local {
     /// Kept in burn-down order.
     slices: Vec<Slice>,
     overdraft: i64,
     pending: Vec<LeaseUsage>,
+    /// Decisions of an expired lease the region has not charged yet, oldest first; retried by
+    /// the flusher, and counted in `pending_total` like `pending`.
+    unbilled: Vec<Unbilled>,
     recent: HashMap<IdempotencyKey, Recent>,
     recent_order: VecDeque<IdempotencyKey>,
     last_used_ms: i64,
@@ -147,6 +186,19 @@ impl AccountLease {
     }
 }
 
+/// The fingerprint the region gives a debit: a direct charge derives its key from it exactly as
+/// a settlement does. It must equal `tollgate_region`'s own `debit_fingerprint`, which that
+/// crate does not export; `a_reused_key_is_charged_under_the_settlements_derived_key` checks
+/// that both paths derive the same key.
+fn debit_fingerprint(feature: &FeatureKey, cost: Credits, price: &PriceTag) -> String {
+    format!(
+        "debit|{feature}|{}|{}|{}",
+        cost.micros(),
+        price.version,
+        price.rule.as_str()
+    )
+}
+
 /// This node's lease id: unique per process and per `Leases`, since two edges sharing one
 /// would share one lease record in the region.
 fn node_lease_id(settings: &EdgeSettings, now: Timestamp) -> LeaseId {
@@ -197,7 +249,9 @@ pub struct LeaseStats {
     pub flushes: AtomicU64,
     pub flushed_entries: AtomicU64,
     pub duplicates: AtomicU64,
-    /// Decisions that could not be charged (the lease had expired and the region refused them).
+    /// Decisions the region rejected from a settlement: they do not fit the lease (a bug in the
+    /// edge). A decision whose lease expired is never counted here: it stays unbilled until
+    /// charged.
     pub lost_entries: AtomicU64,
     /// Decisions charged under a derived key: their key had been used for a different request
     /// (a reused key with another body, seen by this or another edge, or in strict mode).
@@ -206,6 +260,11 @@ pub struct LeaseStats {
     pub flush_lag_ms: AtomicU64,
     /// Leases given back because another edge of the region recalled them.
     pub recalled: AtomicU64,
+    /// Decisions served from a lease that expired before their flush and not charged yet: they
+    /// wait on this edge and are retried (a gauge, not a counter).
+    pub unbilled_decisions: AtomicU64,
+    /// What those decisions cost, in micro-credits.
+    pub unbilled_micros: AtomicU64,
 }
 
 pub struct Leases<S: RegionStore> {
@@ -283,19 +342,31 @@ impl<S: RegionStore> Leases<S> {
         )
     }
 
-    /// What this edge has spent from its lease on the account and not yet flushed to the region.
+    /// What this edge has spent from its lease on the account and not yet flushed to the region
+    /// (pending, or unbilled: its lease expired and the region has not charged it yet).
     pub fn unflushed(&self, account: &AccountId) -> Credits {
         self.accounts.get(account).map_or(Credits::ZERO, |lease| {
-            Credits::checked_sum(lease.local().pending.iter().map(LeaseUsage::cost))
+            let local = lease.local();
+            let unbilled = local.unbilled.iter().map(|u| &u.entry);
+            Credits::checked_sum(local.pending.iter().chain(unbilled).map(LeaseUsage::cost))
                 .unwrap_or(Credits::MAX)
         })
     }
 
-    /// How many of this edge's decisions on the account wait to be flushed.
+    /// How many of this edge's decisions on the account wait to be flushed or charged.
     pub fn pending_of(&self, account: &AccountId) -> usize {
+        self.accounts.get(account).map_or(0, |lease| {
+            let local = lease.local();
+            local.pending.len() + local.unbilled.len()
+        })
+    }
+
+    /// How many decisions on the account were served and wait to be charged directly, their
+    /// lease having expired before their flush.
+    pub fn unbilled_of(&self, account: &AccountId) -> usize {
         self.accounts
             .get(account)
-            .map_or(0, |lease| lease.local().pending.len())
+            .map_or(0, |lease| lease.local().unbilled.len())
     }
 
     /// Whether this edge holds a lease on the account (even an empty one).
@@ -562,6 +633,23 @@ impl<S: RegionStore> Leases<S> {
 
     async fn flush(&self, account: &AccountId, lease: &Arc<AccountLease>) {
         let mut region = lease.region.lock().await;
+        self.settle_pending(account, lease, &mut region).await;
+        // Under the region lock, so two retries of one decision never run at once.
+        self.retry_unbilled(account, lease).await;
+        drop(region);
+        if !lease.local().unbilled.is_empty() {
+            // Keeps the account on the flusher's list until they are charged.
+            self.mark_dirty(account);
+        }
+    }
+
+    /// Settles the pending decisions, a batch at a time, until none is left or the store fails.
+    async fn settle_pending(
+        &self,
+        account: &AccountId,
+        lease: &Arc<AccountLease>,
+        region: &mut RegionSide,
+    ) {
         loop {
             let entries: Vec<LeaseUsage> = {
                 let mut local = lease.local();
@@ -573,7 +661,7 @@ impl<S: RegionStore> Leases<S> {
             }
             let oldest = entries.iter().map(|e| e.at.millis()).min().unwrap_or(0);
             let count = entries.len();
-            match self.settle(account, &mut region, lease, entries).await {
+            match self.settle(account, region, lease, entries).await {
                 Ok(()) => {
                     self.pending_total.fetch_sub(count, Ordering::Relaxed);
                     self.stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -678,35 +766,160 @@ impl<S: RegionStore> Leases<S> {
                 *region = RegionSide::default();
                 lease.local().slices.clear();
                 lease.local().overdraft = 0;
-                for entry in &settlement.entries {
-                    self.charge_directly(account, entry, now).await;
-                }
+                let parked = settlement
+                    .entries
+                    .into_iter()
+                    .map(|entry| Unbilled {
+                        entry,
+                        failures: 0,
+                        retry_at_ms: now.millis(),
+                    })
+                    .collect();
+                // The flush tries them right after this settlement; their failures wait.
+                self.park_unbilled(lease, parked);
                 Ok(())
             }
         }
     }
 
-    async fn charge_directly(&self, account: &AccountId, entry: &LeaseUsage, now: Timestamp) {
-        let command = DebitCommand {
-            account: account.clone(),
-            key: entry.key.clone(),
-            feature: entry.feature.clone(),
-            cost: entry.cost(),
-            now,
-            actor: entry.actor.clone(),
-            price: entry.price,
-        };
-        match self.store.debit(&command).await {
-            Ok(DebitOutcome::Allowed(_)) => {}
-            Ok(DebitOutcome::Refused(refusal)) => {
-                self.stats.lost_entries.fetch_add(1, Ordering::Relaxed);
-                error!(%account, key = %entry.key, ?refusal, "cached decision could not be charged");
-            }
-            Err(error) => {
-                self.stats.lost_entries.fetch_add(1, Ordering::Relaxed);
-                error!(%account, key = %entry.key, %error, "cached decision could not be charged");
+    /// Adds decisions to the account's unbilled list, and to the gauges.
+    fn park_unbilled(&self, lease: &AccountLease, parked: Vec<Unbilled>) {
+        let micros: i64 = parked.iter().map(|u| u.entry.cost().micros()).sum();
+        self.pending_total
+            .fetch_add(parked.len(), Ordering::Relaxed);
+        self.stats
+            .unbilled_decisions
+            .fetch_add(parked.len() as u64, Ordering::Relaxed);
+        self.stats
+            .unbilled_micros
+            .fetch_add(micros.max(0) as u64, Ordering::Relaxed);
+        lease.local().unbilled.extend(parked);
+    }
+
+    /// Tries the account's unbilled decisions that are due (all of them when shutting down),
+    /// oldest first, and stops at the first store failure: the store is likely down, and each
+    /// further call would wait for its timeout. The caller holds the region lock, the only one
+    /// under which the list changes, so positions stay valid across the awaits.
+    async fn retry_unbilled(&self, account: &AccountId, lease: &AccountLease) {
+        let stopping = self.stopping.load(Ordering::Relaxed);
+        let now_ms = self.clock.now().millis();
+        let due: Vec<(usize, LeaseUsage)> = lease
+            .local()
+            .unbilled
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| stopping || u.retry_at_ms <= now_ms)
+            .map(|(i, u)| (i, u.entry.clone()))
+            .collect();
+        let mut charged = Vec::new();
+        let mut failed = Vec::new();
+        // Due decisions not tried because the store failed before them.
+        let mut untried = Vec::new();
+        let mut due = due.into_iter();
+        for (i, entry) in due.by_ref() {
+            match self.charge_directly(account, &entry).await {
+                DirectCharge::Charged => charged.push(i),
+                DirectCharge::Failed(error) => {
+                    warn!(%account, key = %entry.key, %error, "direct charge of a cached decision failed; will retry");
+                    failed.push(i);
+                    untried.extend(due.by_ref().map(|(i, _)| i));
+                    break;
+                }
+                DirectCharge::Refused(refusal) => {
+                    error!(%account, key = %entry.key, cost = %entry.cost(), ?refusal, "region cannot pay a served cached decision whose lease expired; kept unbilled, will retry");
+                    failed.push(i);
+                }
+                DirectCharge::KeysExhausted => {
+                    error!(%account, key = %entry.key, cost = %entry.cost(), "served cached decision's key and derived keys all used by other requests; kept unbilled, will retry");
+                    failed.push(i);
+                }
             }
         }
+        let mut local = lease.local();
+        let mut retry_at_ms = now_ms;
+        for &i in &failed {
+            let unbilled = &mut local.unbilled[i];
+            unbilled.failures = unbilled.failures.saturating_add(1);
+            unbilled.retry_at_ms = now_ms + self.retry_wait_ms(unbilled.failures);
+            retry_at_ms = unbilled.retry_at_ms;
+        }
+        // They wait as long as the decision the store failed on, so a store that is down gets
+        // one call per account per wait, not one per flush.
+        for &i in &untried {
+            local.unbilled[i].retry_at_ms = retry_at_ms;
+        }
+        if charged.is_empty() {
+            return;
+        }
+        let mut done = vec![false; local.unbilled.len()];
+        for &i in &charged {
+            done[i] = true;
+        }
+        let mut micros = 0_i64;
+        let mut done = done.into_iter();
+        local.unbilled.retain(|u| {
+            let keep = !done.next().unwrap_or(false);
+            if !keep {
+                micros += u.entry.cost().micros();
+            }
+            keep
+        });
+        drop(local);
+        self.pending_total
+            .fetch_sub(charged.len(), Ordering::Relaxed);
+        self.stats
+            .unbilled_decisions
+            .fetch_sub(charged.len() as u64, Ordering::Relaxed);
+        self.stats
+            .unbilled_micros
+            .fetch_sub(micros.max(0) as u64, Ordering::Relaxed);
+    }
+
+    /// The wait after `failures` failed direct charges: one flush interval, doubled per
+    /// failure, at most [`UNBILLED_RETRY_MS_MAX`].
+    fn retry_wait_ms(&self, failures: u32) -> i64 {
+        let base = i64::try_from(self.settings.flush_interval_ms.max(1)).unwrap_or(1);
+        let factor = 1_i64 << failures.saturating_sub(1).min(20);
+        base.saturating_mul(factor).min(UNBILLED_RETRY_MS_MAX)
+    }
+
+    /// Charges one decision of an expired lease as a strict debit at its event time, under its
+    /// own key, or under a derived key when its key is remembered for another request, as a
+    /// settlement does (`derived_key`). A retry sends the same command, so a charge made by an
+    /// attempt whose reply was lost replays instead of charging again.
+    async fn charge_directly(&self, account: &AccountId, entry: &LeaseUsage) -> DirectCharge {
+        let cost = entry.cost();
+        let fingerprint = debit_fingerprint(&entry.feature, cost, &entry.price);
+        let timeout = Duration::from_millis(self.settings.store_timeout_ms);
+        let mut key = entry.key.clone();
+        for _ in 0..=DERIVED_KEYS_MAX {
+            let command = DebitCommand {
+                account: account.clone(),
+                key: key.clone(),
+                feature: entry.feature.clone(),
+                cost,
+                // The event's time: the record carries it, and grants are judged as of then.
+                now: entry.at,
+                actor: entry.actor.clone(),
+                price: entry.price,
+            };
+            match tokio::time::timeout(timeout, self.store.debit(&command)).await {
+                Ok(Ok(DebitOutcome::Allowed(_))) => {
+                    if key != entry.key {
+                        self.stats.rekeyed.fetch_add(1, Ordering::Relaxed);
+                        warn!(%account, key = %entry.key, charged_as = %key, "idempotency key reused with a different request; charged under a derived key");
+                    }
+                    return DirectCharge::Charged;
+                }
+                Ok(Ok(DebitOutcome::Refused(refusal))) => return DirectCharge::Refused(refusal),
+                Ok(Err(RegionError::IdempotencyConflict)) => {
+                    key = derived_key(&key, &fingerprint);
+                }
+                Ok(Err(error)) => return DirectCharge::Failed(error.to_string()),
+                Err(_) => return DirectCharge::Failed("timed out".to_string()),
+            }
+        }
+        DirectCharge::KeysExhausted
     }
 
     /// Flushes every account with pending decisions, a bounded number at a time.
@@ -817,6 +1030,18 @@ impl<S: RegionStore> Leases<S> {
                 }
             }
         }
+        {
+            let mut local = lease.local();
+            if !local.unbilled.is_empty() {
+                // The lease is back in the region, but decisions wait to be charged: keep the
+                // account (its flushes retry them), empty, and open to a new lease. Checked
+                // under the region lock, the only one under which unbilled decisions are added.
+                local.slices.clear();
+                local.overdraft = 0;
+                local.retired = false;
+                return;
+            }
+        }
         drop(region);
         self.accounts.remove(account);
     }
@@ -857,8 +1082,37 @@ impl<S: RegionStore> Leases<S> {
             .iter()
             .map(|e| (e.key().clone(), Arc::clone(e.value())))
             .collect();
+        for (account, lease) in &accounts {
+            self.give_back(account, lease).await;
+        }
+        self.log_left_at_shutdown(&accounts);
+    }
+
+    /// Logs what the final flush could not bring to the region: decisions not flushed (the
+    /// store did not answer), and unbilled decisions (served, lease expired, not charged).
+    /// Both are lost with this process.
+    fn log_left_at_shutdown(&self, accounts: &[(AccountId, Arc<AccountLease>)]) {
+        let mut pending = 0_usize;
+        let mut unbilled = 0_usize;
+        let mut unbilled_micros = 0_i64;
         for (account, lease) in accounts {
-            self.give_back(&account, &lease).await;
+            let local = lease.local();
+            pending += local.pending.len();
+            for left in &local.unbilled {
+                if unbilled < UNBILLED_LOGGED_AT_SHUTDOWN_MAX {
+                    error!(%account, key = %left.entry.key, cost = %left.entry.cost(), at = %left.entry.at, failures = left.failures, "served cached decision not charged at shutdown");
+                }
+                unbilled += 1;
+                unbilled_micros += left.entry.cost().micros();
+            }
+        }
+        if pending > 0 || unbilled > 0 {
+            error!(
+                pending,
+                unbilled,
+                unbilled_credits = %Credits::from_micros(unbilled_micros),
+                "decisions left uncharged at shutdown are lost with this process"
+            );
         }
     }
 }

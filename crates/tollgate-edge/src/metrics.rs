@@ -1,5 +1,6 @@
 //! The edge's Prometheus metrics: decisions by call and outcome, decision latency, lease
-//! refills, flush lag and backlog, and the price book generation in memory.
+//! refills, flush lag and backlog, decisions served and not yet charged, and the price book
+//! generation in memory.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -21,6 +22,8 @@ pub const LEASE_REKEYED_TOTAL: &str = "tollgate_edge_lease_rekeyed_total";
 pub const LEASE_RECALLED_TOTAL: &str = "tollgate_edge_lease_recalled_total";
 pub const FLUSH_LAG_MS: &str = "tollgate_edge_flush_lag_ms";
 pub const PENDING_DECISIONS: &str = "tollgate_edge_pending_decisions";
+pub const UNBILLED_DECISIONS: &str = "tollgate_edge_unbilled_decisions";
+pub const UNBILLED_MICROS: &str = "tollgate_edge_unbilled_micros";
 pub const PRICE_BOOK_GENERATION: &str = "tollgate_edge_price_book_generation";
 
 /// Decision latency buckets, in seconds: 25 µs to 1 s.
@@ -70,6 +73,8 @@ pub struct Metrics {
     recalled: IntGauge,
     flush_lag_ms: IntGauge,
     pending: IntGauge,
+    unbilled: IntGauge,
+    unbilled_micros: IntGauge,
     price_generation: IntGauge,
 }
 
@@ -96,7 +101,7 @@ impl Metrics {
             )?,
             lost: gauge(
                 LEASE_LOST_ENTRIES_TOTAL,
-                "cached decisions the region could not charge",
+                "cached decisions the region rejected from a settlement (they did not fit the lease)",
             )?,
             rekeyed: gauge(
                 LEASE_REKEYED_TOTAL,
@@ -110,7 +115,18 @@ impl Metrics {
                 FLUSH_LAG_MS,
                 "age of the oldest decision in the last flush, in ms",
             )?,
-            pending: gauge(PENDING_DECISIONS, "cached decisions waiting to be flushed")?,
+            pending: gauge(
+                PENDING_DECISIONS,
+                "cached decisions waiting to be flushed or charged (unbilled included)",
+            )?,
+            unbilled: gauge(
+                UNBILLED_DECISIONS,
+                "cached decisions served whose lease expired before their flush, not charged yet (retried)",
+            )?,
+            unbilled_micros: gauge(
+                UNBILLED_MICROS,
+                "what the unbilled decisions cost, in micro-credits",
+            )?,
             price_generation: gauge(
                 PRICE_BOOK_GENERATION,
                 "generation of the price book in memory",
@@ -134,6 +150,8 @@ impl Metrics {
             &metrics.recalled,
             &metrics.flush_lag_ms,
             &metrics.pending,
+            &metrics.unbilled,
+            &metrics.unbilled_micros,
             &metrics.price_generation,
         ] {
             metrics.registry.register(Box::new(gauge.clone()))?;
@@ -163,6 +181,8 @@ impl Metrics {
         self.recalled.set(read(&leases.recalled));
         self.flush_lag_ms.set(read(&leases.flush_lag_ms));
         self.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.unbilled.set(read(&leases.unbilled_decisions));
+        self.unbilled_micros.set(read(&leases.unbilled_micros));
         self.price_generation
             .set(i64::try_from(price_generation).unwrap_or(i64::MAX));
         let mut text = Vec::new();

@@ -1,193 +1,24 @@
 //! What an edge does with the region's answer to a settlement of its cached decisions: a reply
 //! lost after the region committed, and a key reused with a different request. Each runs on the
 //! in-memory store and on a redis-server started for the test, behind a wrapper that can lose
-//! the next settlement's reply.
+//! the next settlement's reply (`common::faulty`).
 
 mod common;
 
+use common::faulty::FaultyStore;
 use common::{credits, feature, now, seed, wait_for_lease};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tollgate_core::{
-    AccountId, Credits, FeatureKey, GrantId, IdempotencyKey, LeaseId, PriceRule, Quantity,
-    RegionId, Timestamp,
-};
+use tollgate_core::{AccountId, Credits, IdempotencyKey, PriceRule, Quantity, RegionId};
 use tollgate_edge::metrics::{Metrics, LEASE_REKEYED_TOTAL};
 use tollgate_edge::{DebitRequest, Decision, EdgeSettings, Engine, Spend, SystemClock};
 use tollgate_region::{
-    AccountSummary, AccountView, AuthorizeCommand, AuthorizeOutcome, CaptureCommand,
-    CaptureOutcome, Change, DebitCommand, DebitOutcome, EnforcementMode, Lease, LeaseRequest,
-    LeaseSettlement, MemoryRegionStore, PriceTag, PublishedPriceBook, RateLimit, RedisRegionStore,
-    RegionError, RegionStore, ReleaseCommand, ReleaseOutcome, ReverseCommand, ReverseOutcome,
-    SegmentInstalled, SegmentSpec, SettleOutcome, TakenBack, UsageId, UsageRecord,
-    RETAIN_MS_DEFAULT,
+    DebitCommand, DebitOutcome, EnforcementMode, MemoryRegionStore, PriceTag, RedisRegionStore,
+    RegionStore, RETAIN_MS_DEFAULT,
 };
 use tollgate_testkit::RedisServer;
-
-type Result<T> = std::result::Result<T, RegionError>;
-
-/// A regional store whose next settlement, once armed, is applied but answered with an error,
-/// as a reply lost on the way back (or a timeout after the script ran) would be.
-struct SettleReplyLost<S> {
-    inner: S,
-    armed: AtomicBool,
-}
-
-impl<S: RegionStore> SettleReplyLost<S> {
-    fn new(inner: S) -> Self {
-        SettleReplyLost {
-            inner,
-            armed: AtomicBool::new(false),
-        }
-    }
-
-    fn lose_next_reply(&self) {
-        self.armed.store(true, Ordering::SeqCst);
-    }
-}
-
-impl<S: RegionStore> RegionStore for SettleReplyLost<S> {
-    fn retain_ms(&self) -> i64 {
-        self.inner.retain_ms()
-    }
-
-    async fn settle_lease(&self, settlement: &LeaseSettlement) -> Result<SettleOutcome> {
-        let outcome = self.inner.settle_lease(settlement).await?;
-        if self.armed.swap(false, Ordering::SeqCst) {
-            return Err(RegionError::Redis("settle reply lost (simulated)".into()));
-        }
-        Ok(outcome)
-    }
-
-    async fn install_segment(
-        &self,
-        account: &AccountId,
-        key: &IdempotencyKey,
-        segment: &SegmentSpec,
-        now: Timestamp,
-    ) -> Result<SegmentInstalled> {
-        self.inner.install_segment(account, key, segment, now).await
-    }
-
-    async fn take_back(
-        &self,
-        account: &AccountId,
-        key: &IdempotencyKey,
-        grant_id: &GrantId,
-        amount: Credits,
-        reconciled: Option<u64>,
-        now: Timestamp,
-    ) -> Result<TakenBack> {
-        self.inner
-            .take_back(account, key, grant_id, amount, reconciled, now)
-            .await
-    }
-
-    async fn set_overdraft_limit(
-        &self,
-        account: &AccountId,
-        limit: Credits,
-        now: Timestamp,
-    ) -> Result<()> {
-        self.inner.set_overdraft_limit(account, limit, now).await
-    }
-
-    async fn set_rate_limit(
-        &self,
-        account: &AccountId,
-        feature: &FeatureKey,
-        limit: Option<RateLimit>,
-        now: Timestamp,
-    ) -> Result<()> {
-        self.inner
-            .set_rate_limit(account, feature, limit, now)
-            .await
-    }
-
-    async fn debit(&self, command: &DebitCommand) -> Result<DebitOutcome> {
-        self.inner.debit(command).await
-    }
-
-    async fn authorize(&self, command: &AuthorizeCommand) -> Result<AuthorizeOutcome> {
-        self.inner.authorize(command).await
-    }
-
-    async fn capture(&self, command: &CaptureCommand) -> Result<CaptureOutcome> {
-        self.inner.capture(command).await
-    }
-
-    async fn release(&self, command: &ReleaseCommand) -> Result<ReleaseOutcome> {
-        self.inner.release(command).await
-    }
-
-    async fn reverse(&self, command: &ReverseCommand) -> Result<ReverseOutcome> {
-        self.inner.reverse(command).await
-    }
-
-    async fn take_lease(&self, request: &LeaseRequest) -> Result<Lease> {
-        self.inner.take_lease(request).await
-    }
-
-    async fn return_lease(
-        &self,
-        account: &AccountId,
-        lease_id: &LeaseId,
-        now: Timestamp,
-    ) -> Result<Credits> {
-        self.inner.return_lease(account, lease_id, now).await
-    }
-
-    async fn view(&self, account: &AccountId, now: Timestamp) -> Result<AccountView> {
-        self.inner.view(account, now).await
-    }
-
-    async fn create_usage_group(&self, group: &str) -> Result<()> {
-        self.inner.create_usage_group(group).await
-    }
-
-    async fn read_usage(
-        &self,
-        group: &str,
-        consumer: &str,
-        max: usize,
-    ) -> Result<Vec<UsageRecord>> {
-        self.inner.read_usage(group, consumer, max).await
-    }
-
-    async fn ack_usage(&self, group: &str, ids: &[UsageId]) -> Result<u64> {
-        self.inner.ack_usage(group, ids).await
-    }
-
-    async fn publish_price_book(&self, book: &tollgate_core::PriceBook) -> Result<u64> {
-        self.inner.publish_price_book(book).await
-    }
-
-    async fn price_book_generation(&self) -> Result<u64> {
-        self.inner.price_book_generation().await
-    }
-
-    async fn load_price_book(&self) -> Result<Option<PublishedPriceBook>> {
-        self.inner.load_price_book().await
-    }
-
-    async fn publish_account(&self, summary: &AccountSummary) -> Result<()> {
-        self.inner.publish_account(summary).await
-    }
-
-    async fn account_summary(&self, account: &AccountId) -> Result<Option<AccountSummary>> {
-        self.inner.account_summary(account).await
-    }
-
-    async fn recall_leases(&self, account: &AccountId) -> Result<()> {
-        self.inner.recall_leases(account).await
-    }
-
-    async fn watch_changes(&self) -> Result<tokio::sync::mpsc::Receiver<Change>> {
-        self.inner.watch_changes().await
-    }
-}
 
 fn settings() -> EdgeSettings {
     let mut settings = EdgeSettings::new(RegionId::new("eu").unwrap());
@@ -209,9 +40,9 @@ fn debit(account: &AccountId, key: &str, units: &str) -> DebitRequest {
 
 /// An edge holding a lease (10 credits) on a fresh cached account funded with 100.
 async fn edge_with_lease<S: RegionStore>(
-    store: &Arc<SettleReplyLost<S>>,
+    store: &Arc<FaultyStore<S>>,
     account: &str,
-) -> (Engine<SettleReplyLost<S>>, AccountId) {
+) -> (Engine<FaultyStore<S>>, AccountId) {
     let a = seed(store.as_ref(), account, "100", EnforcementMode::Cached).await;
     store.create_usage_group("audit").await.unwrap();
     let edge = Engine::new(Arc::clone(store), settings(), Arc::new(SystemClock));
@@ -243,7 +74,7 @@ async fn charged<S: RegionStore>(store: &S) -> Vec<(String, Credits)> {
 /// The region commits a settlement but its reply is lost; the edge sends the decisions again.
 /// They were charged, so the lease must not get their credits back (a phantom credit the
 /// region never gave), and nothing is charged twice.
-async fn a_lost_settle_reply_credits_nothing_back<S: RegionStore>(store: Arc<SettleReplyLost<S>>) {
+async fn a_lost_settle_reply_credits_nothing_back<S: RegionStore>(store: Arc<FaultyStore<S>>) {
     let (edge, a) = edge_with_lease(&store, "acct-lost-reply").await;
     cached_debit(&edge, debit(&a, "spend-1", "4")).await;
     cached_debit(&edge, debit(&a, "spend-2", "2")).await;
@@ -285,7 +116,7 @@ async fn a_lost_settle_reply_credits_nothing_back<S: RegionStore>(store: Arc<Set
 
 #[tokio::test]
 async fn a_lost_settle_reply_credits_nothing_back_in_memory() {
-    a_lost_settle_reply_credits_nothing_back(Arc::new(SettleReplyLost::new(
+    a_lost_settle_reply_credits_nothing_back(Arc::new(FaultyStore::new(
         MemoryRegionStore::default(),
     )))
     .await;
@@ -297,13 +128,13 @@ async fn a_lost_settle_reply_credits_nothing_back_on_redis() {
     let store = RedisRegionStore::connect(&server.url(), "tg:lost-reply", RETAIN_MS_DEFAULT)
         .await
         .unwrap();
-    a_lost_settle_reply_credits_nothing_back(Arc::new(SettleReplyLost::new(store))).await;
+    a_lost_settle_reply_credits_nothing_back(Arc::new(FaultyStore::new(store))).await;
 }
 
 /// A key charged for one request (1 credit, strict) is sent to a cached edge with another body
 /// (3 credits): the edge served it, so the region charges it under a derived key, and the edge
 /// keeps the credits spent and counts it.
-async fn a_reused_key_is_charged_and_counted<S: RegionStore>(store: Arc<SettleReplyLost<S>>) {
+async fn a_reused_key_is_charged_and_counted<S: RegionStore>(store: Arc<FaultyStore<S>>) {
     let (edge, a) = edge_with_lease(&store, "acct-reused-key").await;
     let price = PriceTag {
         version: 1,
@@ -354,10 +185,8 @@ async fn a_reused_key_is_charged_and_counted<S: RegionStore>(store: Arc<SettleRe
 
 #[tokio::test]
 async fn a_reused_key_is_charged_and_counted_in_memory() {
-    a_reused_key_is_charged_and_counted(Arc::new(SettleReplyLost::new(
-        MemoryRegionStore::default(),
-    )))
-    .await;
+    a_reused_key_is_charged_and_counted(Arc::new(FaultyStore::new(MemoryRegionStore::default())))
+        .await;
 }
 
 #[tokio::test]
@@ -366,5 +195,5 @@ async fn a_reused_key_is_charged_and_counted_on_redis() {
     let store = RedisRegionStore::connect(&server.url(), "tg:reused-key", RETAIN_MS_DEFAULT)
         .await
         .unwrap();
-    a_reused_key_is_charged_and_counted(Arc::new(SettleReplyLost::new(store))).await;
+    a_reused_key_is_charged_and_counted(Arc::new(FaultyStore::new(store))).await;
 }

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod faulty;
+
 use tollgate_core::{AccountId, Credits, FeatureKey, PriceBook, PriceBookVersion, Rate, Timestamp};
 use tollgate_edge::{Clock, SystemClock};
 use tollgate_region::conformance::{install, segment};
