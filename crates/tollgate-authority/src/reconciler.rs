@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 use tollgate_core::command::{Memo, Refund, UsageDebit};
-use tollgate_core::{AccountId, BurnPlan, DebitId, IdempotencyKey, RegionId, Timestamp};
+use tollgate_core::{
+    AccountId, BurnPlan, Credits, DebitId, EntryKind, IdempotencyKey, RegionId, Timestamp,
+};
 use tollgate_ledger::{EntryFilter, LedgerError, LedgerStore, PageRequest, UsageOutcome};
 use tollgate_region::{RegionStore, UsageKind, UsageRecord};
 use tracing::{info, warn};
@@ -315,25 +317,149 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             parts.push(debit.as_str());
         }
         let key = derived_key("reverse", &parts)?;
-        let command = Refund {
-            key,
-            account: record.account.clone(),
-            debit,
-            amount: record.cost,
-            refund_grant_id: None,
-            refund_grant_expires_at: None,
-            memo: Memo::new(format!("reversed in region {region}"))
-                .map_err(|e| AuthorityError::invalid("memo", e))?,
+        // An operator may have refunded part of the debit already: the reversal refunds what
+        // is left, and the region, which gave the whole cost back, returns the rest.
+        let Some(refundable) = self
+            .refundable_but_for(&record.account, &debit, &key)
+            .await?
+        else {
+            self.park(region, record, "its debit is not in the ledger", now)
+                .await?;
+            return Ok(false);
         };
-        let reason = match self.ledger.refund(command, record.at.min(now)).await {
-            Ok(Ok(_receipt)) => return Ok(true),
-            Ok(Err(refusal)) => refusal.message,
-            Err(LedgerError::UnknownDebit { .. }) => "its debit is not in the ledger".to_owned(),
-            Err(LedgerError::UnknownAccount(_)) => "unknown account".to_owned(),
-            Err(other) => return Err(other.into()),
+        let amount = record.cost.min(refundable);
+        if amount.is_positive() {
+            let command = Refund {
+                key,
+                account: record.account.clone(),
+                debit: debit.clone(),
+                amount,
+                refund_grant_id: None,
+                refund_grant_expires_at: None,
+                memo: Memo::new(format!("reversed in region {region}"))
+                    .map_err(|e| AuthorityError::invalid("memo", e))?,
+            };
+            let reason = match self.ledger.refund(command, record.at.min(now)).await {
+                Ok(Ok(_receipt)) => None,
+                Ok(Err(refusal)) => Some(refusal.message),
+                Err(LedgerError::UnknownDebit { .. }) => {
+                    Some("its debit is not in the ledger".to_owned())
+                }
+                Err(LedgerError::UnknownAccount(_)) => Some("unknown account".to_owned()),
+                Err(other) => return Err(other.into()),
+            };
+            if let Some(reason) = reason {
+                self.park(region, record, &reason, now).await?;
+                return Ok(false);
+            }
+        }
+        let excess = record.cost.micros() - amount.micros();
+        if excess > 0 {
+            self.take_back_reversal_excess(region, record, &debit, excess, now)
+                .await?;
+        }
+        Ok(true)
+    }
+
+    /// What of `debit` is left to refund, not counting the refund made under `own` (this very
+    /// reversal, applied before a crash): `None` when the ledger has no such debit.
+    async fn refundable_but_for(
+        &self,
+        account: &AccountId,
+        debit: &DebitId,
+        own: &IdempotencyKey,
+    ) -> Result<Option<Credits>> {
+        let own = format!("key:{own}");
+        let filter = EntryFilter {
+            debit: Some(debit.clone()),
+            kinds: vec![EntryKind::Debit, EntryKind::Refund],
+            ..EntryFilter::account(account.clone())
         };
-        self.park(region, record, &reason, now).await?;
-        Ok(false)
+        let mut page = PageRequest {
+            size: tollgate_ledger::PAGE_SIZE_MAX,
+            token: None,
+        };
+        let (mut debited, mut refunded, mut seen) = (0_i64, 0_i64, false);
+        loop {
+            let found = self.ledger.entries(&filter, page.clone()).await?;
+            for entry in &found.items {
+                match entry.kind {
+                    EntryKind::Debit => {
+                        seen = true;
+                        debited += entry.amount.micros();
+                    }
+                    EntryKind::Refund if entry.operation != own => {
+                        refunded += entry.amount.micros();
+                    }
+                    _ => {}
+                }
+            }
+            match found.next_token {
+                Some(token) => page.token = Some(token),
+                None => break,
+            }
+        }
+        Ok(seen.then(|| Credits::from_micros((debited - refunded).max(0))))
+    }
+
+    /// A reversal gave back in the region more than the ledger could refund (an operator
+    /// refunded part of the debit first): the region returns the difference, from the debit's
+    /// grants, last drawn first, each under a key of its own so a replay takes nothing twice.
+    /// What the region no longer holds (spent since) is logged: the usage that spent it finds
+    /// the ledger short and is parked, where an operator sees it.
+    async fn take_back_reversal_excess(
+        &self,
+        region: &RegionId,
+        record: &UsageRecord,
+        debit: &DebitId,
+        excess: i64,
+        now: Timestamp,
+    ) -> Result<()> {
+        let store = self.region(region)?;
+        let mut left = excess;
+        for draw in record.draws.iter().rev() {
+            if left <= 0 {
+                break;
+            }
+            let want = left.min(draw.amount.micros());
+            let key = derived_key(
+                "reverse-excess",
+                &[
+                    region.as_str(),
+                    record.account.as_str(),
+                    debit.as_str(),
+                    draw.grant_id.as_str(),
+                ],
+            )?;
+            let taken = store
+                .take_back(
+                    &record.account,
+                    &key,
+                    &draw.grant_id,
+                    Credits::from_micros(want),
+                    None,
+                    now,
+                )
+                .await
+                .map_err(|e| AuthorityError::region(region, e))?;
+            if taken.taken.is_positive() && !taken.replayed {
+                self.state
+                    .add_taken_back(
+                        region,
+                        &record.account,
+                        draw.grant_id.as_str(),
+                        taken.taken.micros(),
+                    )
+                    .await?;
+            }
+            left -= want;
+            if taken.taken.micros() < want {
+                warn!(%region, account = %record.account, grant = %draw.grant_id,
+                    short = want - taken.taken.micros(),
+                    "a reversal gave back credits the ledger had refunded already, and the region spent them since");
+            }
+        }
+        Ok(())
     }
 
     /// The latest decision the ledger charged under `base` (see `debit_generation`): a

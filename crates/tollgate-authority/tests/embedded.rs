@@ -1020,6 +1020,58 @@ async fn a_key_reused_after_the_region_forgot_it_is_charged_and_its_reversal_ref
 }
 
 #[tokio::test]
+async fn a_reversal_after_a_partial_refund_refunds_the_rest_and_the_region_returns_the_difference()
+{
+    let world = World::start(&["eu"], 0, 0, 10).await;
+    issue(
+        &world.ledger,
+        "bought",
+        100,
+        GrantSource::Purchase,
+        None,
+        world.clock.now(),
+    )
+    .await;
+    world.allocate("eu").await;
+    assert!(world.debit("eu", "job", 10).await);
+    world.reconcile_expecting("eu", 1, 0, 0).await;
+    // Support refunds 4 of it; the authority hands the 4 out again.
+    let debit = tollgate_authority::reconciler::debit_id(&region("eu"), &key("job")).unwrap();
+    let refunded = world
+        .ledger
+        .refund(
+            tollgate_core::command::Refund {
+                key: key("goodwill"),
+                account: acct(),
+                debit,
+                amount: Credits::from_micros(4 * MICROS),
+                refund_grant_id: None,
+                refund_grant_expires_at: None,
+                memo: Memo::default(),
+            },
+            world.clock.now(),
+        )
+        .await
+        .unwrap();
+    assert!(refunded.is_ok(), "{refunded:?}");
+    world.node.rebalance(&acct()).await.unwrap();
+    assert_eq!(world.held("eu").await.0, 94 * MICROS);
+    // Then the caller reverses the whole spend in the region, which gives all 10 back.
+    world.reverse("eu", "undo-job", "job").await;
+    assert_eq!(world.held("eu").await.0, 104 * MICROS);
+    // The reversal refunds the 6 left; the region returns the 4 refunded already.
+    world.reconcile_expecting("eu", 0, 1, 0).await;
+    let snapshot = world.ledger.account(&acct()).await.unwrap();
+    assert_eq!(snapshot.balance.micros(), 100 * MICROS);
+    assert_eq!(world.held("eu").await.0, 100 * MICROS);
+    world.assert_never_over_allocated().await;
+    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+    // Reconciling again changes nothing.
+    world.reconcile_expecting("eu", 0, 0, 0).await;
+    assert_eq!(world.held("eu").await.0, 100 * MICROS);
+}
+
+#[tokio::test]
 async fn late_debt_waits_for_the_grant_issued_first_rather_than_settle_from_a_later_one() {
     let world = World::start(&["eu", "us"], 10, 0, 10).await;
     world.allocate("eu").await;
