@@ -73,6 +73,9 @@ pub struct RevenueLine {
     pub money_breakage: Decimal,
     pub credits_refunded: Credits,
     pub money_refunded: Decimal,
+    /// Voided credits (purchases refunded, operators' voids) and the money they stood for.
+    pub credits_voided: Credits,
+    pub money_voided: Decimal,
 }
 
 /// An account's burn over a window: the total, and the growth from its first half to its second.
@@ -172,8 +175,9 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     }
 
     /// Credits sold (grants issued with a cost basis, and every other issued grant on the line
-    /// without currency), consumed (debits), expired (breakage) and refunded in the window,
-    /// each valued at the cost per credit of the grant it touched.
+    /// without currency), consumed (debits), expired (breakage), refunded to balances and
+    /// voided (purchases refunded: money owed back) in the window, each valued at the cost per
+    /// credit of the grant it touched.
     pub async fn revenue_report(&self, query: &DebitQuery) -> Result<Vec<RevenueLine>> {
         let mut lines: BTreeMap<String, RevenueLine> = BTreeMap::new();
         let mut grants: BTreeMap<(AccountId, GrantId), Grant> = BTreeMap::new();
@@ -322,6 +326,10 @@ fn record_revenue(
         EntryKind::Refund => {
             add(&mut line.credits_refunded, amount)?;
             line.money_refunded += value;
+        }
+        EntryKind::Void => {
+            add(&mut line.credits_voided, amount)?;
+            line.money_voided += value;
         }
         _ => {}
     }

@@ -62,6 +62,18 @@ pub struct ReconcileReport {
     pub overdrawn: Vec<Overdrawn>,
 }
 
+impl ReconcileReport {
+    /// Adds another report's counts (a summary across batches; accounts and overdrawn usage,
+    /// which a batch's own follow-up already handled, are not carried).
+    pub fn add(&mut self, other: &ReconcileReport) {
+        self.records += other.records;
+        self.applied += other.applied;
+        self.duplicates += other.duplicates;
+        self.reversed += other.reversed;
+        self.parked += other.parked;
+    }
+}
+
 /// A usage record in the ledger that ran the account into overdraft.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Overdrawn {
@@ -494,14 +506,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     ) -> Result<()> {
         warn!(%region, account = %record.account, key = %record.key, reason, "usage parked");
         self.state
-            .park_usage(
-                region,
-                &record.id.0,
-                &record.account,
-                reason,
-                &describe(record),
-                now,
-            )
+            .park_usage_record(region, record, reason, &describe(record), now)
             .await
     }
 
@@ -649,20 +654,39 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
 
     /// Reconciles every region until a read finds its stream drained (at most `passes_max`
     /// reads per region).
+    /// Reconciles every region, each up to `passes_max` batches. A region that fails does not
+    /// hold the others back: they are all reconciled, and the first failure is returned after.
     pub async fn reconcile_all(&self, passes_max: usize) -> Result<ReconcileReport> {
         let mut total = ReconcileReport::default();
+        let mut first_failure = None;
         let regions: Vec<RegionId> = self.regions.keys().cloned().collect();
         for region in &regions {
-            for _ in 0..passes_max {
-                let report = self.reconcile_once(region).await?;
-                total.records += report.records;
-                total.applied += report.applied;
-                total.duplicates += report.duplicates;
-                total.reversed += report.reversed;
-                total.parked += report.parked;
-                if report.records == 0 {
-                    break;
+            match self.reconcile_region(region, passes_max).await {
+                Ok(report) => total.add(&report),
+                Err(error) => {
+                    warn!(%region, %error, "reconciliation of the region failed");
+                    first_failure.get_or_insert(error);
                 }
+            }
+        }
+        match first_failure {
+            Some(error) => Err(error),
+            None => Ok(total),
+        }
+    }
+
+    /// Reconciles one region, up to `passes_max` batches or until its stream is empty.
+    pub async fn reconcile_region(
+        &self,
+        region: &RegionId,
+        passes_max: usize,
+    ) -> Result<ReconcileReport> {
+        let mut total = ReconcileReport::default();
+        for _ in 0..passes_max {
+            let report = self.reconcile_once(region).await?;
+            total.add(&report);
+            if report.records == 0 {
+                break;
             }
         }
         Ok(total)

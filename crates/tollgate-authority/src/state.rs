@@ -19,7 +19,11 @@ use crate::error::{AuthorityError, Result};
 use crate::events::{Event, EventKind};
 
 mod audit;
+mod parked;
 pub use audit::{AuditEntry, AuditRow, AUDIT_PAGE_MAX};
+pub use parked::{
+    NewParked, ParkedFilter, ParkedResolution, ParkedRow, ParkedState, PARKED_PAGE_MAX,
+};
 
 /// Connections the state pool opens at most.
 pub const STATE_POOL_CONNECTIONS_MAX: u32 = 8;
@@ -289,6 +293,7 @@ impl StateStore {
         };
         sqlx::query(outbox).execute(&pool).await?;
         audit::create_tables(&pool, sqlite).await?;
+        parked::create_tables(&pool, sqlite).await?;
         Ok(StateStore { pool })
     }
 
@@ -413,7 +418,25 @@ impl StateStore {
     }
 
     /// Keeps a record the ledger refused, for an operator; acknowledging it is then safe.
+    /// `record` is the reconciler's description of it, from which the parts are read back
+    /// into `authority_parked` (see `state/parked.rs`; [`StateStore::park_usage_record`]
+    /// keeps every part, the price tag, actor and hold too).
     pub async fn park_usage(
+        &self,
+        region: &RegionId,
+        usage_id: &str,
+        account: &AccountId,
+        reason: &str,
+        record: &str,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.park_usage_legacy(region, usage_id, account, reason, record, now)
+            .await?;
+        self.park_described(region, usage_id, account, reason, record, now)
+            .await
+    }
+
+    async fn park_usage_legacy(
         &self,
         region: &RegionId,
         usage_id: &str,

@@ -87,6 +87,16 @@ impl World {
         }
     }
 
+    /// Kills the redis-server of region `name` (the region stops answering).
+    fn kill_region(&mut self, name: &str) {
+        let index = self
+            .regions
+            .keys()
+            .position(|r| r.as_str() == name)
+            .expect("a region of the world");
+        self._redis[index].kill();
+    }
+
     /// A new authority process on the same stores (a restart when an earlier one is dropped).
     async fn authority(&self, settings: AuthoritySettings) -> Node {
         let state = StateStore::connect(&self.url).await.expect("state store");
@@ -345,6 +355,25 @@ async fn two_regions_debit_one_account_and_every_acknowledged_debit_is_applied_o
         .is_clean());
     // Every region's watermark moved once its stream was drained.
     assert_eq!(node.state().watermarks().await.unwrap().len(), 2);
+}
+
+/// A region that does not answer holds back no other region's reconciliation: the others
+/// are reconciled, and the failure is reported after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_that_does_not_answer_holds_back_no_other_regions_reconciliation() {
+    let start = ts("2027-05-01T00:00:00Z");
+    let mut world = World::start(&["eu", "us"], start).await;
+    world.account("acme", "0").await;
+    world.grant("acme", "bought", "100", None).await;
+    let node = world.authority(settings()).await;
+    allocate(&node, "eu", "acme").await;
+    allocate(&node, "us", "acme").await;
+    let spent = debit(&world.store("us"), "acme", "in-us", "5", world.clock.now()).await;
+    assert!(matches!(spent, DebitOutcome::Allowed(_)), "{spent:?}");
+    world.kill_region("eu");
+    let reconciled = node.reconcile_all(10).await;
+    assert!(reconciled.is_err(), "eu does not answer: {reconciled:?}");
+    assert_eq!(world.balance("acme").await, credits("95"));
 }
 
 /// A pending hold holds back the expiry of the grants it draws from (its capture carries the

@@ -264,6 +264,7 @@ pub const ADMIN_READ_METHODS: &[&str] = &[
     "GetRevenueReport",
     "RankAccounts",
     "WatchEvents",
+    "ListParkedUsage",
 ];
 
 /// Admin calls that only read but need the `admin` scope: what they show (who changed what)

@@ -681,4 +681,41 @@ impl pb::admin_server::Admin for AdminService {
             crate::audit::list(state, request.into_inner()).await?,
         ))
     }
+
+    async fn list_parked_usage(
+        &self,
+        request: Request<pb::ListParkedUsageRequest>,
+    ) -> Reply<pb::ListParkedUsageReply> {
+        // Parked usage lives in the authority's state store, which `with_audit` hands over.
+        let state = self
+            .audit
+            .as_ref()
+            .ok_or_else(|| not_served_yet("ListParkedUsage", "parked usage records"))?;
+        Ok(Response::new(
+            crate::parked::list(state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn resolve_parked_usage(
+        &self,
+        request: Request<pb::ResolveParkedUsageRequest>,
+    ) -> Reply<pb::ResolveParkedUsageReply> {
+        let state = self
+            .audit
+            .as_ref()
+            .ok_or_else(|| not_served_yet("ResolveParkedUsage", "parked usage records"))?;
+        // The auth layer names the caller's key; without one (a service built bare, in
+        // tests) the resolution says so.
+        let by = request
+            .extensions()
+            .get::<tollgate_serve::auth::Caller>()
+            .map_or_else(|| "unknown".to_owned(), |caller| caller.key_name.clone());
+        let command = crate::parked::decode_resolve(request.into_inner(), by)?;
+        let (reply, account) =
+            crate::parked::resolve(self.store.as_ref(), state, &command, self.clock.now()).await?;
+        if !reply.replayed {
+            self.changed(&account);
+        }
+        Ok(Response::new(reply))
+    }
 }

@@ -206,8 +206,20 @@ pub async fn run_with(
         vec![RegionId::new(REGION).context("region name")?],
     )
     .map_err(|e| anyhow::anyhow!("no randomness for the console: {e}"))?;
+    // /metrics: the edge's metrics, then the authority's parked usage read at scrape time.
+    let edge_metrics = {
+        let (engine, metrics) = (Arc::clone(&engine), Arc::clone(&metrics));
+        move || {
+            let leases = engine.leases();
+            metrics.render(
+                leases.stats(),
+                leases.pending(),
+                engine.catalogue().price_generation(),
+            )
+        }
+    };
     let http_routes =
-        tollgate_edge::server::metrics_router(Arc::clone(&engine), Arc::clone(&metrics))
+        crate::parked::metrics_router(authority.state().clone(), Arc::new(edge_metrics))
             .merge(stripe.router())
             .merge(Arc::new(console).router());
     let metrics_task = tokio::spawn(crate::purchases::serve_http(

@@ -812,6 +812,8 @@ pub async fn revenue_report(
                 money_breakage: money(l.money_breakage),
                 credits_refunded: l.credits_refunded.to_string(),
                 money_refunded: money(l.money_refunded),
+                credits_voided: l.credits_voided.to_string(),
+                money_voided: money(l.money_voided),
             })
             .collect(),
     })

@@ -489,6 +489,37 @@ async fn purchase_grants_once_per_reference_and_refund_voids_the_rest() {
         ("9.50", "EUR")
     );
     assert_eq!(balance(&mut admin, "acme").await, "0");
+    // Finance sees the sale, the consumption and the money owed back.
+    let revenue = admin
+        .get_revenue_report(request(pb::GetRevenueReportRequest {
+            from: Some(prost_types::Timestamp {
+                seconds: now_s() - 3_600,
+                nanos: 0,
+            }),
+            until: Some(prost_types::Timestamp {
+                seconds: now_s() + 3_600,
+                nanos: 0,
+            }),
+            account_id: "acme".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let eur = revenue
+        .lines
+        .iter()
+        .find(|l| l.currency == "EUR")
+        .expect("a EUR line");
+    assert_eq!(
+        (
+            eur.money_sold.as_str(),
+            eur.money_consumed.as_str(),
+            eur.credits_voided.as_str(),
+            eur.money_voided.as_str()
+        ),
+        ("10", "0.5", "95", "9.5"),
+        "{eur:?}"
+    );
     // The region gave the purchase back before it was voided: nothing more is spent from it.
     let after = debit_outcome(&mut edge, "d2", "acme", "1").await;
     assert!(

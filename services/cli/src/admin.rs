@@ -1027,6 +1027,8 @@ pub async fn revenue(
                     l.money_breakage.clone(),
                     l.credits_refunded.clone(),
                     l.money_refunded.clone(),
+                    l.credits_voided.clone(),
+                    l.money_voided.clone(),
                 ]
             })
             .collect();
@@ -1041,6 +1043,8 @@ pub async fn revenue(
                 "breakage",
                 "credits refunded",
                 "money refunded",
+                "credits voided",
+                "money voided",
             ],
             &rows,
         )

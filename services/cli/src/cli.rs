@@ -131,6 +131,9 @@ pub enum Command {
     /// Events (balance.low, grant.expired, …).
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Parked usage: what a region served that the ledger could not take; list and resolve it.
+    #[command(subcommand)]
+    Parked(ParkedCommand),
     /// Enforcement: set credits aside for a while (a hold).
     #[command(
         after_help = "Examples:\n  tollgate authorize acme --feature chat --quantity 10 --ttl 10m"
@@ -266,6 +269,46 @@ pub enum PricesCommand {
     List {
         #[command(flatten)]
         page: Page,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ParkedCommand {
+    /// List parked usage, oldest first.
+    #[command(
+        after_help = "Examples:\n  tollgate parked list --state open\n  tollgate parked list --account acme --state resolved\n  tollgate --json parked list --all"
+    )]
+    List {
+        /// Only this account's records.
+        #[arg(long)]
+        account: Option<String>,
+        /// open or resolved; default: both.
+        #[arg(long, value_parser = ["open", "resolved"])]
+        state: Option<String>,
+        #[command(flatten)]
+        page: Page,
+    },
+    /// Charge a parked record to the ledger now, or write it off (nothing charged).
+    #[command(
+        after_help = "Examples:\n  tollgate parked resolve 12 --charge\n  tollgate parked resolve 13 --write-off --reason \"duplicate of a charged request\"\n\nID is the id `tollgate parked list` prints. --charge debits the record's own draws when the\nledger can still take them, else its cost in burn-down order from the account's grants now,\nwithin the overdraft limit; when it cannot, nothing moves and the reason is printed."
+    )]
+    Resolve {
+        id: String,
+        /// Debit it now.
+        #[arg(
+            long,
+            conflicts_with = "write_off",
+            required_unless_present = "write_off"
+        )]
+        charge: bool,
+        /// Resolve it without charging (needs --reason).
+        #[arg(long)]
+        write_off: bool,
+        /// Why (required with --write-off).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        mutation: Mutation,
     },
 }
 

@@ -9,6 +9,7 @@ mod enforce;
 mod error;
 mod explain;
 mod output;
+mod parked;
 mod parse;
 mod render;
 
@@ -94,6 +95,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Verify(args) => admin::verify(&conn, &out, args).await,
         Command::Explain(args) => explain::explain(&conn, &out, args).await,
         Command::Events(command) => explain::events(&conn, &out, command).await,
+        Command::Parked(command) => parked::parked(&conn, &out, command).await,
         Command::Authorize(args) => enforce::authorize(&conn, &out, args).await,
         Command::Capture(args) => enforce::capture(&conn, &out, args).await,
         Command::Release(args) => enforce::release(&conn, &out, args).await,

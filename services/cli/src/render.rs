@@ -352,6 +352,8 @@ pub fn revenue_line(line: &pb::RevenueLine) -> Value {
         "money_breakage": line.money_breakage,
         "credits_refunded": line.credits_refunded,
         "money_refunded": line.money_refunded,
+        "credits_voided": line.credits_voided,
+        "money_voided": line.money_voided,
     })
 }
 

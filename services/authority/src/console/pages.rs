@@ -1894,6 +1894,8 @@ async fn revenue_page(
                 Cell::Num(l.money_breakage.clone()),
                 Cell::Num(l.credits_refunded.clone()),
                 Cell::Num(l.money_refunded.clone()),
+                Cell::Num(l.credits_voided.clone()),
+                Cell::Num(l.money_voided.clone()),
             ]
         })
         .collect();
@@ -1919,6 +1921,8 @@ async fn revenue_page(
                 "breakage",
                 "credits refunded",
                 "money refunded",
+                "credits voided",
+                "money voided",
             ],
             &rows,
             "revenue"

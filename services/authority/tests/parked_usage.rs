@@ -1,0 +1,355 @@
+//! Parked usage is visible and resolvable: over real gRPC on the embedded node, usage the
+//! ledger refuses (its region spent a grant's slice the ledger had already taken away with a
+//! negative adjustment) is parked by the reconciler, listed by `ListParkedUsage`, counted on
+//! `/metrics`, charged (`ResolveParkedUsage` CHARGE) or written off (WRITE_OFF), idempotently
+//! and audited.
+
+mod common;
+
+use std::time::Duration;
+
+use common::grpc::{
+    chat_at_one_credit, create_account, debit, debited, grant, ledger_balance,
+    reconciled_ledger_balance, Admin,
+};
+use common::{request, Node, WAIT_MS};
+use tollgate_proto::pb;
+
+fn list(account: &str, state: pb::ParkedState) -> pb::ListParkedUsageRequest {
+    pb::ListParkedUsageRequest {
+        account_id: account.into(),
+        state: state.into(),
+        ..pb::ListParkedUsageRequest::default()
+    }
+}
+
+fn resolve(
+    key: &str,
+    id: &str,
+    action: pb::ParkedAction,
+    reason: &str,
+) -> pb::ResolveParkedUsageRequest {
+    pb::ResolveParkedUsageRequest {
+        idempotency_key: key.into(),
+        id: id.into(),
+        action: action.into(),
+        reason: reason.into(),
+    }
+}
+
+async fn parked(admin: &mut Admin, account: &str, state: pb::ParkedState) -> Vec<pb::ParkedUsage> {
+    admin
+        .list_parked_usage(list(account, state))
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+}
+
+/// Polls until `account` has `count` open parked records (the background loop reconciles).
+async fn wait_parked(admin: &mut Admin, account: &str, count: usize) -> Vec<pb::ParkedUsage> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let records = parked(admin, account, pb::ParkedState::Open).await;
+        if records.len() >= count || tokio::time::Instant::now() > deadline {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of one metric line on the node's /metrics.
+async fn metric(node: &Node, name: &str) -> String {
+    let url = format!("http://{}/metrics", node.http);
+    let (status, _, body) = common::http_client::call("GET", &url, &[], "").await;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_usage_is_listed_counted_charged_and_written_off() {
+    let node = Node::start().await;
+    let mut admin = node.admin();
+    let mut edge = node.edge();
+    chat_at_one_credit(&mut admin, "").await;
+    create_account(&mut admin, "acme").await;
+    grant(&mut admin, "acme", "g1", "10").await;
+    // The first debit brings g1's credits to the region.
+    debited(debit(&mut edge, "acme", "k1", "1", pb::EnforcementMode::Strict).await);
+    assert_eq!(
+        reconciled_ledger_balance(&mut admin, "acme", "9", WAIT_MS).await,
+        "9"
+    );
+    assert_eq!(
+        metric(&node, "tollgate_authority_parked_usage_open").await,
+        "0"
+    );
+
+    // The ledger takes g1's credits away; the region still holds its slice and spends it.
+    admin
+        .adjust(request(pb::AdjustRequest {
+            idempotency_key: "adjust.1".into(),
+            account_id: "acme".into(),
+            amount: "-9".into(),
+            memo: "taken back by hand".into(),
+            ..pb::AdjustRequest::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(ledger_balance(&mut admin, "acme").await, "0");
+    debited(debit(&mut edge, "acme", "k2", "2", pb::EnforcementMode::Strict).await);
+    debited(debit(&mut edge, "acme", "k3", "1.5", pb::EnforcementMode::Strict).await);
+
+    let open = wait_parked(&mut admin, "acme", 2).await;
+    assert_eq!(open.len(), 2, "{open:?}");
+    let (first, second) = (open[0].clone(), open[1].clone());
+    assert_eq!(first.key, "k2");
+    assert_eq!(first.kind, "debit");
+    assert_eq!(first.feature, "chat");
+    assert_eq!(first.cost, "2");
+    assert_eq!(first.account_id, "acme");
+    assert_eq!(first.state(), pb::ParkedState::Open);
+    assert!(!first.reason.is_empty());
+    assert_eq!(first.draws.len(), 1, "{first:?}");
+    assert_eq!(first.draws[0].grant_id, "g1");
+    assert!(first.event_time.is_some() && first.parked_at.is_some());
+    assert_eq!(second.key, "k3");
+    assert_eq!(second.cost, "1.5");
+    assert!(parked(&mut admin, "acme", pb::ParkedState::Resolved)
+        .await
+        .is_empty());
+    assert!(parked(&mut admin, "globex", pb::ParkedState::Unspecified)
+        .await
+        .is_empty());
+    assert_eq!(
+        metric(&node, "tollgate_authority_parked_usage_open").await,
+        "2"
+    );
+    assert_eq!(
+        metric(&node, "tollgate_authority_parked_usage_open_micros").await,
+        "3500000"
+    );
+
+    // Nothing to charge it from yet: refused, nothing moved, still open.
+    let refused = admin
+        .resolve_parked_usage(resolve(
+            "resolve.1",
+            &first.id,
+            pb::ParkedAction::Charge,
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("cannot pay"), "{refused:?}");
+    assert_eq!(ledger_balance(&mut admin, "acme").await, "0");
+    assert_eq!(
+        parked(&mut admin, "acme", pb::ParkedState::Open)
+            .await
+            .len(),
+        2
+    );
+
+    // With a new grant it is charged now: the ledger balance drops by its cost.
+    grant(&mut admin, "acme", "g2", "5").await;
+    let charged = admin
+        .resolve_parked_usage(resolve(
+            "resolve.1",
+            &first.id,
+            pb::ParkedAction::Charge,
+            "",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!charged.replayed);
+    let record = charged.record.clone().unwrap();
+    assert_eq!(record.state(), pb::ParkedState::Resolved);
+    assert_eq!(record.resolution, "charged");
+    assert_eq!(record.charged, "2");
+    assert!(!record.debit_id.is_empty());
+    assert_eq!(record.resolved_by, "dev");
+    assert_eq!(ledger_balance(&mut admin, "acme").await, "3");
+    assert_eq!(
+        metric(&node, "tollgate_authority_parked_usage_open").await,
+        "1"
+    );
+    // Replayed: the same answer, nothing charged again.
+    let again = admin
+        .resolve_parked_usage(resolve(
+            "resolve.1",
+            &first.id,
+            pb::ParkedAction::Charge,
+            "",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.record, charged.record);
+    assert_eq!(ledger_balance(&mut admin, "acme").await, "3");
+
+    // Written off: nothing charged, listed as resolved with the reason.
+    let missing = admin
+        .resolve_parked_usage(resolve(
+            "resolve.2",
+            &second.id,
+            pb::ParkedAction::WriteOff,
+            " ",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument);
+    assert!(missing.message().starts_with("reason:"), "{missing:?}");
+    let written = admin
+        .resolve_parked_usage(resolve(
+            "resolve.2",
+            &second.id,
+            pb::ParkedAction::WriteOff,
+            "goodwill",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let record = written.record.clone().unwrap();
+    assert_eq!(record.resolution, "written_off");
+    assert_eq!(record.resolution_reason, "goodwill");
+    assert_eq!(record.charged, "");
+    assert_eq!(ledger_balance(&mut admin, "acme").await, "3");
+    let again = admin
+        .resolve_parked_usage(resolve(
+            "resolve.2",
+            &second.id,
+            pb::ParkedAction::WriteOff,
+            "goodwill",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.record, written.record);
+    assert_eq!(
+        metric(&node, "tollgate_authority_parked_usage_open").await,
+        "0"
+    );
+    assert_eq!(
+        metric(&node, "tollgate_authority_parked_usage_open_micros").await,
+        "0"
+    );
+    let resolved = parked(&mut admin, "acme", pb::ParkedState::Resolved).await;
+    assert_eq!(resolved.len(), 2);
+    assert!(parked(&mut admin, "acme", pb::ParkedState::Open)
+        .await
+        .is_empty());
+
+    // Resolved already, under another key: refused; the same key for another action: a conflict.
+    let twice = admin
+        .resolve_parked_usage(resolve(
+            "resolve.3",
+            &second.id,
+            pb::ParkedAction::Charge,
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::FailedPrecondition, "{twice:?}");
+    let conflict = admin
+        .resolve_parked_usage(resolve(
+            "resolve.2",
+            &second.id,
+            pb::ParkedAction::Charge,
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), tonic::Code::AlreadyExists, "{conflict:?}");
+    assert_eq!(ledger_balance(&mut admin, "acme").await, "3");
+
+    // Bad input names its field; an unknown id is NOT_FOUND.
+    for (request, field, code) in [
+        (
+            resolve("r", "999", pb::ParkedAction::WriteOff, "x"),
+            "",
+            tonic::Code::NotFound,
+        ),
+        (
+            resolve("r", "abc", pb::ParkedAction::WriteOff, "x"),
+            "id:",
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            resolve("r", &first.id, pb::ParkedAction::Unspecified, "x"),
+            "action:",
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            resolve("", &first.id, pb::ParkedAction::WriteOff, "x"),
+            "idempotency_key:",
+            tonic::Code::InvalidArgument,
+        ),
+    ] {
+        let status = admin.resolve_parked_usage(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().starts_with(field), "{status:?}");
+    }
+    let bad_token = admin
+        .list_parked_usage(pb::ListParkedUsageRequest {
+            page_token: "x".into(),
+            ..pb::ListParkedUsageRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        bad_token.message().starts_with("page_token:"),
+        "{bad_token:?}"
+    );
+
+    // Paged: one record a page, then the next.
+    let page = admin
+        .list_parked_usage(pb::ListParkedUsageRequest {
+            page_size: 1,
+            ..pb::ListParkedUsageRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.records.len(), 1);
+    let next = admin
+        .list_parked_usage(pb::ListParkedUsageRequest {
+            page_size: 1,
+            page_token: page.next_page_token,
+            ..pb::ListParkedUsageRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.records[0].id, second.id);
+
+    let verified = admin
+        .verify(pb::VerifyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.ok, "{verified:?}");
+    let audit = admin
+        .list_audit_records(pb::ListAuditRecordsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let resolutions: Vec<&str> = audit
+        .records
+        .iter()
+        .filter(|r| r.method == "ResolveParkedUsage" && r.outcome == "done")
+        .map(|r| r.idempotency_key.as_str())
+        .collect();
+    assert!(resolutions.contains(&"resolve.1"), "{audit:?}");
+    assert!(resolutions.contains(&"resolve.2"), "{audit:?}");
+    node.stop().await;
+}
