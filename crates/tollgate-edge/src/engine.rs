@@ -985,7 +985,9 @@ impl<S: RegionStore> Engine<S> {
             }),
             // The lease and the region cannot pay: the region, with what the authority brings,
             // decides (a strict debit under the same key; nothing was charged from the lease).
-            LeaseDecision::Insufficient { .. } => {
+            // So does it when the lease may not decide: its deadline passed, or too many
+            // decisions wait to be flushed (a region that cannot be reached fails it closed).
+            LeaseDecision::Insufficient { .. } | LeaseDecision::Declined(_) => {
                 return self.debit_strict(summary, request, priced, at).await;
             }
         })

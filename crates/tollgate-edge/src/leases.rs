@@ -7,9 +7,15 @@
 //! regional store — take, settle, return — and remembers what the region's lease record holds,
 //! so a top-up is added as a difference and never resurrects usage that is not flushed yet.
 //!
-//! Bounded error, as DESIGN.md states: a crash loses the decisions not flushed yet (at most one
-//! flush interval), and the lease that the region gets back at its expiry is what this edge
-//! could have overspent at most.
+//! Bounded error (docs/answer.md, "The cached-mode bound"): the edge decides from a lease only
+//! before its *deadline*, the lease's expiry in the region as the region last confirmed it (a
+//! take's answer, or a settlement it accepted) less `lease_safety_margin_ms`; at or after it a
+//! cached request is decided strict. So the region never takes back a lease this edge still
+//! spends from (unless a caller's clock runs more than the margin ahead of this edge's), and
+//! what it can overspend is what it decided from its leases and could not settle before they
+//! expired: at most their remaining amount. Decisions waiting to be flushed or charged are
+//! capped per account (`pending_entries_account_max`) and per edge (`pending_entries_max`); at
+//! the cap a cached request is decided strict too. A crash loses at most those decisions.
 //!
 //! A flush that finds its lease expired in the region charges its decisions one by one as
 //! strict debits, at their event times. One the region does not charge (unreachable, or it can
@@ -118,6 +124,14 @@ struct Local {
     refill_running: bool,
     /// A refill got less than it asked for: the region is short, so do not ask again before.
     refill_quiet_until_ms: i64,
+    /// No decision is made from the lease at or after this time (ms): the lease's expiry in the
+    /// region as the region last confirmed it, less the safety margin. Only a take or an
+    /// accepted settlement moves it, and only forward; 0 while the region confirmed none.
+    deadline_ms: i64,
+    /// A renewal asked for by a decision failed: decisions do not ask again before this time
+    /// (ms), so a region that does not answer costs one wait per account per round, not one per
+    /// request (maintenance and flushes still renew).
+    renew_quiet_until_ms: i64,
     /// Being given back to the region: nothing is decided from it or added to it any more
     /// (a decision taken in between would be served from credits the region is getting back,
     /// and left pending on a lease no flush reaches).
@@ -149,6 +163,18 @@ impl Local {
         if let Some(slice) = self.slices.iter_mut().find(|s| s.grant_id == *grant_id) {
             slice.remaining += amount;
         }
+    }
+
+    /// Decisions waiting on this edge: pending, and unbilled.
+    fn waiting(&self) -> usize {
+        self.pending.len() + self.unbilled.len()
+    }
+
+    /// Moves the deadline to `expires_at_ms` (the region's expiry) less `margin_ms`, if later.
+    fn confirm(&mut self, expires_at_ms: i64, margin_ms: i64) {
+        self.deadline_ms = self
+            .deadline_ms
+            .max(expires_at_ms.saturating_sub(margin_ms));
     }
 
     fn sort(&mut self) {
@@ -228,6 +254,25 @@ fn node_lease_id(settings: &EdgeSettings, now: Timestamp) -> LeaseId {
     LeaseId::new(text).unwrap_or_else(|_| unreachable!("sanitized lease ids are valid"))
 }
 
+/// Why the lease did not decide a request that it might have paid: it is decided strict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Declined {
+    /// The lease's deadline passed (its expiry in the region, as last confirmed, less the
+    /// safety margin) and a renewal did not extend it.
+    DeadlinePassed,
+    /// The account (`pending_entries_account_max`) or the edge (`pending_entries_max`) has as
+    /// many decisions waiting to be flushed or charged as it may.
+    PendingFull,
+}
+
+/// What the in-memory step found.
+enum LocalStep {
+    Decided(LeaseDecision),
+    /// The lease cannot pay (or is retired): top it up, or let the region decide.
+    CannotPay,
+    Declined(Declined),
+}
+
 /// The outcome of a cached decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseDecision {
@@ -240,6 +285,8 @@ pub enum LeaseDecision {
     Insufficient {
         available: Credits,
     },
+    /// Not decided from the lease; the caller decides strict.
+    Declined(Declined),
 }
 
 /// Counters for metrics and tests.
@@ -265,6 +312,10 @@ pub struct LeaseStats {
     pub unbilled_decisions: AtomicU64,
     /// What those decisions cost, in micro-credits.
     pub unbilled_micros: AtomicU64,
+    /// Cached requests decided strict because their lease's deadline had passed.
+    pub deadline_passed: AtomicU64,
+    /// Cached requests decided strict because the pending cap (account or edge) was reached.
+    pub pending_cap_reached: AtomicU64,
 }
 
 pub struct Leases<S: RegionStore> {
@@ -420,42 +471,87 @@ impl<S: RegionStore> Leases<S> {
             actor: actor.clone(),
             price,
         };
-        if let Some(decision) = self.decide(account, &lease, usage(), cost)? {
-            return Ok(decision);
+        // At most one renewal and one top-up, then the answer.
+        let (mut renewed, mut refilled) = (false, false);
+        loop {
+            match self.decide(account, &lease, usage(), cost)? {
+                LocalStep::Decided(decision) => return Ok(decision),
+                LocalStep::Declined(Declined::DeadlinePassed) if !renewed && !refilled => {
+                    // The region may still hold the lease: a settlement it accepts extends it.
+                    renewed = true;
+                    self.renew(account, &lease).await;
+                }
+                LocalStep::Declined(why) => {
+                    let counter = match why {
+                        Declined::DeadlinePassed => &self.stats.deadline_passed,
+                        Declined::PendingFull => &self.stats.pending_cap_reached,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    return Ok(LeaseDecision::Declined(why));
+                }
+                LocalStep::CannotPay if !refilled => {
+                    // Top the lease up by at least what is missing (a take also confirms a new
+                    // expiry), then decide again.
+                    refilled = true;
+                    let short = cost.micros() - lease.local().available(Some(feature), at);
+                    let wanted =
+                        Credits::from_micros(self.settings.lease_credits.micros().max(short));
+                    self.refill(account, &lease, wanted).await?;
+                }
+                LocalStep::CannotPay => {
+                    let available = lease.local().available(Some(feature), at);
+                    return Ok(LeaseDecision::Insufficient {
+                        available: Credits::from_micros(available),
+                    });
+                }
+            }
         }
-        // The lease cannot pay: top it up by at least what is missing, then decide again.
-        let short = cost.micros() - lease.local().available(Some(feature), at);
-        let wanted = Credits::from_micros(self.settings.lease_credits.micros().max(short));
-        self.refill(account, &lease, wanted).await?;
-        if let Some(decision) = self.decide(account, &lease, usage(), cost)? {
-            return Ok(decision);
-        }
-        let available = lease.local().available(Some(feature), at);
-        Ok(LeaseDecision::Insufficient {
-            available: Credits::from_micros(available),
-        })
     }
 
-    /// The in-memory decision. `None` when the lease cannot pay.
+    /// Asks the region to renew the account's lease now: settles what is pending (an accepted
+    /// settlement extends the lease), or sends an empty settlement. A failure is not an error
+    /// here: the deadline stays where it was, and decisions do not ask again for a while.
+    async fn renew(&self, account: &AccountId, lease: &Arc<AccountLease>) {
+        if self.clock.now().millis() < lease.local().renew_quiet_until_ms {
+            return;
+        }
+        let mut region = lease.region.lock().await;
+        if !region.live {
+            return;
+        }
+        if lease.local().pending.is_empty() {
+            let _ = self.settle(account, &mut region, lease, Vec::new()).await;
+        } else {
+            self.settle_pending(account, lease, &mut region).await;
+        }
+        let now_ms = self.clock.now().millis();
+        let mut local = lease.local();
+        if now_ms >= local.deadline_ms {
+            local.renew_quiet_until_ms = now_ms + MAINTENANCE_MS as i64;
+        }
+    }
+
+    /// The in-memory decision: from the lease, or why not.
     fn decide(
         self: &Arc<Self>,
         account: &AccountId,
         lease: &Arc<AccountLease>,
         mut usage: LeaseUsage,
         cost: Credits,
-    ) -> Result<Option<LeaseDecision>, EngineError> {
+    ) -> Result<LocalStep, EngineError> {
         let now_ms = self.clock.now().millis();
         let mut local = lease.local();
         if local.retired {
             // The region decides (strict), with the credits this lease gave back.
-            return Ok(None);
+            return Ok(LocalStep::CannotPay);
         }
         if let Some(recent) = local.recent.get(&usage.key) {
+            // A replay moves nothing, so it is answered from memory even past the deadline.
             if recent.feature != usage.feature || recent.cost != cost.micros() {
                 return Err(EngineError::Conflict);
             }
             let available_after = Credits::from_micros(local.available(None, usage.at));
-            return Ok(Some(LeaseDecision::Allowed {
+            return Ok(LocalStep::Decided(LeaseDecision::Allowed {
                 draws: recent.draws.clone(),
                 overdraft: recent.overdraft,
                 replayed: true,
@@ -463,12 +559,17 @@ impl<S: RegionStore> Leases<S> {
             }));
         }
         if local.available(Some(&usage.feature), usage.at) < cost.micros() {
-            return Ok(None);
+            return Ok(LocalStep::CannotPay);
         }
-        if self.pending_total.load(Ordering::Relaxed) >= self.settings.pending_entries_max {
-            return Err(EngineError::Unavailable(
-                "too many decisions waiting for the regional store".into(),
-            ));
+        if now_ms >= local.deadline_ms {
+            // The region may take the lease back (its credits go back to the segments) at any
+            // moment now: a decision from it could be spent twice.
+            return Ok(LocalStep::Declined(Declined::DeadlinePassed));
+        }
+        if local.waiting() >= self.settings.pending_entries_account_max
+            || self.pending_total.load(Ordering::Relaxed) >= self.settings.pending_entries_max
+        {
+            return Ok(LocalStep::Declined(Declined::PendingFull));
         }
         let mut left = cost.micros();
         let mut draws = Vec::new();
@@ -524,7 +625,7 @@ impl<S: RegionStore> Leases<S> {
         if start_refill {
             self.spawn_refill(account.clone(), Arc::clone(lease));
         }
-        Ok(Some(LeaseDecision::Allowed {
+        Ok(LocalStep::Decided(LeaseDecision::Allowed {
             draws,
             overdraft,
             replayed: false,
@@ -616,6 +717,11 @@ impl<S: RegionStore> Leases<S> {
         region.overdraft = granted.overdraft.micros();
         region.live = true;
         region.renewed_at_ms = now_ms;
+        // The region's own figure: the lease lives there until `expires_at`.
+        local.confirm(
+            granted.expires_at.millis(),
+            self.settings.lease_safety_margin_ms(),
+        );
         local.sort();
         if granted.granted.micros() < self.settings.lease_credits.micros() / 2 {
             // The region is running short: do not ask again for a while.
@@ -726,6 +832,12 @@ impl<S: RegionStore> Leases<S> {
         match outcome {
             SettleOutcome::Settled(statuses) => {
                 region.renewed_at_ms = now.millis();
+                // The region found the lease live and moved its expiry to at least this
+                // settlement's (it keeps the later of the two).
+                lease.local().confirm(
+                    settlement.expires_at.millis(),
+                    self.settings.lease_safety_margin_ms(),
+                );
                 for (entry, status) in settlement.entries.iter().zip(statuses) {
                     if let SettleStatus::Rekeyed { key, .. } = &status {
                         self.stats.rekeyed.fetch_add(1, Ordering::Relaxed);
@@ -764,8 +876,12 @@ impl<S: RegionStore> Leases<S> {
                 // decisions as strict debits under the same keys, and start a new lease later.
                 warn!(%account, entries = settlement.entries.len(), "lease expired before its flush; charging directly");
                 *region = RegionSide::default();
-                lease.local().slices.clear();
-                lease.local().overdraft = 0;
+                {
+                    let mut local = lease.local();
+                    local.slices.clear();
+                    local.overdraft = 0;
+                    local.deadline_ms = 0;
+                }
                 let parked = settlement
                     .entries
                     .into_iter()
@@ -948,11 +1064,12 @@ impl<S: RegionStore> Leases<S> {
             .map(|e| (e.key().clone(), Arc::clone(e.value())))
             .collect();
         for (account, lease) in accounts {
-            let (idle, has_pending) = {
+            let (idle, has_pending, deadline_ms) = {
                 let local = lease.local();
                 (
                     now - local.last_used_ms > self.settings.lease_idle_ms,
                     !local.pending.is_empty(),
+                    local.deadline_ms,
                 )
             };
             if has_pending {
@@ -963,10 +1080,12 @@ impl<S: RegionStore> Leases<S> {
                 continue;
             }
             // An empty settlement renews the lease in the region, once half its life has passed
-            // since the last take or settlement (a busy lease is renewed by its flushes). A
-            // failure is retried next round.
+            // since the last take or settlement, or when its deadline would pass before the next
+            // round (a busy lease is renewed by its flushes). A failure is retried next round.
             let mut region = lease.region.lock().await;
-            if region.live && now - region.renewed_at_ms >= self.settings.lease_ttl_ms / 2 {
+            let due = now - region.renewed_at_ms >= self.settings.lease_ttl_ms / 2
+                || now + MAINTENANCE_MS as i64 >= deadline_ms;
+            if region.live && due {
                 let _ = self.settle(&account, &mut region, &lease, Vec::new()).await;
             }
         }
@@ -1038,6 +1157,7 @@ impl<S: RegionStore> Leases<S> {
                 // under the region lock, the only one under which unbilled decisions are added.
                 local.slices.clear();
                 local.overdraft = 0;
+                local.deadline_ms = 0;
                 local.retired = false;
                 return;
             }

@@ -25,5 +25,5 @@ pub use engine::{
     BalanceView, Captured, DebitRequest, Debited, Decision, Engine, Priced, Quote, Refused, Spend,
 };
 pub use error::EngineError;
-pub use leases::{LeaseDecision, LeaseStats, Leases};
+pub use leases::{Declined, LeaseDecision, LeaseStats, Leases};
 pub use settings::EdgeSettings;

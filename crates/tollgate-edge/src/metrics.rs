@@ -20,6 +20,8 @@ pub const LEASE_DUPLICATES_TOTAL: &str = "tollgate_edge_lease_duplicates_total";
 pub const LEASE_LOST_ENTRIES_TOTAL: &str = "tollgate_edge_lease_lost_entries_total";
 pub const LEASE_REKEYED_TOTAL: &str = "tollgate_edge_lease_rekeyed_total";
 pub const LEASE_RECALLED_TOTAL: &str = "tollgate_edge_lease_recalled_total";
+pub const LEASE_DEADLINE_PASSED_TOTAL: &str = "tollgate_edge_lease_deadline_passed_total";
+pub const PENDING_CAP_REACHED_TOTAL: &str = "tollgate_edge_pending_cap_reached_total";
 pub const FLUSH_LAG_MS: &str = "tollgate_edge_flush_lag_ms";
 pub const PENDING_DECISIONS: &str = "tollgate_edge_pending_decisions";
 pub const UNBILLED_DECISIONS: &str = "tollgate_edge_unbilled_decisions";
@@ -71,6 +73,8 @@ pub struct Metrics {
     lost: IntGauge,
     rekeyed: IntGauge,
     recalled: IntGauge,
+    deadline_passed: IntGauge,
+    pending_cap_reached: IntGauge,
     flush_lag_ms: IntGauge,
     pending: IntGauge,
     unbilled: IntGauge,
@@ -111,6 +115,14 @@ impl Metrics {
                 LEASE_RECALLED_TOTAL,
                 "leases given back because another edge of the region needed their credits",
             )?,
+            deadline_passed: gauge(
+                LEASE_DEADLINE_PASSED_TOTAL,
+                "cached requests decided strict because their lease's deadline (region expiry less the safety margin) had passed",
+            )?,
+            pending_cap_reached: gauge(
+                PENDING_CAP_REACHED_TOTAL,
+                "cached requests decided strict because too many decisions waited to be flushed (per account or per edge)",
+            )?,
             flush_lag_ms: gauge(
                 FLUSH_LAG_MS,
                 "age of the oldest decision in the last flush, in ms",
@@ -148,6 +160,8 @@ impl Metrics {
             &metrics.lost,
             &metrics.rekeyed,
             &metrics.recalled,
+            &metrics.deadline_passed,
+            &metrics.pending_cap_reached,
             &metrics.flush_lag_ms,
             &metrics.pending,
             &metrics.unbilled,
@@ -179,6 +193,9 @@ impl Metrics {
         self.lost.set(read(&leases.lost_entries));
         self.rekeyed.set(read(&leases.rekeyed));
         self.recalled.set(read(&leases.recalled));
+        self.deadline_passed.set(read(&leases.deadline_passed));
+        self.pending_cap_reached
+            .set(read(&leases.pending_cap_reached));
         self.flush_lag_ms.set(read(&leases.flush_lag_ms));
         self.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
         self.unbilled.set(read(&leases.unbilled_decisions));

@@ -27,9 +27,17 @@ pub const LEASE_CREDITS_DEFAULT: i64 = 100;
 pub const LEASE_TTL_MS_DEFAULT: i64 = 60_000;
 /// A lease with no decision for this long goes back to the region.
 pub const LEASE_IDLE_MS_DEFAULT: i64 = 15_000;
-/// Decisions waiting to be flushed, across all accounts; beyond it cached mode refuses with
-/// UNAVAILABLE rather than grow without bound while the region is unreachable.
+/// How long before the lease's expiry in the region (as the region last confirmed it) the edge
+/// stops deciding from the lease: a margin for the clocks of the edge and of whoever else sweeps
+/// the region (other edges, the authority) disagreeing. At most half of `lease_ttl_ms` is used
+/// (see [`EdgeSettings::lease_safety_margin_ms`]).
+pub const LEASE_SAFETY_MS_DEFAULT: i64 = 2_000;
+/// Cached decisions on this edge waiting to be flushed or charged (unbilled), across all
+/// accounts; at the cap further cached decisions are decided strict, so a slow or unreachable
+/// region cannot pile up decisions that a crash would lose.
 pub const PENDING_ENTRIES_MAX: usize = 200_000;
+/// The same cap per account.
+pub const PENDING_ENTRIES_ACCOUNT_MAX: usize = 10_000;
 /// How long a decision the region cannot pay waits for other edges to give back their leases on
 /// the account, when those leases hold enough to pay it.
 pub const RECALL_WAIT_MS_DEFAULT: u64 = 50;
@@ -50,7 +58,12 @@ pub struct EdgeSettings {
     pub lease_credits: Credits,
     pub lease_ttl_ms: i64,
     pub lease_idle_ms: i64,
+    /// See [`LEASE_SAFETY_MS_DEFAULT`].
+    pub lease_safety_ms: i64,
+    /// See [`PENDING_ENTRIES_MAX`].
     pub pending_entries_max: usize,
+    /// See [`PENDING_ENTRIES_ACCOUNT_MAX`].
+    pub pending_entries_account_max: usize,
     pub recall_wait_ms: u64,
 }
 
@@ -68,8 +81,17 @@ impl EdgeSettings {
             lease_credits: Credits::from_micros(LEASE_CREDITS_DEFAULT * 1_000_000),
             lease_ttl_ms: LEASE_TTL_MS_DEFAULT,
             lease_idle_ms: LEASE_IDLE_MS_DEFAULT,
+            lease_safety_ms: LEASE_SAFETY_MS_DEFAULT,
             pending_entries_max: PENDING_ENTRIES_MAX,
+            pending_entries_account_max: PENDING_ENTRIES_ACCOUNT_MAX,
             recall_wait_ms: RECALL_WAIT_MS_DEFAULT,
         }
+    }
+
+    /// The margin kept before a lease's expiry in the region: `lease_safety_ms`, at least 0 and
+    /// at most half of `lease_ttl_ms` (so a fresh lease is usable for at least half its life).
+    pub fn lease_safety_margin_ms(&self) -> i64 {
+        self.lease_safety_ms
+            .clamp(0, (self.lease_ttl_ms / 2).max(0))
     }
 }

@@ -34,6 +34,10 @@ pub struct FaultyStore<S> {
     armed: AtomicBool,
     debits: Mutex<DebitFault>,
     debit_calls: AtomicU64,
+    /// Every decision and lease call fails, as while the region does not answer.
+    down: AtomicBool,
+    /// Settlements fail without reaching the store (the rest passes), as while Redis is slow.
+    settlements_fail: AtomicBool,
 }
 
 impl<S: RegionStore> FaultyStore<S> {
@@ -43,7 +47,28 @@ impl<S: RegionStore> FaultyStore<S> {
             armed: AtomicBool::new(false),
             debits: Mutex::new(DebitFault::None),
             debit_calls: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            settlements_fail: AtomicBool::new(false),
         }
+    }
+
+    /// While `down`, every strict decision, lease call (take, settle, return) and view fails
+    /// without reaching the store. Published configuration (price book, account summaries)
+    /// still reads, so a test sees the lease's deadline and not a catalogue miss.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// While set, settlements fail without reaching the store; everything else passes.
+    pub fn fail_settlements(&self, fail: bool) {
+        self.settlements_fail.store(fail, Ordering::SeqCst);
+    }
+
+    fn check_up(&self) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(RegionError::Redis("region unreachable (simulated)".into()));
+        }
+        Ok(())
     }
 
     pub fn lose_next_reply(&self) {
@@ -66,6 +91,10 @@ impl<S: RegionStore> RegionStore for FaultyStore<S> {
     }
 
     async fn settle_lease(&self, settlement: &LeaseSettlement) -> Result<SettleOutcome> {
+        self.check_up()?;
+        if self.settlements_fail.load(Ordering::SeqCst) {
+            return Err(RegionError::Redis("settlement failed (simulated)".into()));
+        }
         let outcome = self.inner.settle_lease(settlement).await?;
         if self.armed.swap(false, Ordering::SeqCst) {
             return Err(RegionError::Redis("settle reply lost (simulated)".into()));
@@ -120,6 +149,7 @@ impl<S: RegionStore> RegionStore for FaultyStore<S> {
 
     async fn debit(&self, command: &DebitCommand) -> Result<DebitOutcome> {
         self.debit_calls.fetch_add(1, Ordering::SeqCst);
+        self.check_up()?;
         let fault = *self.debits.lock().unwrap();
         match fault {
             DebitFault::None => self.inner.debit(command).await,
@@ -134,22 +164,27 @@ impl<S: RegionStore> RegionStore for FaultyStore<S> {
     }
 
     async fn authorize(&self, command: &AuthorizeCommand) -> Result<AuthorizeOutcome> {
+        self.check_up()?;
         self.inner.authorize(command).await
     }
 
     async fn capture(&self, command: &CaptureCommand) -> Result<CaptureOutcome> {
+        self.check_up()?;
         self.inner.capture(command).await
     }
 
     async fn release(&self, command: &ReleaseCommand) -> Result<ReleaseOutcome> {
+        self.check_up()?;
         self.inner.release(command).await
     }
 
     async fn reverse(&self, command: &ReverseCommand) -> Result<ReverseOutcome> {
+        self.check_up()?;
         self.inner.reverse(command).await
     }
 
     async fn take_lease(&self, request: &LeaseRequest) -> Result<Lease> {
+        self.check_up()?;
         self.inner.take_lease(request).await
     }
 
@@ -159,10 +194,12 @@ impl<S: RegionStore> RegionStore for FaultyStore<S> {
         lease_id: &LeaseId,
         now: Timestamp,
     ) -> Result<Credits> {
+        self.check_up()?;
         self.inner.return_lease(account, lease_id, now).await
     }
 
     async fn view(&self, account: &AccountId, now: Timestamp) -> Result<AccountView> {
+        self.check_up()?;
         self.inner.view(account, now).await
     }
 
