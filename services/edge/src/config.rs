@@ -36,6 +36,9 @@
 //! lease_ttl = "60s"
 //! lease_idle = "15s"
 //! recall_wait = "50ms"
+//! lease_safety = "2s"                   # no cached decision this close to the lease's expiry
+//! pending_max = 200000                  # unflushed decisions per edge; more go strict
+//! pending_account_max = 10000           # the same, per account
 //!
 //! [[api_keys]]
 //! name = "checkout"
@@ -101,6 +104,9 @@ pub struct RawCached {
     pub lease_ttl: Option<String>,
     pub lease_idle: Option<String>,
     pub recall_wait: Option<String>,
+    pub lease_safety: Option<String>,
+    pub pending_max: Option<usize>,
+    pub pending_account_max: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -360,6 +366,21 @@ fn apply_cached(raw: &RawCached, settings: &mut EdgeSettings) -> Result<(), Conf
     if let Some(ms) = duration_ms("cached.recall_wait", &raw.recall_wait, 0, 1_000)? {
         settings.recall_wait_ms = ms;
     }
+    if let Some(ms) = duration_ms("cached.lease_safety", &raw.lease_safety, 0, 1_800_000)? {
+        settings.lease_safety_ms = signed(ms);
+    }
+    if let Some(max) = raw.pending_max {
+        if !(1..=1_000_000).contains(&max) {
+            return Err(invalid("cached.pending_max", "must be 1..=1000000"));
+        }
+        settings.pending_entries_max = max;
+    }
+    if let Some(max) = raw.pending_account_max {
+        if !(1..=1_000_000).contains(&max) {
+            return Err(invalid("cached.pending_account_max", "must be 1..=1000000"));
+        }
+        settings.pending_entries_account_max = max;
+    }
     Ok(())
 }
 
@@ -401,6 +422,9 @@ mod tests {
             [cached]
             flush_interval = "5ms"
             lease_credits = "250.5"
+            lease_safety = "3s"
+            pending_max = 5000
+            pending_account_max = 50
             "#,
             &[
                 ("TOLLGATE_LISTEN", "127.0.0.1:7001"),
@@ -420,6 +444,14 @@ mod tests {
             Credits::parse("250.5").unwrap()
         );
         assert_eq!(config.limits.in_flight_max, 64);
+        assert_eq!(
+            (
+                config.settings.lease_safety_ms,
+                config.settings.pending_entries_max,
+                config.settings.pending_entries_account_max
+            ),
+            (3_000, 5_000, 50)
+        );
         assert_eq!(config.listen.port(), 7001);
         assert!(config.keys.scope_of(Some(b"Bearer k")).is_ok());
     }
