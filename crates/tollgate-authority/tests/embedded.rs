@@ -168,6 +168,19 @@ impl World {
         }
     }
 
+    /// A purchase grant `bought` of `credits`, issued now, never expiring.
+    async fn buy(&self, credits: i64) {
+        issue(
+            &self.ledger,
+            "bought",
+            credits,
+            GrantSource::Purchase,
+            None,
+            self.clock.now(),
+        )
+        .await;
+    }
+
     fn store(&self, name: &str) -> &MemoryRegionStore {
         &self.regions[&region(name)]
     }
@@ -937,15 +950,7 @@ async fn debt_run_up_before_a_grant_and_reconciled_after_it_is_settled_from_that
     assert!(world.debit("eu", "before-the-grant", 4).await);
     world.clock.advance_ms(1_000);
     // A purchase while that usage is on its way: the ledger has no debt to settle yet.
-    issue(
-        &world.ledger,
-        "bought",
-        20,
-        GrantSource::Purchase,
-        None,
-        world.clock.now(),
-    )
-    .await;
+    world.buy(20).await;
     world.node.rebalance(&acct()).await.unwrap();
     assert_eq!(world.held("eu").await, (20 * MICROS, 6 * MICROS));
     world.clock.advance_ms(1_000);
@@ -985,15 +990,7 @@ async fn debt_run_up_before_a_grant_and_reconciled_after_it_is_settled_from_that
 async fn a_key_reused_after_the_region_forgot_it_is_charged_and_its_reversal_refunds_that_decision()
 {
     let world = World::start(&["eu"], 0, 0, 10).await;
-    issue(
-        &world.ledger,
-        "bought",
-        100,
-        GrantSource::Purchase,
-        None,
-        world.clock.now(),
-    )
-    .await;
+    world.buy(100).await;
     world.allocate("eu").await;
     assert!(world.debit("eu", "nightly-job", 2).await);
     world.reconcile_expecting("eu", 1, 0, 0).await;
@@ -1023,15 +1020,7 @@ async fn a_key_reused_after_the_region_forgot_it_is_charged_and_its_reversal_ref
 async fn a_reversal_after_a_partial_refund_refunds_the_rest_and_the_region_returns_the_difference()
 {
     let world = World::start(&["eu"], 0, 0, 10).await;
-    issue(
-        &world.ledger,
-        "bought",
-        100,
-        GrantSource::Purchase,
-        None,
-        world.clock.now(),
-    )
-    .await;
+    world.buy(100).await;
     world.allocate("eu").await;
     assert!(world.debit("eu", "job", 10).await);
     world.reconcile_expecting("eu", 1, 0, 0).await;
@@ -1080,15 +1069,7 @@ async fn late_debt_waits_for_the_grant_issued_first_rather_than_settle_from_a_la
     assert!(world.debit("eu", "before-the-grants", 3).await);
     world.clock.advance_ms(1_000);
     // A purchase, all of it handed to us, which then spends from it (not reconciled either).
-    issue(
-        &world.ledger,
-        "bought",
-        10,
-        GrantSource::Purchase,
-        None,
-        world.clock.now(),
-    )
-    .await;
+    world.buy(10).await;
     world.allocate("us").await;
     assert_eq!(world.held("us").await.0, 10 * MICROS);
     assert!(world.debit("us", "from-the-purchase", 1).await);
@@ -1144,15 +1125,7 @@ async fn a_reversal_reconciled_with_late_debt_refunds_after_the_grant_settled_th
     world.allocate("eu").await;
     assert!(world.debit("eu", "before-the-grant", 3).await);
     world.clock.advance_ms(1_000);
-    issue(
-        &world.ledger,
-        "bought",
-        20,
-        GrantSource::Purchase,
-        None,
-        world.clock.now(),
-    )
-    .await;
+    world.buy(20).await;
     world.node.rebalance(&acct()).await.unwrap();
     world.clock.advance_ms(1_000);
     // The spend is reversed before either reaches the ledger: one batch holds both.

@@ -274,8 +274,26 @@ impl ShadowBook {
         drawn: &BurnPlan,
     ) -> Applied {
         self.expire_holds(at);
+        let (applied, plan) = self.judge_drawn(feature, at, cost, drawn);
+        self.apply_debit(id, at, plan);
+        applied
+    }
+
+    /// What a region drew for a spend of `cost`, judged against the rules (beyond them? off
+    /// the burn-down order?), and the plan the model applies: the reported draws in the
+    /// model's names when it can (they sum to the cost and fit what the grants have left),
+    /// else the rules' plan, else the forced one.
+    fn judge_drawn(
+        &mut self,
+        feature: &FeatureKey,
+        at: Timestamp,
+        cost: Credits,
+        drawn: &BurnPlan,
+    ) -> (Applied, BurnPlan) {
         let ruled = self.plan(feature, at, cost);
-        let reported = self.resolve(drawn);
+        let reported = self
+            .resolve(drawn)
+            .filter(|plan| plan.total().ok() == Some(cost));
         let applied = Applied {
             allowed: ruled.is_ok(),
             in_order: reported.as_ref() == ruled.as_ref().ok(),
@@ -285,8 +303,7 @@ impl ShadowBook {
             (Some(plan), _) | (None, Ok(plan)) => plan,
             (None, Err(_)) => self.forced_plan(feature, at, cost),
         };
-        self.apply_debit(id, at, plan);
-        applied
+        (applied, plan)
     }
 
     /// The reported draws in the model's grant names, when every one names a grant the model
@@ -365,19 +382,7 @@ impl ShadowBook {
         drawn: &BurnPlan,
     ) -> Applied {
         self.expire_holds(at);
-        let ruled = self.plan(feature, at, cost);
-        let reported = self
-            .resolve(drawn)
-            .filter(|plan| plan.total().ok() == Some(cost));
-        let applied = Applied {
-            allowed: ruled.is_ok(),
-            in_order: reported.as_ref() == ruled.as_ref().ok(),
-            as_reported: reported.is_some(),
-        };
-        let reserved = match (reported, ruled) {
-            (Some(plan), _) | (None, Ok(plan)) => plan,
-            (None, Err(_)) => self.forced_plan(feature, at, cost),
-        };
+        let (applied, reserved) = self.judge_drawn(feature, at, cost, drawn);
         let hold = ShadowHold {
             reserved,
             amount: cost,

@@ -4,6 +4,7 @@
 //! that does not answer, or a webhook receiver that is slow, holds nothing else back.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ pub const RECONCILE_PASSES_MAX: usize = 20;
 pub const PASS_TIMEOUT_MS: u64 = 30_000;
 
 type Node<R> = Authority<dyn LedgerStore, R>;
+/// One pass of a concern run on the lifecycle's schedule.
+type Pass<R> = fn(Arc<Node<R>>) -> Pin<Box<dyn Future<Output = Result<(), AuthorityError>> + Send>>;
 
 /// Runs until `stopped` turns true.
 pub async fn run<R: RegionStore>(
@@ -71,36 +74,26 @@ pub async fn run<R: RegionStore>(
             }
         },
     ));
-    let node = Arc::clone(&authority);
-    tasks.spawn(every(
-        LIFECYCLE_INTERVAL_MS,
-        "notifier pass".to_owned(),
-        stopped.clone(),
-        move || {
-            let node = Arc::clone(&node);
-            async move { node.notify_pass().await.map(|_| ()) }
-        },
-    ));
-    let node = Arc::clone(&authority);
-    tasks.spawn(every(
-        LIFECYCLE_INTERVAL_MS,
-        "top-up pass".to_owned(),
-        stopped.clone(),
-        move || {
-            let node = Arc::clone(&node);
-            async move { node.run_top_ups().await.map(|_| ()) }
-        },
-    ));
-    let node = Arc::clone(&authority);
-    tasks.spawn(every(
-        LIFECYCLE_INTERVAL_MS,
-        "webhook pass".to_owned(),
-        stopped.clone(),
-        move || {
-            let node = Arc::clone(&node);
-            async move { node.deliver_due().await.map(|_| ()) }
-        },
-    ));
+    let passes: [(&str, Pass<R>); 3] = [
+        ("notifier pass", |node| {
+            Box::pin(async move { node.notify_pass().await.map(|_| ()) })
+        }),
+        ("top-up pass", |node| {
+            Box::pin(async move { node.run_top_ups().await.map(|_| ()) })
+        }),
+        ("webhook pass", |node| {
+            Box::pin(async move { node.deliver_due().await.map(|_| ()) })
+        }),
+    ];
+    for (name, pass) in passes {
+        let node = Arc::clone(&authority);
+        tasks.spawn(every(
+            LIFECYCLE_INTERVAL_MS,
+            name.to_owned(),
+            stopped.clone(),
+            move || pass(Arc::clone(&node)),
+        ));
+    }
     let node = Arc::clone(&authority);
     let mut stop = stopped.clone();
     tasks.spawn(async move {

@@ -23,18 +23,23 @@ fn list(account: &str, state: pb::ParkedState) -> pb::ListParkedUsageRequest {
     }
 }
 
-fn resolve(
+/// Resolves parked record `id` with `action` under `key`.
+async fn resolve(
+    admin: &mut Admin,
     key: &str,
     id: &str,
     action: pb::ParkedAction,
     reason: &str,
-) -> pb::ResolveParkedUsageRequest {
-    pb::ResolveParkedUsageRequest {
-        idempotency_key: key.into(),
-        id: id.into(),
-        action: action.into(),
-        reason: reason.into(),
-    }
+) -> Result<pb::ResolveParkedUsageReply, tonic::Status> {
+    admin
+        .resolve_parked_usage(pb::ResolveParkedUsageRequest {
+            idempotency_key: key.into(),
+            id: id.into(),
+            action: action.into(),
+            reason: reason.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 async fn parked(admin: &mut Admin, account: &str, state: pb::ParkedState) -> Vec<pb::ParkedUsage> {
@@ -134,15 +139,15 @@ async fn parked_usage_is_listed_counted_charged_and_written_off() {
     );
 
     // Nothing to charge it from yet: refused, nothing moved, still open.
-    let refused = admin
-        .resolve_parked_usage(resolve(
-            "resolve.1",
-            &first.id,
-            pb::ParkedAction::Charge,
-            "",
-        ))
-        .await
-        .unwrap_err();
+    let refused = resolve(
+        &mut admin,
+        "resolve.1",
+        &first.id,
+        pb::ParkedAction::Charge,
+        "",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(
         refused.code(),
         tonic::Code::FailedPrecondition,
@@ -159,16 +164,15 @@ async fn parked_usage_is_listed_counted_charged_and_written_off() {
 
     // With a new grant it is charged now: the ledger balance drops by its cost.
     grant(&mut admin, "acme", "g2", "5").await;
-    let charged = admin
-        .resolve_parked_usage(resolve(
-            "resolve.1",
-            &first.id,
-            pb::ParkedAction::Charge,
-            "",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let charged = resolve(
+        &mut admin,
+        "resolve.1",
+        &first.id,
+        pb::ParkedAction::Charge,
+        "",
+    )
+    .await
+    .unwrap();
     assert!(!charged.replayed);
     let record = charged.record.clone().unwrap();
     assert_eq!(record.state(), pb::ParkedState::Resolved);
@@ -182,57 +186,54 @@ async fn parked_usage_is_listed_counted_charged_and_written_off() {
         "1"
     );
     // Replayed: the same answer, nothing charged again.
-    let again = admin
-        .resolve_parked_usage(resolve(
-            "resolve.1",
-            &first.id,
-            pb::ParkedAction::Charge,
-            "",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = resolve(
+        &mut admin,
+        "resolve.1",
+        &first.id,
+        pb::ParkedAction::Charge,
+        "",
+    )
+    .await
+    .unwrap();
     assert!(again.replayed);
     assert_eq!(again.record, charged.record);
     assert_eq!(ledger_balance(&mut admin, "acme").await, "3");
 
     // Written off: nothing charged, listed as resolved with the reason.
-    let missing = admin
-        .resolve_parked_usage(resolve(
-            "resolve.2",
-            &second.id,
-            pb::ParkedAction::WriteOff,
-            " ",
-        ))
-        .await
-        .unwrap_err();
+    let missing = resolve(
+        &mut admin,
+        "resolve.2",
+        &second.id,
+        pb::ParkedAction::WriteOff,
+        " ",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::InvalidArgument);
     assert!(missing.message().starts_with("reason:"), "{missing:?}");
-    let written = admin
-        .resolve_parked_usage(resolve(
-            "resolve.2",
-            &second.id,
-            pb::ParkedAction::WriteOff,
-            "goodwill",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let written = resolve(
+        &mut admin,
+        "resolve.2",
+        &second.id,
+        pb::ParkedAction::WriteOff,
+        "goodwill",
+    )
+    .await
+    .unwrap();
     let record = written.record.clone().unwrap();
     assert_eq!(record.resolution, "written_off");
     assert_eq!(record.resolution_reason, "goodwill");
     assert_eq!(record.charged, "");
     assert_eq!(ledger_balance(&mut admin, "acme").await, "3");
-    let again = admin
-        .resolve_parked_usage(resolve(
-            "resolve.2",
-            &second.id,
-            pb::ParkedAction::WriteOff,
-            "goodwill",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = resolve(
+        &mut admin,
+        "resolve.2",
+        &second.id,
+        pb::ParkedAction::WriteOff,
+        "goodwill",
+    )
+    .await
+    .unwrap();
     assert!(again.replayed);
     assert_eq!(again.record, written.record);
     assert_eq!(
@@ -250,52 +251,52 @@ async fn parked_usage_is_listed_counted_charged_and_written_off() {
         .is_empty());
 
     // Resolved already, under another key: refused; the same key for another action: a conflict.
-    let twice = admin
-        .resolve_parked_usage(resolve(
-            "resolve.3",
-            &second.id,
-            pb::ParkedAction::Charge,
-            "",
-        ))
-        .await
-        .unwrap_err();
+    let twice = resolve(
+        &mut admin,
+        "resolve.3",
+        &second.id,
+        pb::ParkedAction::Charge,
+        "",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(twice.code(), tonic::Code::FailedPrecondition, "{twice:?}");
-    let conflict = admin
-        .resolve_parked_usage(resolve(
-            "resolve.2",
-            &second.id,
-            pb::ParkedAction::Charge,
-            "",
-        ))
-        .await
-        .unwrap_err();
+    let conflict = resolve(
+        &mut admin,
+        "resolve.2",
+        &second.id,
+        pb::ParkedAction::Charge,
+        "",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(conflict.code(), tonic::Code::AlreadyExists, "{conflict:?}");
     assert_eq!(ledger_balance(&mut admin, "acme").await, "3");
 
     // Bad input names its field; an unknown id is NOT_FOUND.
-    for (request, field, code) in [
+    for ((key, id, action), field, code) in [
         (
-            resolve("r", "999", pb::ParkedAction::WriteOff, "x"),
+            ("r", "999", pb::ParkedAction::WriteOff),
             "",
             tonic::Code::NotFound,
         ),
         (
-            resolve("r", "abc", pb::ParkedAction::WriteOff, "x"),
+            ("r", "abc", pb::ParkedAction::WriteOff),
             "id:",
             tonic::Code::InvalidArgument,
         ),
         (
-            resolve("r", &first.id, pb::ParkedAction::Unspecified, "x"),
+            ("r", &first.id, pb::ParkedAction::Unspecified),
             "action:",
             tonic::Code::InvalidArgument,
         ),
         (
-            resolve("", &first.id, pb::ParkedAction::WriteOff, "x"),
+            ("", &first.id, pb::ParkedAction::WriteOff),
             "idempotency_key:",
             tonic::Code::InvalidArgument,
         ),
     ] {
-        let status = admin.resolve_parked_usage(request).await.unwrap_err();
+        let status = resolve(&mut admin, key, id, action, "x").await.unwrap_err();
         assert_eq!(status.code(), code, "{status:?}");
         assert!(status.message().starts_with(field), "{status:?}");
     }

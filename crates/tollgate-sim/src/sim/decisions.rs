@@ -10,7 +10,9 @@ use tollgate_region::RegionStore;
 use super::{credits, feature, Sim};
 use crate::oracle::{
     judge, multi_region_refusal_allowed, Answer, BalanceClass, Circumstances, DecisionKind,
+    OracleFigures,
 };
+use crate::shadow::Applied;
 
 /// Grants listed in a false refusal's message at most.
 const GRANTS_LISTED_MAX: usize = 6;
@@ -80,17 +82,7 @@ impl Sim {
         let cost = done.priced.cost;
         let applied = shadow.debit(charge, feature(decided.feature), cost, drawn, at);
         let balance = shadow.book().balance(at);
-        let figures = &mut self.report.oracle;
-        figures.decision(decided.kind);
-        if !applied.allowed {
-            figures.overspend(decided.kind);
-        }
-        if !applied.in_order {
-            figures.off_order(decided.kind);
-        }
-        if !applied.as_reported {
-            figures.model_disagreements += 1;
-        }
+        count_applied(&mut self.report.oracle, decided.kind, applied);
         let parts = if balance == done.balance_after {
             Vec::new()
         } else {
@@ -277,17 +269,7 @@ impl Sim {
             at,
             held.expires_at,
         );
-        let figures = &mut self.report.oracle;
-        figures.decision(decided.kind);
-        if !applied.allowed {
-            figures.overspend(decided.kind);
-        }
-        if !applied.in_order {
-            figures.off_order(decided.kind);
-        }
-        if !applied.as_reported {
-            figures.model_disagreements += 1;
-        }
+        count_applied(&mut self.report.oracle, decided.kind, applied);
     }
 
     /// A capture, release or refund the model could not apply as the edges did is counted.
@@ -563,5 +545,20 @@ impl Parts {
             self.classes.push(class);
             self.left -= amount;
         }
+    }
+}
+
+/// Counts a spend or hold the model applied: a decision, and beyond the model, off the
+/// burn-down order or not as reported when it was.
+fn count_applied(figures: &mut OracleFigures, kind: DecisionKind, applied: Applied) {
+    figures.decision(kind);
+    if !applied.allowed {
+        figures.overspend(kind);
+    }
+    if !applied.in_order {
+        figures.off_order(kind);
+    }
+    if !applied.as_reported {
+        figures.model_disagreements += 1;
     }
 }
