@@ -247,6 +247,11 @@ pub struct Adjust {
     /// Id of the adjustment grant when positive; `None`: derived from the entry sequence.
     pub grant_id: Option<GrantId>,
     pub memo: Memo,
+    /// A negative adjustment may leave debt beyond the account's overdraft limit only when
+    /// this is set; without it, such an adjustment is refused and says what the balance would
+    /// be. (Left out of the stored form when false, so earlier adjustments replay the same.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub beyond_overdraft: bool,
 }
 
 /// Settles debt from a grant issued after the debt was run up, when the usage that ran it up

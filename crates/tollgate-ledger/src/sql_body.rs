@@ -1248,11 +1248,27 @@ impl LedgerStore for Store {
                 ))
                 .map_err(|e| LedgerError::invalid("grant_id", e))?,
             };
+            let debt_before = book.debt();
             let result = book.adjust(command.amount, now, id.clone());
             let movements = match movements_or_refusal(&command.account, result)? {
                 Ok(movements) => movements,
                 Err(refusal) => return Ok(Err(refusal)),
             };
+            let debt = book.debt();
+            if debt > debt_before && debt > book.overdraft_limit() && !command.beyond_overdraft {
+                return Ok(Err(Refusal::with_message(
+                    RefusalCode::OverdraftExceeded,
+                    format!(
+                        "the adjustment would leave account {} at balance {} (debt {}), beyond \
+                         its overdraft limit {}; send it again with beyond_overdraft (and a new \
+                         idempotency key) to go ahead",
+                        command.account,
+                        book.balance(),
+                        debt,
+                        book.overdraft_limit()
+                    ),
+                )));
+            }
             let created = command.amount.is_positive().then_some(id);
             Ok(Ok(Done {
                 movements,

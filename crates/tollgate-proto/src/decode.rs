@@ -364,6 +364,7 @@ impl TryFrom<pb::AdjustRequest> for Adjust {
             amount: nonzero_credits("amount", &request.amount)?,
             grant_id: optional_id("grant_id", &request.grant_id)?,
             memo,
+            beyond_overdraft: request.beyond_overdraft,
         })
     }
 }
@@ -639,6 +640,7 @@ mod tests {
                 amount: amount.into(),
                 grant_id: String::new(),
                 memo: memo.into(),
+                beyond_overdraft: false,
             })
         };
         assert!(adjust("-2.5", "ticket 1").is_ok());

@@ -124,7 +124,7 @@ proptest! {
 
     #[test]
     fn adjust(key in hostile_text(), account in hostile_text(), amount in hostile_text(), grant in hostile_text(), memo in hostile_text()) {
-        let request = pb::AdjustRequest { idempotency_key: key, account_id: account, amount, grant_id: grant, memo };
+        let request = pb::AdjustRequest { idempotency_key: key, account_id: account, amount, grant_id: grant, memo, beyond_overdraft: false };
         if let Some(command) = check(Adjust::try_from(request), &["idempotency_key", "account_id", "amount", "grant_id", "memo"]) {
             prop_assert!(!command.amount.is_zero());
         }

@@ -848,6 +848,7 @@ pub async fn adjust(conn: &Connection, out: &Out, args: AdjustArgs) -> Result<()
                 amount,
                 grant_id: args.grant_id,
                 memo: args.memo,
+                beyond_overdraft: args.beyond_overdraft,
             })),
         )
         .await?;

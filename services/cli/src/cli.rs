@@ -550,6 +550,10 @@ pub struct AdjustArgs {
     /// Id of the adjustment grant when positive; default: derived.
     #[arg(long, default_value = "")]
     pub grant_id: String,
+    /// Let a negative adjustment leave debt beyond the account's overdraft limit (refused
+    /// otherwise, saying what the balance would be).
+    #[arg(long)]
+    pub beyond_overdraft: bool,
     #[command(flatten)]
     pub mutation: Mutation,
 }

@@ -508,6 +508,33 @@ fn holds_schedules_and_grant_corrections_through_the_cli() {
     assert_eq!(first["replayed"], false);
     assert_eq!(replay["replayed"], true);
     assert_eq!(replay["balance_after"], first["balance_after"]);
+
+    // Taking more than the account holds and its overdraft allows is refused (exit 4), saying
+    // what the balance would be; said explicitly, it goes through.
+    let beyond = node.tollgate(&["adjust", "acme", "--amount=-100000", "--memo", "write-off"]);
+    assert_eq!(beyond.code, 4, "{beyond:?}");
+    assert!(
+        beyond.stderr.contains("beyond its overdraft limit"),
+        "{beyond:?}"
+    );
+    let forced = node
+        .tollgate(&[
+            "--json",
+            "adjust",
+            "acme",
+            "--amount=-100000",
+            "--memo",
+            "write-off",
+            "--beyond-overdraft",
+        ])
+        .ok()
+        .json();
+    assert!(
+        forced["balance_after"]
+            .as_str()
+            .is_some_and(|b| b.starts_with('-')),
+        "{forced}"
+    );
 }
 
 /// Authorizes `quantity` chat messages for `acme` under `key`; answers the hold's id.

@@ -1082,6 +1082,7 @@ pub async fn adjustments_and_voids_follow_the_rules(f: &Fixture) {
         amount: credits(amount),
         grant_id: None,
         memo: Memo::new("support ticket").unwrap(),
+        beyond_overdraft: false,
     };
     let up = store
         .adjust(adjust("a1", "2"), at(2))
@@ -1090,9 +1091,32 @@ pub async fn adjustments_and_voids_follow_the_rules(f: &Fixture) {
         .unwrap();
     assert!(up.grant_id.is_some());
     assert_eq!(up.balance, credits("5"));
-    // Taking 7 takes all 5 from grants, and 2 become debt.
-    let down = store
+    // Taking 7 would take all 5 from grants and leave 2 of debt, beyond the limit of 0:
+    // refused, saying what the balance would be, and nothing moves.
+    let refused = store
         .adjust(adjust("a2", "-7"), at(3))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.code, RefusalCode::OverdraftExceeded);
+    assert!(
+        refused.message.contains("balance -2 (debt 2)"),
+        "{}",
+        refused.message
+    );
+    assert_eq!(
+        store.account(&account("acme")).await.unwrap().balance,
+        credits("5")
+    );
+    // Said explicitly, it goes through.
+    let down = store
+        .adjust(
+            Adjust {
+                beyond_overdraft: true,
+                ..adjust("a2-beyond", "-7")
+            },
+            at(3),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -1390,6 +1414,7 @@ pub async fn concurrent_writers_keep_the_invariants(f: &Fixture) {
                             amount: credits(if writer % 2 == 0 { "-2" } else { "1" }),
                             grant_id: None,
                             memo: Memo::default(),
+                            beyond_overdraft: true,
                         };
                         let receipt = store.adjust(command, now).await.unwrap().unwrap();
                         receipt.movements.len() as u64

@@ -979,6 +979,7 @@ async fn change_forms(
          <b>Adjust the balance</b>\
          <label>Amount (negative takes credits away) <input name=\"amount\" id=\"adjust-amount\" required size=\"10\"></label>\
          <label>Reason (required) <input name=\"reason\" id=\"adjust-reason\" required size=\"40\" maxlength=\"{REASON_BYTES_MAX}\"></label>\
+         <label><input type=\"checkbox\" name=\"beyond_overdraft\" value=\"yes\" id=\"adjust-beyond\"> May go beyond the overdraft limit</label>\
          <button id=\"adjust-submit\">Review adjustment</button></form>",
         op = hidden("op", &operation_key()?),
     );
@@ -1477,18 +1478,21 @@ async fn adjust(
     let amount = field(&form, "amount")?;
     let why = reason(&form)?;
     if optional(&form, "confirm") != Some("yes") {
-        let what = if amount.starts_with('-') {
+        let mut what = if amount.starts_with('-') {
             format!("Take {} credits from", amount.trim_start_matches('-'))
         } else {
             format!("Add {amount} credits to")
         };
+        if optional(&form, "beyond_overdraft") == Some("yes") {
+            what.insert_str(0, "Beyond the overdraft limit if need be: ");
+        }
         return Ok(confirm_page(
             &session,
             &format!("/console/accounts/{}/adjust", url(&account)),
             "Confirm the adjustment",
             &format!("{what} account {account}. Reason: {why}"),
             &form,
-            &["op", "amount", "reason"],
+            &["op", "amount", "reason", "beyond_overdraft"],
             &format!("/console/accounts/{}", url(&account)),
         ));
     }
@@ -1498,6 +1502,7 @@ async fn adjust(
         amount: amount.to_owned(),
         grant_id: String::new(),
         memo: memo(why, &session),
+        beyond_overdraft: optional(&form, "beyond_overdraft") == Some("yes"),
     };
     let reply = console
         .admin
