@@ -357,6 +357,73 @@ async fn two_regions_debit_one_account_and_every_acknowledged_debit_is_applied_o
     assert_eq!(node.state().watermarks().await.unwrap().len(), 2);
 }
 
+/// Usage the ledger cannot take is parked in the authority's state on PostgreSQL: listed,
+/// counted, and written off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_usage_is_listed_counted_and_resolved_on_postgres() {
+    use tollgate_authority::parked::{resolve, ParkedAction, ResolveParked};
+    use tollgate_authority::state::{ParkedFilter, ParkedState};
+
+    let start = ts("2027-05-01T00:00:00Z");
+    let world = World::start(&["eu"], start).await;
+    world.account("acme", "0").await;
+    world.grant("acme", "bought", "10", None).await;
+    let node = world.authority(settings()).await;
+    allocate(&node, "eu", "acme").await;
+    let spent = debit(&world.store("eu"), "acme", "late", "4", world.clock.now()).await;
+    assert!(matches!(spent, DebitOutcome::Allowed(_)), "{spent:?}");
+    // The ledger takes the grant away before that spend is reconciled: it is parked.
+    world
+        .ledger
+        .adjust(
+            tollgate_core::command::Adjust {
+                key: key("taken"),
+                account: acct("acme"),
+                amount: credits("-10"),
+                grant_id: None,
+                memo: Memo::new("taken back by hand").unwrap(),
+                beyond_overdraft: false,
+            },
+            world.clock.now(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let report = node.reconcile_all(10).await.unwrap();
+    assert_eq!(report.parked, 1);
+    let state = node.state();
+    let open = state
+        .parked_after(0, "acme", ParkedFilter::Open, 10)
+        .await
+        .unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(state.parked_open_totals().await.unwrap(), (1, 4_000_000));
+    let resolved = resolve(
+        world.ledger.as_ref(),
+        state,
+        &ResolveParked {
+            key: key("write-off-1"),
+            id: open[0].id,
+            action: ParkedAction::WriteOff,
+            reason: "goodwill".into(),
+            by: "ops".into(),
+        },
+        world.clock.now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resolved.record.state, ParkedState::Resolved);
+    assert_eq!(state.parked_open_totals().await.unwrap(), (0, 0));
+    assert_eq!(
+        state
+            .parked_after(0, "", ParkedFilter::Resolved, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
 /// A region that does not answer holds back no other region's reconciliation: the others
 /// are reconciled, and the failure is reported after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

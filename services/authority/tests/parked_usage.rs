@@ -65,13 +65,7 @@ async fn wait_parked(admin: &mut Admin, account: &str, count: usize) -> Vec<pb::
 
 /// The value of one metric line on the node's /metrics.
 async fn metric(node: &Node, name: &str) -> String {
-    let url = format!("http://{}/metrics", node.http);
-    let (status, _, body) = common::http_client::call("GET", &url, &[], "").await;
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
-        .to_owned()
+    common::http_client::metric(&node.http.to_string(), name).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! `tollgate-authority serve` with a configured region, as a real process on PostgreSQL and a
 //! redis-server of the test's own: prices, an account and a grant through Admin; an edge in
 //! this test whose cold path asks this authority over gRPC; the debit reconciled into the
-//! ledger by the authority's background loop; then SIGTERM.
+//! ledger by the authority's background loop; its /metrics scraped; then SIGTERM.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -50,6 +50,10 @@ async fn serve_reconciles_allocates_and_answers_the_cold_path_for_a_configured_r
     )
     .unwrap();
     let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let http = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut config_text = std::fs::read_to_string(&config).unwrap();
+    config_text.insert_str(0, &format!("http_listen = \"{http}\"\n"));
+    std::fs::write(&config, config_text).unwrap();
     let mut node = Node(
         Command::new(env!("CARGO_BIN_EXE_tollgate-authority"))
             .args(["serve", "--config"])
@@ -146,6 +150,15 @@ async fn serve_reconciles_allocates_and_answers_the_cold_path_for_a_configured_r
     assert_eq!(
         balance, "98.5",
         "the authority reconciled the region's debit into the ledger"
+    );
+    // Its /metrics says nothing is parked.
+    assert_eq!(
+        common::http_client::metric(&http, "tollgate_authority_parked_usage_open").await,
+        "0"
+    );
+    assert_eq!(
+        common::http_client::metric(&http, "tollgate_authority_parked_usage_open_micros").await,
+        "0"
     );
 
     let pid = node.0.id().to_string();

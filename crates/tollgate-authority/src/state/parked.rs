@@ -447,7 +447,7 @@ impl StateStore {
     /// Open records (charging included): how many, and the micro-credits they served.
     pub async fn parked_open_totals(&self) -> Result<(i64, i64)> {
         let row = sqlx::query(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(cost_micros), 0) AS micros FROM authority_parked \
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS micros FROM authority_parked \
              WHERE state <> 'resolved'",
         )
         .fetch_one(&self.pool)

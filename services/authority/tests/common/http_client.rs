@@ -30,3 +30,14 @@ pub async fn call(
         String::from_utf8_lossy(&bytes).into_owned(),
     )
 }
+
+/// One sample of `name` on the `/metrics` page of the HTTP listener at `http` (host:port).
+pub async fn metric(http: &str, name: &str) -> String {
+    let url = format!("http://{http}/metrics");
+    let (status, _, body) = call("GET", &url, &[], "").await;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+        .to_owned()
+}
