@@ -198,7 +198,8 @@ pub async fn run_with(
     let console = crate::console::Console::new(
         AdminService::new(Arc::clone(&ledger), Arc::new(SystemClock))
             .with_changes(changes_tx.clone())
-            .with_lifecycle(authority.clone()),
+            .with_lifecycle(authority.clone())
+            .with_audit(authority.state().clone()),
         Arc::clone(&ledger),
         Some(authority.clone()),
         Arc::new(SystemClock),

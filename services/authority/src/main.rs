@@ -370,7 +370,8 @@ async fn serve_http(
         Arc::clone(store),
         Arc::new(SystemClock),
     )
-    .with_changes(changes);
+    .with_changes(changes)
+    .with_audit(state.clone());
     if let Some(lifecycle) = &lifecycle {
         admin = admin.with_lifecycle(Arc::clone(lifecycle));
     }

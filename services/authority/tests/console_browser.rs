@@ -472,6 +472,75 @@ async fn the_console_and_the_widget_work_in_a_real_browser() {
         .into_inner();
     assert_eq!(listed(versions), [1, 2], "the read key published nothing");
 
+    // Usage the ledger could not take is listed, and charged from the console. The ledger
+    // takes every credit away by hand while the region still holds them; the next spend is
+    // served there and parked when reconciled.
+    let left = balance(&mut admin, "acme").await;
+    admin
+        .adjust(request(pb::AdjustRequest {
+            idempotency_key: "take-all".into(),
+            account_id: "acme".into(),
+            amount: format!("-{left}"),
+            memo: "taken back by hand".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    spend(&mut edge, "d-parked", "chat", "2", "alice").await;
+    let mut parked = Vec::new();
+    for _ in 0..WAIT_ATTEMPTS {
+        parked = admin
+            .list_parked_usage(request(pb::ListParkedUsageRequest {
+                account_id: "acme".into(),
+                state: pb::ParkedState::Open.into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        if !parked.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(WAIT_STEP_MS)).await;
+    }
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    let id = parked[0].id.clone();
+    admin
+        .issue_grant(request(pb::IssueGrantRequest {
+            idempotency_key: "refill".into(),
+            account_id: "acme".into(),
+            grant_id: "refill".into(),
+            amount: "10".into(),
+            source: pb::GrantSource::Purchase.into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    browser.goto(&format!("{base}/console")).await;
+    browser.click("header button").await;
+    browser.type_into("#key", ADMIN_KEY).await;
+    browser.click("#sign-in").await;
+    browser.wait_text("#key-name", "dev").await;
+    browser.goto(&format!("{base}/console/parked")).await;
+    browser.wait_text("#parked", "d-parked").await;
+    browser.screenshot(&shots.join("12-parked.png")).await;
+    browser.click(&format!("#charge-{id}")).await;
+    browser.click("#confirm").await;
+    browser.wait_text("#outcome", "charged").await;
+    browser.goto(&format!("{base}/console/parked")).await;
+    let open = browser.text("#parked").await;
+    assert!(!open.contains("d-parked"), "{open}");
+    browser
+        .goto(&format!("{base}/console/parked?state=resolved"))
+        .await;
+    browser.wait_text("#parked", "charged").await;
+    let after = balance(&mut admin, "acme").await;
+    assert!(
+        after.parse::<f64>().unwrap() < 10.0,
+        "the parked spend was charged: {after}"
+    );
+
     browser.close().await;
     drop(driver);
     let _ = stop.send(());

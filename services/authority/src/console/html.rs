@@ -69,7 +69,8 @@ pub fn page(title: &str, viewer: Option<&Viewer<'_>>, body: &str) -> String {
     if let Some(viewer) = viewer {
         header.push_str(
             "<a href=\"/console\">Home</a><a href=\"/console/prices\">Price book</a>\
-             <a href=\"/console/revenue\">Revenue</a><a href=\"/console/changes\">Changes</a>",
+             <a href=\"/console/revenue\">Revenue</a><a href=\"/console/parked\">Parked usage</a>\
+             <a href=\"/console/changes\">Changes</a>",
         );
         let _ = write!(
             header,

@@ -41,6 +41,8 @@ pub const LOW_BALANCE_DEFAULT: &str = "10";
 /// Longest reason accepted on a refund or adjustment, in bytes (the memo holds 512 with the key
 /// name added).
 pub const REASON_BYTES_MAX: usize = 400;
+/// Parked usage records the console lists at most, per state.
+pub const PARKED_LISTED_MAX: u32 = 200;
 const HOUR_MS: i64 = 60 * 60 * 1_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 
@@ -67,6 +69,8 @@ pub(super) fn routes() -> axum::Router<Arc<Console>> {
         .route("/console/prices", get(prices_page).post(prices_post))
         .route("/console/revenue", get(revenue_page))
         .route("/console/changes", get(changes_page))
+        .route("/console/parked", get(parked_page))
+        .route("/console/parked/{id}/resolve", post(resolve_parked))
 }
 
 type Page = Result<Response, Failure>;
@@ -1965,6 +1969,159 @@ async fn changes_page(State(console): State<Arc<Console>>, headers: http::Header
         table(&["at", "key", "action", "account", "detail"], &rows, "changes")
     );
     Ok(render(&session, "Changes", &body))
+}
+
+#[derive(serde::Deserialize)]
+struct ParkedQuery {
+    state: Option<String>,
+}
+
+/// Usage the ledger could not take: open records, each with a form to charge it or write it
+/// off (through the confirm page), or the resolved ones with who did what and why.
+async fn parked_page(
+    State(console): State<Arc<Console>>,
+    headers: http::HeaderMap,
+    Query(query): Query<ParkedQuery>,
+) -> Page {
+    let (_, session) = console.signed_in(&headers)?;
+    let resolved = query.state.as_deref() == Some("resolved");
+    let state = if resolved {
+        pb::ParkedState::Resolved
+    } else {
+        pb::ParkedState::Open
+    };
+    let reply = console
+        .admin
+        .list_parked_usage(Request::new(pb::ListParkedUsageRequest {
+            state: state.into(),
+            page_size: PARKED_LISTED_MAX,
+            ..pb::ListParkedUsageRequest::default()
+        }))
+        .await?
+        .into_inner();
+    let mut rows = Vec::with_capacity(reply.records.len());
+    for record in &reply.records {
+        let mut row = vec![
+            Cell::Text(record.id.clone()),
+            account_link(&record.account_id),
+            Cell::Text(record.region.clone()),
+            Cell::Text(record.key.clone()),
+            Cell::Text(record.feature.clone()),
+            Cell::Num(record.cost.clone()),
+            Cell::Text(record.reason.clone()),
+            Cell::Text(html::time(record.parked_at.as_ref())),
+        ];
+        if resolved {
+            row.push(Cell::Text(format!(
+                "{} by {} ({})",
+                record.resolution, record.resolved_by, record.resolution_reason
+            )));
+        } else {
+            let action = format!("/console/parked/{}/resolve", url(&record.id));
+            let csrf = csrf_field(&session.csrf);
+            let id = esc(&record.id);
+            row.push(Cell::Html(format!(
+                "<form method=\"post\" action=\"{action}\">{csrf}{}{}<button id=\"charge-{id}\">Charge</button></form>\
+                 <form method=\"post\" action=\"{action}\">{csrf}{}{}\
+                 <input name=\"reason\" id=\"reason-{id}\" required placeholder=\"why\" size=\"16\" maxlength=\"{REASON_BYTES_MAX}\">\
+                 <button id=\"write-off-{id}\">Write off</button></form>",
+                hidden("op", &operation_key()?),
+                hidden("action", "charge"),
+                hidden("op", &operation_key()?),
+                hidden("action", "write_off"),
+            )));
+        }
+        rows.push(row);
+    }
+    let body = format!(
+        "<h1>Parked usage</h1><p class=\"muted\">Usage a region served that the ledger could not \
+         take: charge it (planned again against the account's grants if its own draws no longer \
+         apply) or write it off with a reason. <a href=\"/console/parked\">Open</a> · \
+         <a href=\"/console/parked?state=resolved\">Resolved</a> (at most {PARKED_LISTED_MAX}).</p>{}",
+        table(
+            &[
+                "id",
+                "account",
+                "region",
+                "key",
+                "feature",
+                "credits",
+                "reason",
+                "parked at",
+                if resolved { "resolution" } else { "resolve" },
+            ],
+            &rows,
+            "parked"
+        )
+    );
+    Ok(render(&session, "Parked usage", &body))
+}
+
+async fn resolve_parked(
+    State(console): State<Arc<Console>>,
+    headers: http::HeaderMap,
+    Path(id): Path<String>,
+    axum::Form(form): axum::Form<Form>,
+) -> Page {
+    let session = console.may_change(&headers, &form)?;
+    let op = field(&form, "op")?;
+    let (action, what) = match field(&form, "action")? {
+        "charge" => (pb::ParkedAction::Charge, "Charge"),
+        "write_off" => (pb::ParkedAction::WriteOff, "Write off"),
+        other => {
+            return Err(bad(format!(
+                "action: {other:?} is neither charge nor write_off"
+            )))
+        }
+    };
+    let why = match action {
+        pb::ParkedAction::WriteOff => reason(&form)?,
+        _ => optional(&form, "reason").unwrap_or_default(),
+    };
+    if optional(&form, "confirm") != Some("yes") {
+        return Ok(confirm_page(
+            &session,
+            &format!("/console/parked/{}/resolve", url(&id)),
+            "Confirm the parked usage",
+            &format!("{what} parked usage {id}. Reason: {why}"),
+            &form,
+            &["op", "action", "reason"],
+            "/console/parked",
+        ));
+    }
+    let reply = console
+        .admin
+        .resolve_parked_usage(Request::new(pb::ResolveParkedUsageRequest {
+            idempotency_key: op.to_owned(),
+            id: id.clone(),
+            action: action.into(),
+            reason: memo(why, &session),
+        }))
+        .await?
+        .into_inner();
+    let record = reply.record.unwrap_or_default();
+    console
+        .record(
+            key_name(&session),
+            "resolve parked usage",
+            &record.account_id,
+            format!("{id}: {} ({why})", record.resolution),
+        )
+        .await;
+    let body = format!(
+        "<h1>Parked usage {}</h1><p class=\"notice\" id=\"outcome\">{} of {} credits on account \
+         {}{}.</p><p><a href=\"/console/parked\">Back to parked usage</a></p>",
+        esc(&id),
+        esc(&record.resolution),
+        esc(&record.cost),
+        esc(&record.account_id),
+        if reply.replayed {
+            " (this form was already sent; nothing moved again)"
+        } else {
+            ""
+        }
+    );
+    Ok(render(&session, "Parked usage", &body))
 }
 
 #[cfg(test)]
