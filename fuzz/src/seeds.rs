@@ -116,6 +116,7 @@ pub fn admin_requests() -> Vec<Seed> {
                 amount: "-2.5".into(),
                 grant_id: "g1".into(),
                 memo: "ticket 13".into(),
+                beyond_overdraft: false,
             },
         ),
         picked(

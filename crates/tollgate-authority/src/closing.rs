@@ -160,10 +160,14 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         out: &[(String, i64)],
     ) -> AuthorityError {
         let now = self.clock.now();
+        // Pending holds drawing on this grant (each region's view names the grants its holds
+        // draw on).
         let mut holds = 0;
         for store in self.regions.values() {
             if let Ok(view) = store.view(account, now).await {
-                holds += view.holds_pending;
+                if view.held_grants.contains(grant) {
+                    holds += view.holds_pending;
+                }
             }
         }
         let listed = out
@@ -178,9 +182,10 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             .join(", ");
         if holds > 0 {
             AuthorityError::Precondition(format!(
-                "grant {grant} of account {account} still has credits out ({listed}) and the \
-                 account has {holds} pending hold(s): capture or release them (or let them \
-                 expire), then close the grant again; nothing was closed"
+                "grant {grant} of account {account} still has credits out ({listed}) under \
+                 pending holds (the account has {holds} in the regions holding them): capture \
+                 or release them (or let them expire), then close the grant again; nothing was \
+                 closed"
             ))
         } else {
             AuthorityError::Busy(format!(
