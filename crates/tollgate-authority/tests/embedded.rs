@@ -274,6 +274,12 @@ impl World {
 
     /// The invariant: every region's segments and overdraft room together never exceed what
     /// the ledger's grants hold plus the limit less the debt.
+    /// Nothing over-allocated, and the ledger verifies clean.
+    async fn assert_exact(&self) {
+        self.assert_never_over_allocated().await;
+        assert!(self.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+    }
+
     async fn assert_never_over_allocated(&self) {
         let snapshot = self.ledger.account(&acct()).await.unwrap();
         let mut pools = 0;
@@ -982,8 +988,7 @@ async fn debt_run_up_before_a_grant_and_reconciled_after_it_is_settled_from_that
         world.ledger.account(&acct()).await.unwrap().debt,
         Credits::ZERO
     );
-    world.assert_never_over_allocated().await;
-    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+    world.assert_exact().await;
 }
 
 #[tokio::test]
@@ -1012,8 +1017,7 @@ async fn a_key_reused_after_the_region_forgot_it_is_charged_and_its_reversal_ref
     world.reverse("eu", "undo-nightly", "nightly-job").await;
     world.reconcile_expecting("eu", 0, 1, 0).await;
     assert_eq!(balance(&world).await, 98 * MICROS);
-    world.assert_never_over_allocated().await;
-    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+    world.assert_exact().await;
 }
 
 #[tokio::test]
@@ -1053,8 +1057,7 @@ async fn a_reversal_after_a_partial_refund_refunds_the_rest_and_the_region_retur
     let snapshot = world.ledger.account(&acct()).await.unwrap();
     assert_eq!(snapshot.balance.micros(), 100 * MICROS);
     assert_eq!(world.held("eu").await.0, 100 * MICROS);
-    world.assert_never_over_allocated().await;
-    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+    world.assert_exact().await;
     // Reconciling again changes nothing.
     world.reconcile_expecting("eu", 0, 0, 0).await;
     assert_eq!(world.held("eu").await.0, 100 * MICROS);
@@ -1115,8 +1118,7 @@ async fn late_debt_waits_for_the_grant_issued_first_rather_than_settle_from_a_la
     );
     assert_eq!(remaining("bought").await, 6 * MICROS);
     assert_eq!(remaining("later").await, 10 * MICROS);
-    world.assert_never_over_allocated().await;
-    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+    world.assert_exact().await;
 }
 
 #[tokio::test]
@@ -1157,6 +1159,5 @@ async fn a_reversal_reconciled_with_late_debt_refunds_after_the_grant_settled_th
         .map(|g| g.remaining.micros())
         .collect();
     assert_eq!(refunds, vec![3 * MICROS]);
-    world.assert_never_over_allocated().await;
-    assert!(world.ledger.verify(Some(&acct())).await.unwrap().is_clean());
+    world.assert_exact().await;
 }

@@ -6,12 +6,10 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{credits, feature, seed, wait_for_lease};
+use common::{credits, seed, wait_for_lease};
 
-use tollgate_core::{AccountId, IdempotencyKey, Quantity, RegionId};
-use tollgate_edge::{
-    Clock, DebitRequest, Debited, Decision, EdgeSettings, Engine, Spend, SystemClock,
-};
+use tollgate_core::{AccountId, RegionId};
+use tollgate_edge::{Clock, DebitRequest, Debited, Decision, EdgeSettings, Engine, SystemClock};
 use tollgate_region::{EnforcementMode, MemoryRegionStore, RegionStore};
 
 fn settings() -> EdgeSettings {
@@ -22,13 +20,8 @@ fn settings() -> EdgeSettings {
 
 fn debit(account: &AccountId, key: &str, units: &str, mode: EnforcementMode) -> DebitRequest {
     DebitRequest {
-        account: account.clone(),
-        key: IdempotencyKey::new(key).unwrap(),
-        feature: feature("gen"),
-        spend: Spend::Quantity(Quantity::parse(units).unwrap()),
-        actor: None,
         mode: Some(mode),
-        event_time: None,
+        ..common::debit_gen(account, key, units)
     }
 }
 
@@ -50,11 +43,7 @@ async fn a_reply_counts_the_region_and_the_lease_not_the_lease_alone() {
         EnforcementMode::Cached,
     )
     .await;
-    let edge = Engine::new(Arc::clone(&store), settings(), Arc::new(SystemClock));
-    edge.catalogue()
-        .reload_prices(store.as_ref())
-        .await
-        .unwrap();
+    let edge = common::priced_engine(Arc::clone(&store), settings(), Arc::new(SystemClock)).await;
 
     // The edge holds a lease of 10; a strict decision counts the pool (89) and the lease.
     edge.leases().warm(&a);

@@ -8,7 +8,7 @@ use common::{book, credits, feature, now, seed, wait_for_lease};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tollgate_core::{AccountId, Credits, IdempotencyKey, PriceRule, Quantity, RegionId};
+use tollgate_core::{AccountId, Credits, IdempotencyKey, PriceRule, RegionId};
 use tollgate_edge::{
     Clock, DebitRequest, Decision, EdgeSettings, Engine, EngineError, ManualClock, Refused, Spend,
     SystemClock,
@@ -30,15 +30,7 @@ fn settings() -> EdgeSettings {
 }
 
 fn debit(account: &AccountId, k: &str, units: &str) -> DebitRequest {
-    DebitRequest {
-        account: account.clone(),
-        key: key(k),
-        feature: feature("gen"),
-        spend: Spend::Quantity(Quantity::parse(units).unwrap()),
-        actor: None,
-        mode: None,
-        event_time: None,
-    }
+    common::debit_gen(account, k, units)
 }
 
 async fn redis_store(server: &RedisServer, prefix: &str) -> Arc<RedisRegionStore> {
@@ -51,12 +43,7 @@ async fn redis_store(server: &RedisServer, prefix: &str) -> Arc<RedisRegionStore
 
 async fn strict_decisions<S: RegionStore>(store: Arc<S>) {
     let a = seed(store.as_ref(), "acct-strict", "10", EnforcementMode::Strict).await;
-    let engine = Engine::new(Arc::clone(&store), settings(), Arc::new(SystemClock));
-    engine
-        .catalogue()
-        .reload_prices(store.as_ref())
-        .await
-        .unwrap();
+    let engine = common::priced_engine(Arc::clone(&store), settings(), Arc::new(SystemClock)).await;
 
     let first = match engine.debit(debit(&a, "d1", "4")).await.unwrap() {
         Decision::Done(done) => done,
@@ -284,12 +271,7 @@ async fn a_rate_limited_feature_is_refused_with_when_it_refills() {
     let mut summary = store.account_summary(&a).await.unwrap().unwrap();
     summary.rate_limited = [feature("gen")].into();
     store.publish_account(&summary).await.unwrap();
-    let engine = Engine::new(Arc::clone(&store), settings(), clock.clone());
-    engine
-        .catalogue()
-        .reload_prices(store.as_ref())
-        .await
-        .unwrap();
+    let engine = common::priced_engine(Arc::clone(&store), settings(), clock.clone()).await;
     assert!(
         matches!(engine.debit(debit(&a, "r1", "4")).await.unwrap(), Decision::Done(d) if d.mode == EnforcementMode::Strict)
     );
@@ -318,12 +300,7 @@ async fn reversals_undo_strict_and_cached_debits() {
         EnforcementMode::Strict,
     )
     .await;
-    let engine = Engine::new(Arc::clone(&store), settings(), Arc::new(SystemClock));
-    engine
-        .catalogue()
-        .reload_prices(store.as_ref())
-        .await
-        .unwrap();
+    let engine = common::priced_engine(Arc::clone(&store), settings(), Arc::new(SystemClock)).await;
     engine.debit(debit(&a, "strict-1", "4")).await.unwrap();
     let mut cached = debit(&a, "cached-1", "6");
     cached.mode = Some(EnforcementMode::Cached);
@@ -365,12 +342,8 @@ async fn when_redis_is_down_strict_fails_closed_and_cached_serves_from_its_lease
     store.create_usage_group("audit").await.unwrap();
     let mut edge_settings = settings();
     edge_settings.lease_credits = credits("40");
-    let engine = Engine::new(Arc::clone(&store), edge_settings, Arc::new(SystemClock));
-    engine
-        .catalogue()
-        .reload_prices(store.as_ref())
-        .await
-        .unwrap();
+    let engine =
+        common::priced_engine(Arc::clone(&store), edge_settings, Arc::new(SystemClock)).await;
     let cached = |k: &str| {
         let mut request = debit(&a, k, "2");
         request.mode = Some(EnforcementMode::Cached);
@@ -519,12 +492,7 @@ async fn versions_take_effect_on_time_grandfather_and_contracts_hold_their_rates
     .await;
 
     let clock = Arc::new(ManualClock::new(t0));
-    let engine = Engine::new(Arc::clone(&store), settings(), clock.clone());
-    engine
-        .catalogue()
-        .reload_prices(store.as_ref())
-        .await
-        .unwrap();
+    let engine = common::priced_engine(Arc::clone(&store), settings(), clock.clone()).await;
     let mut n = 0;
     let mut priced = |account: &AccountId| {
         n += 1;

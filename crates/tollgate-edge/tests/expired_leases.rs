@@ -14,12 +14,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tollgate_core::{
-    AccountId, Credits, Draw, GrantId, IdempotencyKey, LeaseId, PriceRule, Quantity, RegionId,
-    Timestamp,
+    AccountId, Credits, Draw, GrantId, IdempotencyKey, LeaseId, PriceRule, RegionId, Timestamp,
 };
 use tollgate_edge::leases::UNBILLED_RETRY_MS_MAX;
 use tollgate_edge::metrics::{Metrics, UNBILLED_DECISIONS, UNBILLED_MICROS};
-use tollgate_edge::{Clock, DebitRequest, Decision, EdgeSettings, Engine, ManualClock, Spend};
+use tollgate_edge::{Clock, DebitRequest, Decision, EdgeSettings, Engine, ManualClock};
 use tollgate_region::conformance::{install, segment};
 use tollgate_region::{
     DebitCommand, DebitOutcome, EnforcementMode, LeaseRequest, LeaseSettlement, LeaseUsage,
@@ -39,15 +38,7 @@ fn settings() -> EdgeSettings {
 }
 
 fn debit(account: &AccountId, key: &str, units: &str) -> DebitRequest {
-    DebitRequest {
-        account: account.clone(),
-        key: IdempotencyKey::new(key).unwrap(),
-        feature: feature("gen"),
-        spend: Spend::Quantity(Quantity::parse(units).unwrap()),
-        actor: None,
-        mode: None,
-        event_time: None,
-    }
+    common::debit_gen(account, key, units)
 }
 
 /// The price the seeded book gives `gen`: version 1, default rule.
@@ -72,11 +63,7 @@ async fn edge_with_lease<S: RegionStore>(store: S, account: &str, amount: &str) 
     let a = seed(store.as_ref(), account, amount, EnforcementMode::Cached).await;
     store.create_usage_group("audit").await.unwrap();
     let clock = Arc::new(ManualClock::new(now()));
-    let edge = Engine::new(Arc::clone(&store), settings(), clock.clone());
-    edge.catalogue()
-        .reload_prices(store.as_ref())
-        .await
-        .unwrap();
+    let edge = common::priced_engine(Arc::clone(&store), settings(), clock.clone()).await;
     edge.leases().warm(&a);
     wait_for_lease(&edge, &a).await;
     Setup {

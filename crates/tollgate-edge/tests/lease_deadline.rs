@@ -9,15 +9,15 @@
 mod common;
 
 use common::faulty::FaultyStore;
-use common::{credits, feature, now, seed, wait_for_lease};
+use common::{credits, now, seed, wait_for_lease};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tollgate_core::{AccountId, IdempotencyKey, Quantity, RegionId, Timestamp};
+use tollgate_core::{AccountId, RegionId, Timestamp};
 use tollgate_edge::metrics::{Metrics, LEASE_DEADLINE_PASSED_TOTAL, PENDING_CAP_REACHED_TOTAL};
 use tollgate_edge::{
-    Clock, DebitRequest, Decision, EdgeSettings, Engine, EngineError, ManualClock, Spend,
+    Clock, DebitRequest, Decision, EdgeSettings, Engine, EngineError, ManualClock,
 };
 use tollgate_region::{
     EnforcementMode, MemoryRegionStore, RedisRegionStore, RegionStore, RETAIN_MS_DEFAULT,
@@ -39,16 +39,8 @@ fn settings() -> EdgeSettings {
 }
 
 fn debit(account: &AccountId, key: &str) -> DebitRequest {
-    DebitRequest {
-        account: account.clone(),
-        key: IdempotencyKey::new(key).unwrap(),
-        feature: feature("gen"),
-        // 2 units at 0.5: one credit, far from the refill threshold of a 10-credit lease.
-        spend: Spend::Quantity(Quantity::parse("2").unwrap()),
-        actor: None,
-        mode: None,
-        event_time: None,
-    }
+    // 2 units at 0.5: one credit, far from the refill threshold of a 10-credit lease.
+    common::debit_gen(account, key, "2")
 }
 
 struct Setup<S: RegionStore> {
@@ -73,11 +65,7 @@ async fn edge_with_leases<S: RegionStore>(
     }
     let t0 = now();
     let clock = Arc::new(ManualClock::new(t0));
-    let edge = Engine::new(Arc::clone(&store), settings, clock.clone());
-    edge.catalogue()
-        .reload_prices(store.as_ref())
-        .await
-        .unwrap();
+    let edge = common::priced_engine(Arc::clone(&store), settings, clock.clone()).await;
     for a in &ids {
         edge.leases().warm(a);
         wait_for_lease(&edge, a).await;

@@ -11,9 +11,9 @@ use common::{credits, feature, now, seed, wait_for_lease};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tollgate_core::{AccountId, Credits, IdempotencyKey, PriceRule, Quantity, RegionId};
+use tollgate_core::{AccountId, Credits, IdempotencyKey, PriceRule, RegionId};
 use tollgate_edge::metrics::{Metrics, LEASE_REKEYED_TOTAL};
-use tollgate_edge::{DebitRequest, Decision, EdgeSettings, Engine, Spend, SystemClock};
+use tollgate_edge::{DebitRequest, Decision, EdgeSettings, Engine, SystemClock};
 use tollgate_region::{
     DebitCommand, DebitOutcome, EnforcementMode, MemoryRegionStore, PriceTag, RedisRegionStore,
     RegionStore, RETAIN_MS_DEFAULT,
@@ -27,15 +27,7 @@ fn settings() -> EdgeSettings {
 }
 
 fn debit(account: &AccountId, key: &str, units: &str) -> DebitRequest {
-    DebitRequest {
-        account: account.clone(),
-        key: IdempotencyKey::new(key).unwrap(),
-        feature: feature("gen"),
-        spend: Spend::Quantity(Quantity::parse(units).unwrap()),
-        actor: None,
-        mode: None,
-        event_time: None,
-    }
+    common::debit_gen(account, key, units)
 }
 
 /// An edge holding a lease (10 credits) on a fresh cached account funded with 100.
@@ -45,11 +37,7 @@ async fn edge_with_lease<S: RegionStore>(
 ) -> (Engine<FaultyStore<S>>, AccountId) {
     let a = seed(store.as_ref(), account, "100", EnforcementMode::Cached).await;
     store.create_usage_group("audit").await.unwrap();
-    let edge = Engine::new(Arc::clone(store), settings(), Arc::new(SystemClock));
-    edge.catalogue()
-        .reload_prices(store.as_ref())
-        .await
-        .unwrap();
+    let edge = common::priced_engine(Arc::clone(store), settings(), Arc::new(SystemClock)).await;
     edge.leases().warm(&a);
     wait_for_lease(&edge, &a).await;
     (edge, a)

@@ -1022,6 +1022,22 @@ fn movements_or_refusal(
     }
 }
 
+/// What an admin mutation that creates no grant did: its movements under the caller's key
+/// and memo, or the rule's refusal.
+fn admin_done(
+    account: &AccountId,
+    key: &str,
+    memo: &str,
+    result: Result<Vec<tollgate_core::Movement>, BookError>,
+) -> RunResult {
+    Ok(movements_or_refusal(account, result)?.map(|movements| Done {
+        movements,
+        context: admin_context(key, memo),
+        grant_id: None,
+        grant_metadata: Metadata::default(),
+    }))
+}
+
 #[async_trait]
 impl LedgerStore for Store {
     async fn create_account(
@@ -1169,16 +1185,7 @@ impl LedgerStore for Store {
                 CloseKind::Void => book.void(&command.grant, now),
                 CloseKind::Expire => book.expire(&command.grant, now),
             };
-            let movements = match movements_or_refusal(&command.account, result)? {
-                Ok(movements) => movements,
-                Err(refusal) => return Ok(Err(refusal)),
-            };
-            Ok(Ok(Done {
-                movements,
-                context: admin_context(command.key.as_str(), command.memo.as_str()),
-                grant_id: None,
-                grant_metadata: Metadata::default(),
-            }))
+            admin_done(&command.account, command.key.as_str(), command.memo.as_str(), result)
         })
         .await
     }
@@ -1299,16 +1306,7 @@ impl LedgerStore for Store {
         let account = command.account.clone();
         self.mutate(&key, &account, OPERATION, fingerprint, now, load, |book, _| {
             let result = book.settle_debt(&command.grant, command.amount, now);
-            let movements = match movements_or_refusal(&command.account, result)? {
-                Ok(movements) => movements,
-                Err(refusal) => return Ok(Err(refusal)),
-            };
-            Ok(Ok(Done {
-                movements,
-                context: admin_context(command.key.as_str(), command.memo.as_str()),
-                grant_id: None,
-                grant_metadata: Metadata::default(),
-            }))
+            admin_done(&command.account, command.key.as_str(), command.memo.as_str(), result)
         })
         .await
     }

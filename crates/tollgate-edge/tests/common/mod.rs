@@ -4,13 +4,44 @@
 
 pub mod faulty;
 
-use tollgate_core::{AccountId, Credits, FeatureKey, PriceBook, PriceBookVersion, Rate, Timestamp};
-use tollgate_edge::{Clock, SystemClock};
+use tollgate_core::{
+    AccountId, Credits, FeatureKey, IdempotencyKey, PriceBook, PriceBookVersion, Quantity, Rate,
+    Timestamp,
+};
+use tollgate_edge::{Clock, DebitRequest, EdgeSettings, Engine, Spend, SystemClock};
 use tollgate_region::conformance::{install, segment};
 use tollgate_region::{AccountSummary, EnforcementMode, RegionStore};
 
 pub fn credits(text: &str) -> Credits {
     Credits::parse(text).unwrap()
+}
+
+/// A debit of `units` of feature `gen` under `key`, in the account's own mode.
+pub fn debit_gen(account: &AccountId, key: &str, units: &str) -> DebitRequest {
+    DebitRequest {
+        account: account.clone(),
+        key: IdempotencyKey::new(key).unwrap(),
+        feature: feature("gen"),
+        spend: Spend::Quantity(Quantity::parse(units).unwrap()),
+        actor: None,
+        mode: None,
+        event_time: None,
+    }
+}
+
+/// An edge engine on `store` with the region's published price book loaded.
+pub async fn priced_engine<S: RegionStore>(
+    store: std::sync::Arc<S>,
+    settings: EdgeSettings,
+    clock: std::sync::Arc<dyn Clock>,
+) -> Engine<S> {
+    let engine = Engine::new(std::sync::Arc::clone(&store), settings, clock);
+    engine
+        .catalogue()
+        .reload_prices(store.as_ref())
+        .await
+        .unwrap();
+    engine
 }
 
 pub fn feature(name: &str) -> FeatureKey {
