@@ -544,7 +544,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     }
 
     /// Takes back up to `amount` of what a region holds of one grant, counting it given back.
-    async fn take_back_part(
+    pub(crate) async fn take_back_part(
         &self,
         region: &RegionId,
         account: &AccountId,

@@ -383,6 +383,7 @@ async fn parked_usage_is_listed_counted_and_resolved_on_postgres() {
                 grant_id: None,
                 memo: Memo::new("taken back by hand").unwrap(),
                 beyond_overdraft: false,
+                out: Default::default(),
             },
             world.clock.now(),
         )

@@ -744,7 +744,19 @@ impl AccountBook {
         at: Timestamp,
         grant_id: GrantId,
     ) -> Result<Vec<Movement>, BookError> {
-        self.transact(|book| book.adjust_inner(amount, at, grant_id))
+        self.adjust_leaving(amount, at, grant_id, &BTreeMap::new())
+    }
+
+    /// [`AccountBook::adjust`], where a negative adjustment leaves `out` of each grant (credits
+    /// regions still hold, which they may yet spend) and takes from the next grants instead.
+    pub fn adjust_leaving(
+        &mut self,
+        amount: Credits,
+        at: Timestamp,
+        grant_id: GrantId,
+        out: &BTreeMap<GrantId, Credits>,
+    ) -> Result<Vec<Movement>, BookError> {
+        self.transact(|book| book.adjust_inner(amount, at, grant_id, out))
     }
 
     fn adjust_inner(
@@ -752,6 +764,7 @@ impl AccountBook {
         amount: Credits,
         at: Timestamp,
         grant_id: GrantId,
+        out: &BTreeMap<GrantId, Credits>,
     ) -> Result<Vec<Movement>, BookError> {
         if amount.is_positive() {
             let grant = Grant::new(grant_id, amount, GrantSource::Adjustment, at);
@@ -772,7 +785,8 @@ impl AccountBook {
         for grant in order {
             let available = grant
                 .remaining
-                .saturating_sub_floor_zero(reserved.on_grant(&grant.id));
+                .saturating_sub_floor_zero(reserved.on_grant(&grant.id))
+                .saturating_sub_floor_zero(out.get(&grant.id).copied().unwrap_or_default());
             let take = left.min(available);
             if take.is_positive() {
                 draws.push(Draw {

@@ -252,6 +252,12 @@ pub struct Adjust {
     /// be. (Left out of the stored form when false, so earlier adjustments replay the same.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub beyond_overdraft: bool,
+    /// Credits of each grant that regions still hold (on edges' leases, under pending holds)
+    /// when a negative adjustment is applied: it leaves them, since a region may still spend
+    /// them. Set by the authority after taking back what it could; never part of the request
+    /// (not stored, not in its fingerprint: a retry with the same key replays the first answer).
+    #[serde(skip)]
+    pub out: std::collections::BTreeMap<crate::GrantId, crate::Credits>,
 }
 
 /// Settles debt from a grant issued after the debt was run up, when the usage that ran it up

@@ -347,6 +347,27 @@ fn adjustments_in_both_directions() {
 }
 
 #[test]
+fn a_negative_adjustment_leaves_what_regions_still_hold_and_takes_from_the_next_grants() {
+    let mut book = AccountBook::new(Credits::ZERO);
+    book.add_grant(purchase("a", "10"), at(0)).unwrap();
+    book.add_grant(purchase("b", "10"), at(0)).unwrap();
+    // 6 of grant a are out in a region (a pending hold there): the adjustment leaves them.
+    let out = [(grant_id("a"), credits("6"))].into_iter().collect();
+    let down = book
+        .adjust_leaving(credits("-7"), at(1), grant_id("unused"), &out)
+        .unwrap();
+    assert_eq!(
+        lines(&down),
+        [
+            (EntryKind::Adjust, "-4".into(), Some("a".into())),
+            (EntryKind::Adjust, "-3".into(), Some("b".into()))
+        ]
+    );
+    assert_eq!(book.balance(), credits("13"));
+    book.check().unwrap();
+}
+
+#[test]
 fn grants_from_derived_sources_need_their_own_operation() {
     let mut book = AccountBook::new(Credits::ZERO);
     let refund = Grant::new(grant_id("r"), credits("1"), GrantSource::Refund, at(0));

@@ -1256,7 +1256,7 @@ impl LedgerStore for Store {
                 .map_err(|e| LedgerError::invalid("grant_id", e))?,
             };
             let debt_before = book.debt();
-            let result = book.adjust(command.amount, now, id.clone());
+            let result = book.adjust_leaving(command.amount, now, id.clone(), &command.out);
             let movements = match movements_or_refusal(&command.account, result)? {
                 Ok(movements) => movements,
                 Err(refusal) => return Ok(Err(refusal)),

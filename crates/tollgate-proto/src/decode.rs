@@ -365,6 +365,7 @@ impl TryFrom<pb::AdjustRequest> for Adjust {
             grant_id: optional_id("grant_id", &request.grant_id)?,
             memo,
             beyond_overdraft: request.beyond_overdraft,
+            out: Default::default(),
         })
     }
 }

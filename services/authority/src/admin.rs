@@ -107,8 +107,8 @@ impl AdminService {
         Ok(contracts.iter().any(|c| c.no_expiry && c.is_active_at(now)))
     }
 
-    /// What closes a grant early: the authority, which takes its credits back from the
-    /// regions first; without one (a ledger on its own) the ledger directly.
+    /// What closes a grant early or takes credits away: the authority, which takes them back
+    /// from the regions first; without one (a ledger on its own) the ledger directly.
     fn closer<'a>(
         &'a self,
         ledger_only: &'a tollgate_authority::LedgerCloser<'a>,
@@ -452,8 +452,12 @@ impl pb::admin_server::Admin for AdminService {
     async fn adjust(&self, request: Request<pb::AdjustRequest>) -> Reply<pb::MutationReply> {
         let command = Adjust::try_from(request.into_inner())?;
         let account = command.account.clone();
-        let outcome = self.store.adjust(command, self.clock.now()).await;
-        let reply = encode::mutation(outcome.map_err(encode::ledger_error)?);
+        let ledger_only = tollgate_authority::LedgerCloser(self.store.as_ref());
+        let outcome = self
+            .closer(&ledger_only)
+            .adjust(command, self.clock.now())
+            .await;
+        let reply = encode::mutation(outcome.map_err(crate::coordination::authority_error)?);
         self.changed(&account);
         Ok(Response::new(reply))
     }

@@ -112,8 +112,8 @@ pub trait Lifecycle: Send + Sync + 'static {
         account: AccountId,
         change: SettingsChange,
     ) -> Result<AccountSettings, AuthorityError>;
-    /// Closes grants after taking their credits back from every region (a void, a refunded
-    /// purchase): see `tollgate_authority::closing`.
+    /// Closes grants or takes credits away after taking them back from every region (a void, a
+    /// refunded purchase, a negative adjustment): see `tollgate_authority::closing`.
     fn closer(&self) -> &dyn tollgate_authority::GrantCloser;
 }
 

@@ -472,20 +472,11 @@ async fn the_console_and_the_widget_work_in_a_real_browser() {
         .into_inner();
     assert_eq!(listed(versions), [1, 2], "the read key published nothing");
 
-    // Usage the ledger could not take is listed, and charged from the console. The ledger
-    // takes every credit away by hand while the region still holds them; the next spend is
+    // Usage the ledger could not take is listed, and charged from the console. Every credit
+    // is taken away in the ledger alone while the region still holds them; the next spend is
     // served there and parked when reconciled.
     let left = balance(&mut admin, "acme").await;
-    admin
-        .adjust(request(pb::AdjustRequest {
-            idempotency_key: "take-all".into(),
-            account_id: "acme".into(),
-            amount: format!("-{left}"),
-            memo: "taken back by hand".into(),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    support::ledger_only::take_away(&dir.path().join("data"), "acme", &left, "take-all").await;
     spend(&mut edge, "d-parked", "chat", "2", "alice").await;
     let mut parked = Vec::new();
     for _ in 0..WAIT_ATTEMPTS {

@@ -1,10 +1,12 @@
 //! Parked usage is visible and resolvable: over real gRPC on the embedded node, usage the
-//! ledger refuses (its region spent a grant's slice the ledger had already taken away with a
-//! negative adjustment) is parked by the reconciler, listed by `ListParkedUsage`, counted on
+//! ledger refuses (its region spent a grant's slice the ledger had already lost, to a
+//! correction written into the ledger file behind the authority's back) is parked by the reconciler, listed by `ListParkedUsage`, counted on
 //! `/metrics`, charged (`ResolveParkedUsage` CHARGE) or written off (WRITE_OFF), idempotently
 //! and audited.
 
 mod common;
+#[path = "support/ledger_only.rs"]
+mod ledger_only;
 
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use common::grpc::{
     chat_at_one_credit, create_account, debit, debited, grant, ledger_balance,
     reconciled_ledger_balance, Admin,
 };
-use common::{request, Node, WAIT_MS};
+use common::{Node, WAIT_MS};
 use tollgate_proto::pb;
 
 fn list(account: &str, state: pb::ParkedState) -> pb::ListParkedUsageRequest {
@@ -87,17 +89,8 @@ async fn parked_usage_is_listed_counted_charged_and_written_off() {
         "0"
     );
 
-    // The ledger takes g1's credits away; the region still holds its slice and spends it.
-    admin
-        .adjust(request(pb::AdjustRequest {
-            idempotency_key: "adjust.1".into(),
-            account_id: "acme".into(),
-            amount: "-9".into(),
-            memo: "taken back by hand".into(),
-            ..pb::AdjustRequest::default()
-        }))
-        .await
-        .unwrap();
+    // The ledger alone loses g1's credits; the region still holds its slice and spends it.
+    ledger_only::take_away(&node.data, "acme", "9", "adjust.1").await;
     assert_eq!(ledger_balance(&mut admin, "acme").await, "0");
     debited(debit(&mut edge, "acme", "k2", "2", pb::EnforcementMode::Strict).await);
     debited(debit(&mut edge, "acme", "k3", "1.5", pb::EnforcementMode::Strict).await);

@@ -1083,6 +1083,7 @@ pub async fn adjustments_and_voids_follow_the_rules(f: &Fixture) {
         grant_id: None,
         memo: Memo::new("support ticket").unwrap(),
         beyond_overdraft: false,
+        out: Default::default(),
     };
     let up = store
         .adjust(adjust("a1", "2"), at(2))
@@ -1415,6 +1416,7 @@ pub async fn concurrent_writers_keep_the_invariants(f: &Fixture) {
                             grant_id: None,
                             memo: Memo::default(),
                             beyond_overdraft: true,
+                            out: Default::default(),
                         };
                         let receipt = store.adjust(command, now).await.unwrap().unwrap();
                         receipt.movements.len() as u64

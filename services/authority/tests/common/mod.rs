@@ -29,6 +29,8 @@ pub struct Node {
     pub listen: SocketAddr,
     /// The HTTP listener: /metrics, the webhook, the console.
     pub http: SocketAddr,
+    /// The node's data directory (its SQLite ledger and state).
+    pub data: std::path::PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -66,6 +68,7 @@ impl Node {
             channel,
             listen,
             http,
+            data: dir.path().to_path_buf(),
             stop: Some(stop),
             task: Some(task),
             _dir: dir,

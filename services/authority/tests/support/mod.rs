@@ -1,1 +1,2 @@
+pub mod ledger_only;
 pub mod webdriver;

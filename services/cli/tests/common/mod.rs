@@ -100,6 +100,11 @@ impl DevNode {
         }
     }
 
+    /// The node's data directory (its SQLite ledger and state).
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
