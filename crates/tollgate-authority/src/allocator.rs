@@ -122,7 +122,32 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         )
     }
 
+    /// [`Self::allocate_now`], timed for `/metrics` from the call to the answer (waiting for
+    /// the account's lock included: that is what the region waits).
     async fn allocate(
+        &self,
+        region: &RegionId,
+        account: &AccountId,
+        feature: Option<&FeatureKey>,
+        reason: Reason,
+        needed: i64,
+    ) -> Result<AllocationOutcome> {
+        // A duration, not a moment of the credit lifecycle: measured on the monotonic clock,
+        // not on the authority's `Clock` (which tests move by hand).
+        let started = std::time::Instant::now();
+        let outcome = self
+            .allocate_now(region, account, feature, reason, needed)
+            .await;
+        let reason = match reason {
+            Reason::Requested => "requested",
+            Reason::Refill => "refill",
+        };
+        self.metrics
+            .observe_allocation(region, reason, outcome.is_ok(), started.elapsed());
+        outcome
+    }
+
+    async fn allocate_now(
         &self,
         region: &RegionId,
         account: &AccountId,

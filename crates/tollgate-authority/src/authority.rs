@@ -11,6 +11,7 @@ use tollgate_region::RegionStore;
 use crate::clock::Clock;
 use crate::events::Event;
 use crate::http::HttpClient;
+use crate::metrics::AuthorityMetrics;
 use crate::settings::{AuthoritySettings, WATCH_CHANNEL_CAPACITY};
 use crate::state::StateStore;
 
@@ -25,6 +26,8 @@ pub struct Authority<L: LedgerStore + ?Sized, R: RegionStore> {
     pub(crate) settings: AuthoritySettings,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) http: HttpClient,
+    /// What the loops count and time for `/metrics`, and the gauges read at scrape time.
+    pub(crate) metrics: AuthorityMetrics,
     /// One allocation decision per account at a time: decisions read the allocation counters
     /// and the regions' views, then change both.
     account_locks: std::sync::Mutex<BTreeMap<AccountId, Arc<Mutex<()>>>>,
@@ -52,6 +55,10 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     ) -> Self {
         let (events, _) = broadcast::channel(WATCH_CHANNEL_CAPACITY);
         let http = HttpClient::new(settings.http_timeout_ms);
+        let metrics = AuthorityMetrics::new();
+        for endpoint in &settings.webhooks {
+            metrics.add_endpoint(&endpoint.name);
+        }
         let reconciling = regions
             .keys()
             .map(|region| (region.clone(), Arc::default()))
@@ -64,6 +71,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             settings,
             events,
             http,
+            metrics,
             account_locks: std::sync::Mutex::new(BTreeMap::new()),
             dirty: std::sync::Mutex::new(crate::notifier::Dirty::default()),
             late_debt: std::sync::Mutex::new(BTreeMap::new()),
@@ -90,6 +98,10 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
 
     pub fn settings(&self) -> &AuthoritySettings {
         &self.settings
+    }
+
+    pub fn metrics(&self) -> &AuthorityMetrics {
+        &self.metrics
     }
 
     /// Forgets what `region` holds, for a region whose store started again empty (the

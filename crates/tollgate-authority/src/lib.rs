@@ -19,6 +19,7 @@ pub mod error;
 pub mod events;
 pub mod http;
 pub mod insights;
+pub mod metrics;
 pub mod notifier;
 pub mod parked;
 pub mod plans;

@@ -260,12 +260,16 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 )
                 .await;
             let attempts = delivery.attempts.saturating_add(1);
+            if !answer.is_success() {
+                self.metrics.webhook_failed(&endpoint.name);
+            }
             if answer.is_success() {
                 self.state
                     .delivery_attempted(delivery, "delivered", now, "")
                     .await?;
                 delivered += 1;
             } else if attempts >= self.settings.webhook_attempts_max {
+                self.metrics.webhook_given_up(&endpoint.name);
                 warn!(event = %delivery.event_id, endpoint = %endpoint.name, answer = %answer.describe(), "webhook given up");
                 self.state
                     .delivery_attempted(delivery, "failed", now, &answer.describe())

@@ -689,6 +689,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 break;
             }
         }
+        self.metrics.reconciled(region, self.clock.now());
         Ok(total)
     }
 

@@ -19,8 +19,10 @@ use crate::error::{AuthorityError, Result};
 use crate::events::{Event, EventKind};
 
 mod audit;
+mod metrics;
 mod parked;
 pub use audit::{AuditEntry, AuditRow, AUDIT_PAGE_MAX};
+pub use metrics::OutboxBacklog;
 pub use parked::{
     NewParked, ParkedFilter, ParkedResolution, ParkedRow, ParkedState, PARKED_PAGE_MAX,
 };

@@ -1156,6 +1156,9 @@ pub async fn usage_stream_delivers_until_acknowledged<S: RegionStore>(store: &S)
         now: at(4),
     };
     store.capture(&capture).await.unwrap();
+    let backlog = store.usage_backlog().await.unwrap().unwrap();
+    assert_eq!(backlog.records, 3, "every record waits until acknowledged");
+    assert!(backlog.oldest_appended_ms.is_some(), "{backlog:?}");
 
     let records = store
         .read_usage("authority", "reconciler-1", 2)
@@ -1214,6 +1217,11 @@ pub async fn usage_stream_delivers_until_acknowledged<S: RegionStore>(store: &S)
         .await
         .unwrap()
         .is_empty());
+    assert_eq!(
+        store.usage_backlog().await.unwrap(),
+        Some(UsageBacklog::default()),
+        "an acknowledged stream is empty"
+    );
 }
 
 /// Amounts beyond the store's exact range are refused before anything is written.

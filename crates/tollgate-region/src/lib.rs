@@ -119,6 +119,12 @@ pub trait RegionStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<UsageRecord>>> + Send;
     /// Acknowledges records the caller has made durable; returns how many were pending.
     fn ack_usage(&self, group: &str, ids: &[UsageId]) -> impl Future<Output = Result<u64>> + Send;
+    /// The records in the usage stream and when the oldest was appended, for monitoring.
+    /// `None`: this store does not say (the default, for wrappers and test doubles; a store
+    /// that wraps another should forward the call).
+    fn usage_backlog(&self) -> impl Future<Output = Result<Option<UsageBacklog>>> + Send {
+        std::future::ready(Ok(None))
+    }
 
     /// Publishes a whole price book (readers never see part of one) and sends a change notice.
     /// Returns the new generation.

@@ -1384,6 +1384,18 @@ impl RegionStore for MemoryRegionStore {
         })
     }
 
+    async fn usage_backlog(&self) -> Result<Option<UsageBacklog>> {
+        self.with(|state| {
+            Ok(Some(UsageBacklog {
+                records: state.stream.len() as u64,
+                oldest_appended_ms: state
+                    .stream
+                    .front()
+                    .and_then(|(_, record)| crate::usage_id_millis(&record.id.0)),
+            }))
+        })
+    }
+
     async fn publish_price_book(&self, book: &tollgate_core::PriceBook) -> Result<u64> {
         self.with(|state| {
             let generation = state.price_book.as_ref().map_or(0, |p| p.generation) + 1;

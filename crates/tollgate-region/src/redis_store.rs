@@ -818,6 +818,28 @@ impl RegionStore for RedisRegionStore {
         Ok(invocation.invoke_async(&mut connection).await?)
     }
 
+    async fn usage_backlog(&self) -> Result<Option<UsageBacklog>> {
+        let key = self.usage_stream_key();
+        let mut connection = self.connection.clone();
+        // Both answers from one round trip; acknowledged records are deleted (usage_ack.lua),
+        // so the length is what waits for the authority.
+        let (records, oldest): (u64, redis::streams::StreamRangeReply) = redis::pipe()
+            .xlen(&key)
+            .xrange_count(&key, "-", "+", 1)
+            .query_async(&mut connection)
+            .await?;
+        let oldest_appended_ms = match oldest.ids.first() {
+            Some(entry) => Some(crate::usage_id_millis(&entry.id).ok_or_else(|| {
+                RegionError::Corrupt(format!("usage record id {} has no time", entry.id))
+            })?),
+            None => None,
+        };
+        Ok(Some(UsageBacklog {
+            records,
+            oldest_appended_ms,
+        }))
+    }
+
     async fn publish_price_book(&self, book: &tollgate_core::PriceBook) -> Result<u64> {
         let document = to_document(book)?;
         let (key, generation_key) = self.price_book_keys();

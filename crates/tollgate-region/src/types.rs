@@ -337,6 +337,28 @@ impl AccountView {
     }
 }
 
+/// How far the usage stream is behind its reader: what [`crate::RegionStore::usage_backlog`]
+/// answers. Acknowledged records are deleted, so every record still in the stream waits for
+/// the authority (delivered and not acknowledged, or not delivered yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageBacklog {
+    /// Records in the stream.
+    pub records: u64,
+    /// When the oldest of them was appended (ms since the epoch, from its id); `None` when
+    /// the stream is empty.
+    pub oldest_appended_ms: Option<i64>,
+}
+
+/// The append time (ms) a usage record id starts with: `<ms>-<n>`, as Redis and the
+/// in-memory store both make them.
+pub fn usage_id_millis(id: &str) -> Option<i64> {
+    id.split_once('-')
+        .map_or(id, |(ms, _)| ms)
+        .parse::<i64>()
+        .ok()
+        .filter(|ms| *ms >= 0)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct UsageId(pub String);
 
@@ -542,4 +564,17 @@ pub(crate) fn check_rate_limit(limit: &RateLimit) -> Result<(), RegionError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage_id_millis;
+
+    #[test]
+    fn a_usage_id_starts_with_its_append_time() {
+        assert_eq!(usage_id_millis("1700000000123-4"), Some(1_700_000_000_123));
+        assert_eq!(usage_id_millis("17"), Some(17));
+        assert_eq!(usage_id_millis("x-1"), None);
+        assert_eq!(usage_id_millis("-5-1"), None);
+    }
 }

@@ -207,7 +207,8 @@ pub async fn run_with(
         vec![RegionId::new(REGION).context("region name")?],
     )
     .map_err(|e| anyhow::anyhow!("no randomness for the console: {e}"))?;
-    // /metrics: the edge's metrics, then the authority's parked usage read at scrape time.
+    // /metrics: the edge's metrics, then the authority's (parked usage, the region's stream,
+    // allocations, the outbox) read at scrape time.
     let edge_metrics = {
         let (engine, metrics) = (Arc::clone(&engine), Arc::clone(&metrics));
         move || {
@@ -219,10 +220,9 @@ pub async fn run_with(
             )
         }
     };
-    let http_routes =
-        crate::parked::metrics_router(authority.state().clone(), Arc::new(edge_metrics))
-            .merge(stripe.router())
-            .merge(Arc::new(console).router());
+    let http_routes = crate::metrics::router(Arc::clone(&authority), Arc::new(edge_metrics))
+        .merge(stripe.router())
+        .merge(Arc::new(console).router());
     let metrics_task = tokio::spawn(crate::purchases::serve_http(
         http,
         http_routes,

@@ -16,6 +16,7 @@ pub mod dev;
 pub mod dev_keys;
 pub mod encode;
 pub mod lifecycle;
+pub mod metrics;
 pub mod parked;
 pub mod plans;
 pub mod purchases;

@@ -214,12 +214,23 @@ async fn serve(
                 .clone()
                 .map(|a| a as Arc<dyn tollgate_authority_service::lifecycle::Lifecycle>);
             let console = (Arc::clone(&keys), lifecycle);
-            // /metrics reads parked usage from the authority's state at scrape time.
             let state = match &authority {
                 Some(authority) => authority.state().clone(),
                 None => tollgate_authority::StateStore::connect(&config.state_url)
                     .await
                     .context("opening the authority's state")?,
+            };
+            // /metrics reads its gauges at scrape time: parked usage from the authority's
+            // state, and with regions the authority's own (streams, allocations, outbox).
+            let metrics = match &authority {
+                Some(authority) => tollgate_authority_service::metrics::router(
+                    Arc::clone(authority),
+                    Arc::new(String::new),
+                ),
+                None => tollgate_authority_service::parked::metrics_router(
+                    state.clone(),
+                    Arc::new(String::new),
+                ),
             };
             Some(
                 serve_http(
@@ -228,7 +239,7 @@ async fn serve(
                     &store,
                     changes.clone(),
                     console,
-                    state,
+                    (state, metrics),
                     http_stopped,
                 )
                 .await?,
@@ -335,15 +346,15 @@ type ConsoleParts = (
 );
 
 /// The HTTP listener: `POST /webhooks/stripe` (503 without `[payments] stripe_secret_env`),
-/// the admin console (`/console`), the balance widget (`/widget`) and `/metrics` (parked
-/// usage).
+/// the admin console (`/console`), the balance widget (`/widget`) and `/metrics` (the
+/// `metrics` router).
 async fn serve_http(
     address: std::net::SocketAddr,
     config: &tollgate_authority_service::config::Config,
     store: &Arc<dyn tollgate_ledger::LedgerStore>,
     changes: tokio::sync::mpsc::Sender<tollgate_core::AccountId>,
     (keys, lifecycle): ConsoleParts,
-    state: tollgate_authority::StateStore,
+    (state, metrics): (tollgate_authority::StateStore, axum::Router),
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<HttpTask> {
     use tollgate_authority_service::purchases::{serve_http, StripeWebhook};
@@ -391,9 +402,7 @@ async fn serve_http(
             .map_err(|e| anyhow::anyhow!("{WIDGET_SECRET_ENV}: {e}"))?;
     }
     tracing::info!(console = %format!("http://{}/console", listener.local_addr()?), "serving the admin console");
-    let router = router.merge(Arc::new(console).router()).merge(
-        tollgate_authority_service::parked::metrics_router(state, Arc::new(String::new)),
-    );
+    let router = router.merge(Arc::new(console).router()).merge(metrics);
     Ok(tokio::spawn(serve_http(listener, router, async move {
         let _ = stopped.wait_for(|stopped| *stopped).await;
     })))

@@ -1,0 +1,305 @@
+//! `tollgate-authority serve`'s `/metrics` with a configured region, as a real process on
+//! PostgreSQL and a redis-server of the test's own, and a webhook endpoint nobody listens on:
+//! an edge in this test debits two accounts (the cold path allocates), the background loop
+//! reconciles the debits, one account runs out so its `balance.exhausted` webhook fails; then
+//! every family of the authority's metrics is scraped over HTTP and checked.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate_core::{AccountId, FeatureKey, IdempotencyKey, Quantity, RegionId};
+use tollgate_edge::coordination::AuthorityClient;
+use tollgate_edge::{DebitRequest, Decision, EdgeSettings, Engine, Spend, SystemClock};
+use tollgate_proto::pb;
+use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
+use tollgate_testkit::process::free_port;
+use tollgate_testkit::{PostgresServer, RedisServer};
+use tonic::transport::Channel;
+
+mod common;
+
+use common::grpc::{define_chat, price_chat, Admin};
+
+const ADMIN_KEY: &str = "metrics-admin-key";
+/// How long the test waits for the background loops (reconciliation every 200 ms, webhooks
+/// every second) to do what it checks; a bound on waiting, not a timing assertion.
+const WAIT_MS: u64 = 30_000;
+
+/// The authority process this test started, and its configuration's directory; the process
+/// is ended by its own id when the test ends.
+struct Node {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `/metrics` page of the HTTP listener at `http`.
+async fn scrape(http: &str) -> String {
+    let url = format!("http://{http}/metrics");
+    let (status, _, body) = common::http_client::call("GET", &url, &[], "").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of the sample of `name` that has every one of `labels` (`key="value"`), if any.
+fn sample(page: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        let matches = match rest.strip_prefix('{') {
+            Some(set) => labels.iter().all(|label| set.contains(label)),
+            None => rest.is_empty() && labels.is_empty(),
+        };
+        matches.then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Like [`sample`], failing the test when the sample is missing.
+fn value(page: &str, name: &str, labels: &[&str]) -> f64 {
+    sample(page, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{page}"))
+}
+
+/// Scrapes until `ready` holds for the page (at most [`WAIT_MS`]); returns the last page.
+async fn scrape_until(http: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let page = scrape(http).await;
+        if ready(&page) {
+            return page;
+        }
+        assert!(Instant::now() < deadline, "{what}; last /metrics:\n{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn account_with_grant(admin: &mut Admin, account: &str, amount: &str) {
+    admin
+        .create_account(pb::CreateAccountRequest {
+            idempotency_key: format!("a-{account}"),
+            account_id: account.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .issue_grant(pb::IssueGrantRequest {
+            idempotency_key: format!("g-{account}"),
+            account_id: account.into(),
+            grant_id: "bought".into(),
+            amount: amount.into(),
+            source: pb::GrantSource::Purchase.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+fn chat(account: &str, key: &str, calls: &str) -> DebitRequest {
+    DebitRequest {
+        account: AccountId::new(account).unwrap(),
+        key: IdempotencyKey::new(key).unwrap(),
+        feature: FeatureKey::new("chat").unwrap(),
+        spend: Spend::Quantity(Quantity::parse(calls).unwrap()),
+        actor: None,
+        mode: None,
+        event_time: None,
+    }
+}
+
+/// Starts `serve` with region `eu` on `redis`, `/metrics` on `http`, and a webhook endpoint
+/// `billing` at a port nothing listens on.
+fn start_serve(postgres: &PostgresServer, redis: &RedisServer, listen: &str, http: &str) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("authority.toml");
+    let dead_port = free_port().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "http_listen = \"{http}\"\ndatabase_url = \"{}\"\n\
+             [[regions]]\nname = \"eu\"\nredis_url = \"{}\"\nkey_prefix = \"tg:eu\"\n\
+             [[webhooks]]\nname = \"billing\"\nurl = \"http://127.0.0.1:{dead_port}/hook\"\n\
+             secret_env = \"METRICS_TEST_HOOK_SECRET\"\n",
+            postgres.url(),
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate-authority"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("TOLLGATE_LISTEN", listen)
+        .env("TOLLGATE_ADMIN_API_KEY", ADMIN_KEY)
+        .env("METRICS_TEST_HOOK_SECRET", "whsec-metrics-test")
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Node { child, _dir: dir }
+}
+
+async fn connect(listen: &str) -> Channel {
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        if let Ok(channel) = Channel::from_shared(format!("http://{listen}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return channel;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the authority did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exports_stream_reconciliation_allocation_and_outbox_metrics() {
+    let postgres = PostgresServer::start().unwrap();
+    let redis = RedisServer::start().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let http = format!("127.0.0.1:{}", free_port().unwrap());
+    let _node = start_serve(&postgres, &redis, &listen, &http);
+    let mut admin = common::grpc::admin(connect(&listen).await, ADMIN_KEY);
+    define_chat(&mut admin, "").await;
+    price_chat(&mut admin, "0.5").await;
+    account_with_grant(&mut admin, "acme", "100").await;
+    account_with_grant(&mut admin, "tiny", "1").await;
+
+    // An edge of region eu: both accounts are cold there, so it asks this authority.
+    let store = Arc::new(
+        RedisRegionStore::connect(&redis.url(), "tg:eu", RETAIN_MS_DEFAULT)
+            .await
+            .unwrap(),
+    );
+    let eu = RegionId::new("eu").unwrap();
+    let client = AuthorityClient::new(
+        &format!("http://{listen}"),
+        eu.clone(),
+        Some(ADMIN_KEY),
+        "edge-t".into(),
+    )
+    .unwrap();
+    let engine = Engine::new(store, EdgeSettings::new(eu), Arc::new(SystemClock))
+        .with_allocator(Arc::new(client));
+    // 1.5 of acme's 100; all of tiny's 1, so tiny's balance is exhausted.
+    for debit in [chat("acme", "d-acme", "3"), chat("tiny", "d-tiny", "2")] {
+        let decided = engine.debit(debit).await.unwrap();
+        assert!(matches!(&decided, Decision::Done(_)), "{decided:?}");
+    }
+
+    let region = r#"region="eu""#;
+    let billing = r#"endpoint="billing""#;
+    // Reconciled: the stream is empty and the ledger took both debits, so what is out in
+    // the region is acme's 98.5 credits (tiny's slice is spent).
+    let page = scrape_until(&http, "the debits were not reconciled", |page| {
+        sample(page, "tollgate_authority_usage_stream_records", &[region]) == Some(0.0)
+            && sample(
+                page,
+                "tollgate_authority_allocation_outstanding_micros",
+                &[region],
+            ) == Some(98_500_000.0)
+    })
+    .await;
+    assert_eq!(
+        value(
+            &page,
+            "tollgate_authority_usage_stream_oldest_age_seconds",
+            &[region]
+        ),
+        0.0,
+        "an empty stream has no oldest record"
+    );
+    assert!(
+        value(
+            &page,
+            "tollgate_authority_reconciliation_last_success_timestamp_seconds",
+            &[region]
+        ) > 0.0
+    );
+    // The watermark trails now by at least the lateness allowance (15 min by default).
+    assert!(
+        value(
+            &page,
+            "tollgate_authority_reconciliation_watermark_lag_seconds",
+            &[region]
+        ) >= 900.0
+    );
+    // Each account's cold path asked for an allocation.
+    assert!(
+        value(
+            &page,
+            "tollgate_authority_allocation_duration_seconds_count",
+            &[region, r#"reason="requested""#, r#"outcome="ok""#]
+        ) >= 2.0
+    );
+    assert_eq!(
+        value(&page, "tollgate_authority_parked_usage_open", &[]),
+        0.0
+    );
+    assert_eq!(
+        value(&page, "tollgate_authority_parked_usage_open_micros", &[]),
+        0.0
+    );
+
+    // tiny's balance.exhausted goes to an endpoint nobody listens on: the attempt fails and
+    // the delivery waits in the outbox for its retry.
+    let page = scrape_until(&http, "no webhook delivery failed", |page| {
+        sample(
+            page,
+            "tollgate_authority_webhook_delivery_failures_total",
+            &[billing],
+        )
+        .is_some_and(|failures| failures >= 1.0)
+    })
+    .await;
+    assert!(value(&page, "tollgate_authority_outbox_pending_deliveries", &[]) >= 1.0);
+    assert!(
+        value(
+            &page,
+            "tollgate_authority_outbox_oldest_pending_age_seconds",
+            &[]
+        ) >= 0.0
+    );
+    assert_eq!(
+        value(
+            &page,
+            "tollgate_authority_webhook_deliveries_given_up_total",
+            &[billing]
+        ),
+        0.0,
+        "the first failures are retried, not given up"
+    );
+
+    // Every family says what it measures and in which unit.
+    for family in [
+        "tollgate_authority_usage_stream_records",
+        "tollgate_authority_usage_stream_oldest_age_seconds",
+        "tollgate_authority_reconciliation_watermark_lag_seconds",
+        "tollgate_authority_reconciliation_last_success_timestamp_seconds",
+        "tollgate_authority_allocation_outstanding_micros",
+        "tollgate_authority_allocation_duration_seconds",
+        "tollgate_authority_webhook_delivery_failures_total",
+        "tollgate_authority_webhook_deliveries_given_up_total",
+        "tollgate_authority_outbox_pending_deliveries",
+        "tollgate_authority_outbox_oldest_pending_age_seconds",
+        "tollgate_authority_parked_usage_open",
+        "tollgate_authority_parked_usage_open_micros",
+    ] {
+        assert!(
+            page.lines()
+                .any(|line| line.starts_with(&format!("# HELP {family} "))),
+            "no HELP for {family}"
+        );
+    }
+}
