@@ -92,6 +92,7 @@ impl World {
                     version: 1,
                     rule: PriceRule::Default,
                 },
+                forced: false,
             })
             .await
             .map_err(|e| e.to_string())?;

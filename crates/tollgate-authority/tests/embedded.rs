@@ -223,6 +223,7 @@ impl World {
                     version: 1,
                     rule: PriceRule::Default,
                 },
+                forced: false,
             })
             .await
             .unwrap();
@@ -673,6 +674,7 @@ async fn a_region_that_restarted_empty_is_allocated_the_ledgers_credits_again() 
                 version: 1,
                 rule: PriceRule::Default,
             },
+            forced: false,
         })
         .await
         .unwrap();

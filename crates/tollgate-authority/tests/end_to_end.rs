@@ -212,6 +212,7 @@ async fn debit(
                 version: 1,
                 rule: PriceRule::Default,
             },
+            forced: false,
         })
         .await
         .expect("debit reaches redis")

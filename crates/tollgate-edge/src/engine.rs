@@ -812,6 +812,7 @@ impl<S: RegionStore> Engine<S> {
             now: at,
             actor: request.actor.clone(),
             price: priced.tag(),
+            forced: false,
         };
         let shortfall_of = |o: &DebitOutcome| match o {
             DebitOutcome::Refused(Refusal::Insufficient { shortfall, .. }) => Some(*shortfall),

@@ -22,7 +22,10 @@
 //! no longer pay) is served and not charged: it waits on the edge as *unbilled*, next to the
 //! account's pending buffer, and the flusher tries it again with a bounded backoff. A retry is a
 //! strict debit under the same key and request, so an attempt whose reply was lost replays and
-//! nothing is charged twice.
+//! nothing is charged twice. One the region still refuses after `UNBILLED_FORCED_AFTER_MS` (or
+//! any at shutdown) is charged *forced*: recorded in the region whatever the account holds, the
+//! rest as overdraft beyond its room, so it reaches the authority, which charges it as debt or
+//! parks it where an operator sees it. Served usage never stays on an edge that may restart.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -55,6 +58,11 @@ const MAINTENANCE_MS: u64 = 1_000;
 /// Longest wait before an unbilled decision is tried again, in milliseconds. The first retry
 /// waits one flush interval, and each failure doubles the wait up to this.
 pub const UNBILLED_RETRY_MS_MAX: i64 = 5_000;
+/// How long an unbilled decision the region refuses to charge waits for the authority to bring
+/// the region credits, in milliseconds; after that (or at shutdown) it is charged forced
+/// (`DebitCommand::forced`): recorded in the region as overdraft beyond its room if need be,
+/// so that it reaches the authority, which charges it as debt or parks it, visibly.
+pub const UNBILLED_FORCED_AFTER_MS: i64 = 10_000;
 /// Unbilled decisions logged one by one at shutdown; the rest are only counted.
 const UNBILLED_LOGGED_AT_SHUTDOWN_MAX: usize = 1_000;
 
@@ -95,6 +103,8 @@ struct Unbilled {
     failures: u32,
     /// Not tried again before this time (ms), unless the edge is shutting down.
     retry_at_ms: i64,
+    /// When it became unbilled (ms).
+    since_ms: i64,
 }
 
 /// What one direct charge did.
@@ -889,6 +899,7 @@ impl<S: RegionStore> Leases<S> {
                         entry,
                         failures: 0,
                         retry_at_ms: now.millis(),
+                        since_ms: now.millis(),
                     })
                     .collect();
                 // The flush tries them right after this settlement; their failures wait.
@@ -919,30 +930,35 @@ impl<S: RegionStore> Leases<S> {
     async fn retry_unbilled(&self, account: &AccountId, lease: &AccountLease) {
         let stopping = self.stopping.load(Ordering::Relaxed);
         let now_ms = self.clock.now().millis();
-        let due: Vec<(usize, LeaseUsage)> = lease
+        // (position, decision, forced): one the region has refused long enough, or any at
+        // shutdown, is recorded whatever the account holds.
+        let due: Vec<(usize, LeaseUsage, bool)> = lease
             .local()
             .unbilled
             .iter()
             .enumerate()
             .filter(|(_, u)| stopping || u.retry_at_ms <= now_ms)
-            .map(|(i, u)| (i, u.entry.clone()))
+            .map(|(i, u)| {
+                let forced = stopping || now_ms - u.since_ms >= UNBILLED_FORCED_AFTER_MS;
+                (i, u.entry.clone(), forced)
+            })
             .collect();
         let mut charged = Vec::new();
         let mut failed = Vec::new();
         // Due decisions not tried because the store failed before them.
         let mut untried = Vec::new();
         let mut due = due.into_iter();
-        for (i, entry) in due.by_ref() {
-            match self.charge_directly(account, &entry).await {
+        for (i, entry, forced) in due.by_ref() {
+            match self.charge_directly(account, &entry, forced).await {
                 DirectCharge::Charged => charged.push(i),
                 DirectCharge::Failed(error) => {
                     warn!(%account, key = %entry.key, %error, "direct charge of a cached decision failed; will retry");
                     failed.push(i);
-                    untried.extend(due.by_ref().map(|(i, _)| i));
+                    untried.extend(due.by_ref().map(|(i, ..)| i));
                     break;
                 }
                 DirectCharge::Refused(refusal) => {
-                    error!(%account, key = %entry.key, cost = %entry.cost(), ?refusal, "region cannot pay a served cached decision whose lease expired; kept unbilled, will retry");
+                    error!(%account, key = %entry.key, cost = %entry.cost(), ?refusal, "region cannot pay a served cached decision whose lease expired; kept unbilled, will retry, then record it forced");
                     failed.push(i);
                 }
                 DirectCharge::KeysExhausted => {
@@ -1002,8 +1018,14 @@ impl<S: RegionStore> Leases<S> {
     /// Charges one decision of an expired lease as a strict debit at its event time, under its
     /// own key, or under a derived key when its key is remembered for another request, as a
     /// settlement does (`derived_key`). A retry sends the same command, so a charge made by an
-    /// attempt whose reply was lost replays instead of charging again.
-    async fn charge_directly(&self, account: &AccountId, entry: &LeaseUsage) -> DirectCharge {
+    /// attempt whose reply was lost replays instead of charging again (`forced` is not part of
+    /// what the region compares).
+    async fn charge_directly(
+        &self,
+        account: &AccountId,
+        entry: &LeaseUsage,
+        forced: bool,
+    ) -> DirectCharge {
         let cost = entry.cost();
         let fingerprint = debit_fingerprint(&entry.feature, cost, &entry.price);
         let timeout = Duration::from_millis(self.settings.store_timeout_ms);
@@ -1018,6 +1040,7 @@ impl<S: RegionStore> Leases<S> {
                 now: entry.at,
                 actor: entry.actor.clone(),
                 price: entry.price,
+                forced,
             };
             match tokio::time::timeout(timeout, self.store.debit(&command)).await {
                 Ok(Ok(DebitOutcome::Allowed(_))) => {

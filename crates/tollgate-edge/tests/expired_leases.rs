@@ -1,6 +1,6 @@
 //! Cached decisions whose lease expired in the region before their flush: the edge charges each
 //! as a strict debit at its event time, keeps what the region does not charge (unbilled) and
-//! tries it again, and charges a reused key under the derived key a settlement would use. Each
+//! tries it again (recording it forced once the region has refused it long enough), and charges a reused key under the derived key a settlement would use. Each
 //! runs on the in-memory store and on a redis-server started for the test, behind a wrapper
 //! that fails strict debits on demand (`common::faulty`). Time is a manual clock: the lease
 //! expires and retries come due because the test moves it.
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tollgate_core::{
     AccountId, Credits, Draw, GrantId, IdempotencyKey, LeaseId, PriceRule, RegionId, Timestamp,
 };
-use tollgate_edge::leases::UNBILLED_RETRY_MS_MAX;
+use tollgate_edge::leases::{UNBILLED_FORCED_AFTER_MS, UNBILLED_RETRY_MS_MAX};
 use tollgate_edge::metrics::{Metrics, UNBILLED_DECISIONS, UNBILLED_MICROS};
 use tollgate_edge::{Clock, DebitRequest, Decision, EdgeSettings, Engine, ManualClock};
 use tollgate_region::conformance::{install, segment};
@@ -251,6 +251,7 @@ async fn derived_key_of_settlement<S: RegionStore>(
         now: at,
         actor: None,
         price: price(),
+        forced: false,
     };
     assert!(matches!(
         store.debit(&strict).await.unwrap(),
@@ -311,6 +312,7 @@ async fn a_reused_key_is_charged_under_the_settlements_derived_key<S: RegionStor
         now: setup.clock.now(),
         actor: None,
         price: price(),
+        forced: false,
     };
     assert!(matches!(
         setup.store.debit(&strict).await.unwrap(),
@@ -359,7 +361,31 @@ async fn a_reused_key_is_charged_under_the_settlements_derived_key_on_redis() {
 /// region cannot pay the served decision. It stays unbilled (not lost) and is charged once the
 /// region holds credits again.
 async fn a_refused_direct_charge_waits_for_credits<S: RegionStore>(store: S) {
-    let setup = edge_with_lease(store, "acct-refused", "10").await;
+    let (setup, decided_at) = refused_direct_charge(store, "acct-refused").await;
+    let leases = setup.edge.leases();
+
+    // A top-up effective before the decision, so it can pay at the decision's time.
+    let mut top_up = segment("g2", "10", 50, None);
+    top_up.effective_at = Timestamp::EPOCH;
+    install(setup.store.as_ref(), &setup.account, top_up).await;
+    setup.clock.advance_ms(UNBILLED_RETRY_MS_MAX);
+    leases.flush_account(&setup.account).await;
+    assert_eq!(leases.unbilled_of(&setup.account), 0);
+    let records = new_records(setup.store.as_ref()).await;
+    let served: Vec<_> = records
+        .iter()
+        .filter(|r| r.key.as_str() == "served-1")
+        .collect();
+    assert_eq!(served.len(), 1, "{records:?}");
+    assert_eq!((served[0].cost, served[0].at), (credits("4"), decided_at));
+    assert_eq!(served[0].overdraft, Credits::ZERO, "paid from the top-up");
+    setup.edge.shutdown().await;
+}
+
+/// A served decision the region cannot pay (its lease's credits were spent elsewhere), refused
+/// once and kept unbilled; answers the setup and the decision's time.
+async fn refused_direct_charge<S: RegionStore>(store: S, account: &str) -> (Setup<S>, Timestamp) {
+    let setup = edge_with_lease(store, account, "10").await;
     // 4 of the lease's 10 credits: above half a lease left, so no refill runs in the background.
     let decided_at = cached_debit(&setup, "served-1", "8").await;
     expire_lease(&setup);
@@ -378,6 +404,7 @@ async fn a_refused_direct_charge_waits_for_credits<S: RegionStore>(store: S) {
         now: setup.clock.now(),
         actor: None,
         price: price(),
+        forced: false,
     };
     let spent = setup.store.debit(&elsewhere).await.unwrap();
     assert!(matches!(spent, DebitOutcome::Allowed(_)), "{spent:?}");
@@ -385,14 +412,32 @@ async fn a_refused_direct_charge_waits_for_credits<S: RegionStore>(store: S) {
     leases.flush_account(&setup.account).await;
     assert_eq!(leases.unbilled_of(&setup.account), 1, "refused, kept");
     assert_eq!(leases.stats().lost_entries.load(Ordering::Relaxed), 0);
+    (setup, decided_at)
+}
 
-    // A top-up effective before the decision, so it can pay at the decision's time.
-    let mut top_up = segment("g2", "10", 50, None);
-    top_up.effective_at = Timestamp::EPOCH;
-    install(setup.store.as_ref(), &setup.account, top_up).await;
+/// No credits come: once it has waited `UNBILLED_FORCED_AFTER_MS`, the decision is recorded
+/// forced, as overdraft beyond the region's room, so it reaches the authority (which charges
+/// it as debt or parks it) instead of waiting on this edge.
+async fn a_decision_the_region_keeps_refusing_is_recorded_forced<S: RegionStore>(store: S) {
+    let (setup, decided_at) = refused_direct_charge(store, "acct-forced").await;
+    let leases = setup.edge.leases();
     setup.clock.advance_ms(UNBILLED_RETRY_MS_MAX);
     leases.flush_account(&setup.account).await;
+    assert_eq!(
+        leases.unbilled_of(&setup.account),
+        1,
+        "still waiting for credits"
+    );
+    setup.clock.advance_ms(UNBILLED_FORCED_AFTER_MS);
+    leases.flush_account(&setup.account).await;
     assert_eq!(leases.unbilled_of(&setup.account), 0);
+    assert_eq!(
+        unbilled_gauges(&setup),
+        (
+            format!("{UNBILLED_DECISIONS} 0"),
+            format!("{UNBILLED_MICROS} 0")
+        )
+    );
     let records = new_records(setup.store.as_ref()).await;
     let served: Vec<_> = records
         .iter()
@@ -400,7 +445,26 @@ async fn a_refused_direct_charge_waits_for_credits<S: RegionStore>(store: S) {
         .collect();
     assert_eq!(served.len(), 1, "{records:?}");
     assert_eq!((served[0].cost, served[0].at), (credits("4"), decided_at));
+    assert_eq!(
+        (served[0].draws.len(), served[0].overdraft),
+        (0, credits("4")),
+        "nothing in the segments: all of it overdraft beyond the room"
+    );
     setup.edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_decision_the_region_keeps_refusing_is_recorded_forced_in_memory() {
+    a_decision_the_region_keeps_refusing_is_recorded_forced(MemoryRegionStore::default()).await;
+}
+
+#[tokio::test]
+async fn a_decision_the_region_keeps_refusing_is_recorded_forced_on_redis() {
+    let server = RedisServer::start().unwrap();
+    let store = RedisRegionStore::connect(&server.url(), "tg:forced", RETAIN_MS_DEFAULT)
+        .await
+        .unwrap();
+    a_decision_the_region_keeps_refusing_is_recorded_forced(store).await;
 }
 
 #[tokio::test]

@@ -136,6 +136,7 @@ async fn a_reused_key_is_charged_and_counted<S: RegionStore>(store: Arc<FaultySt
         now: now(),
         actor: None,
         price,
+        forced: false,
     };
     assert!(matches!(
         store.debit(&strict).await.unwrap(),

@@ -84,6 +84,7 @@ pub fn debit_command(
         now,
         actor: None,
         price: PRICE,
+        forced: false,
     }
 }
 
@@ -443,6 +444,65 @@ pub async fn debit_honours_the_overdraft_limit<S: RegionStore>(store: &S) {
     assert_eq!(
         (view.overdraft_used, view.pool()),
         (credits("2"), Credits::ZERO)
+    );
+}
+
+/// A forced debit (a decision already served) is recorded whatever the account holds: the
+/// segments pay what they can, the rest is overdraft beyond the room; the feature's bucket
+/// neither refuses nor counts it; the same request sent again unforced replays it.
+pub async fn forced_debits_are_recorded_beyond_the_room<S: RegionStore>(store: &S) {
+    let a = account("acct-forced");
+    store.create_usage_group("authority").await.unwrap();
+    install(store, &a, segment("g", "1", 50, None)).await;
+    store
+        .set_overdraft_limit(&a, credits("2"), at(0))
+        .await
+        .unwrap();
+    let limit = RateLimit {
+        amount: credits("1"),
+        period: RatePeriod::Second,
+        burst: credits("1"),
+    };
+    store
+        .set_rate_limit(&a, &feature("gen"), Some(limit), at(0))
+        .await
+        .unwrap();
+    let forced = DebitCommand {
+        forced: true,
+        ..debit_command(&a, "served", "gen", "5", at(1))
+    };
+    let outcome = debit_allowed(store, &forced).await;
+    assert_eq!(
+        (
+            draws(&outcome.draws),
+            outcome.overdraft,
+            outcome.overdraft_room
+        ),
+        (vec![("g".into(), "1".into())], credits("4"), Credits::ZERO)
+    );
+    let again = debit_allowed(store, &debit_command(&a, "served", "gen", "5", at(2))).await;
+    assert!(again.replayed);
+    assert_eq!(again.overdraft, credits("4"));
+    // The bucket still holds its token: an ordinary debit within it passes.
+    store
+        .set_overdraft_limit(&a, credits("10"), at(3))
+        .await
+        .unwrap();
+    debit_allowed(store, &debit_command(&a, "next", "gen", "1", at(3))).await;
+    let view = store.view(&a, at(4)).await.unwrap();
+    assert_eq!(
+        (view.overdraft_used, view.pool()),
+        (credits("5"), Credits::ZERO)
+    );
+    let records = store.read_usage("authority", "auditor", 100).await.unwrap();
+    let served: Vec<_> = records
+        .iter()
+        .filter(|r| r.account == a && r.key.as_str() == "served")
+        .collect();
+    assert_eq!(served.len(), 1, "{records:?}");
+    assert_eq!(
+        (served[0].cost, served[0].overdraft),
+        (credits("5"), credits("4"))
     );
 }
 

@@ -325,6 +325,17 @@ impl AccountState {
         now: Timestamp,
         cost: i64,
     ) -> std::result::Result<(Vec<(GrantId, i64)>, i64), i64> {
+        self.plan_within(feature, now, cost, (self.od_limit - self.od_used).max(0))
+    }
+
+    /// [`Self::plan`] with `room` for overdraft.
+    fn plan_within(
+        &self,
+        feature: &FeatureKey,
+        now: Timestamp,
+        cost: i64,
+        room: i64,
+    ) -> std::result::Result<(Vec<(GrantId, i64)>, i64), i64> {
         let mut eligible: Vec<(&GrantId, &SegmentEntry)> = self
             .segments
             .iter()
@@ -347,7 +358,6 @@ impl AccountState {
                 draws.push((id.clone(), take));
             }
         }
-        let room = (self.od_limit - self.od_used).max(0);
         if left <= room {
             Ok((draws, left))
         } else {
@@ -391,6 +401,23 @@ impl AccountState {
 impl AccountState {
     /// The scripts' spending step, shared by debit and authorize: the feature's token bucket,
     /// then the draws and overdraft; on success both are taken.
+    /// A served decision recorded whatever the account holds (`DebitCommand::forced`): the
+    /// segments pay what they can, the rest is overdraft beyond the room if need be; the
+    /// feature's bucket is left alone.
+    fn spend_forced(
+        &mut self,
+        feature: &FeatureKey,
+        now: Timestamp,
+        cost: i64,
+    ) -> (Vec<(GrantId, i64)>, i64) {
+        let room = (self.od_limit - self.od_used).max(0).saturating_add(cost);
+        let (draws, overdraft) = self
+            .plan_within(feature, now, cost, room)
+            .unwrap_or_else(|_| (Vec::new(), cost));
+        self.take(&draws, overdraft);
+        (draws, overdraft)
+    }
+
     fn spend(
         &mut self,
         feature: &FeatureKey,
@@ -793,13 +820,16 @@ impl RegionStore for MemoryRegionStore {
                 };
             }
             a.sweep(now, retain_ms);
-            let (draws, overdraft) =
+            let (draws, overdraft) = if command.forced {
+                a.spend_forced(&command.feature, command.now, command.cost.micros())
+            } else {
                 match a.spend(&command.feature, command.now, command.cost.micros()) {
                     Ok(spent) => spent,
                     Err(refusal) => return Ok(DebitOutcome::Refused(refusal)),
-                };
+                }
+            };
             let pool = a.active_pool(command.now);
-            let od_room = a.od_limit - a.od_used;
+            let od_room = (a.od_limit - a.od_used).max(0);
             let record = UsageRecord {
                 id: UsageId(String::new()),
                 kind: UsageKind::Debit,

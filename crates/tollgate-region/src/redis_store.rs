@@ -441,6 +441,7 @@ impl RegionStore for RedisRegionStore {
             actor_text(&command.actor),
             command.price.version.to_string(),
             command.price.rule.as_str().to_string(),
+            if command.forced { "1" } else { "0" }.to_string(),
         ];
         let reply = self
             .run(

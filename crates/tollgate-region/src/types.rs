@@ -61,6 +61,13 @@ pub struct DebitCommand {
     pub now: Timestamp,
     pub actor: Option<ActorId>,
     pub price: PriceTag,
+    /// The decision was already served (a cached decision whose lease expired before it was
+    /// settled): it is recorded whatever the account holds, never refused. The segments pay
+    /// what they can in burn-down order and the rest is overdraft, beyond the region's room if
+    /// need be, for the authority to charge as debt or park where an operator sees it. Rate
+    /// limits neither refuse nor count it. Not part of the fingerprint: a forced retry of a
+    /// debit that was applied replays it.
+    pub forced: bool,
 }
 
 /// Why credits were not spent.

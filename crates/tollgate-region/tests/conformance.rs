@@ -44,6 +44,7 @@ conformance!(
     debit_draws_in_burn_down_order,
     debit_at_the_expiry_boundary,
     debit_honours_the_overdraft_limit,
+    forced_debits_are_recorded_beyond_the_room,
     replays_are_charged_once,
     authorize_replays_return_the_first_hold,
     holds_capture_partially,

@@ -91,6 +91,7 @@ async fn run<S: RegionStore>(
                 now,
                 actor: None,
                 price,
+                forced: false,
             })
             .await
             .map(|_| ()),
