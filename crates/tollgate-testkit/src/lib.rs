@@ -8,9 +8,11 @@
 
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 pub mod tls;
 
 pub use postgres::PostgresServer;
 pub use process::TestkitError;
+pub use proxy::TcpProxy;
 pub use redis::RedisServer;
