@@ -9,7 +9,8 @@
 //! The watermark of a region is the event time up to which everything is reconciled. Event
 //! times are not in stream order (captures carry their authorization's time, cached decisions
 //! arrive a flush later, callers may date an event in the past), so the watermark only moves
-//! when a read finds the stream drained: everything decided before that read started is in,
+//! when a read reaches the stream's end (nothing pending, and fewer new records than it asked
+//! for): everything decided before that read started is in once its batch is acknowledged,
 //! except what may still arrive late, bounded by `watermark_lateness_ms`.
 
 use std::collections::BTreeMap;
@@ -43,7 +44,7 @@ pub struct UsageBatch {
     pub records: Vec<UsageRecord>,
     /// When the read started: a drained read means everything decided before is in.
     pub read_at: Timestamp,
-    /// The read found nothing pending and nothing new.
+    /// The read reached the stream's end: nothing pending, and no record beyond those read.
     pub drained: bool,
 }
 
@@ -177,18 +178,18 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             .create_usage_group(USAGE_GROUP)
             .await
             .map_err(|e| AuthorityError::region(region, e))?;
-        let records = store
-            .read_usage(USAGE_GROUP, USAGE_CONSUMER, USAGE_BATCH_RECORDS_MAX)
+        // A read answers the records still pending before any new ones; one that reached the
+        // stream's end (new records short of the count, or none) proves it drained as of the
+        // read, so the watermark moves under steady traffic too.
+        let read = store
+            .read_usage_to_end(USAGE_GROUP, USAGE_CONSUMER, USAGE_BATCH_RECORDS_MAX)
             .await
             .map_err(|e| AuthorityError::region(region, e))?;
-        // A read answers the records still pending before any new ones, so only an empty
-        // read proves the stream drained.
-        let drained = records.is_empty();
         Ok(UsageBatch {
             region: region.clone(),
-            records,
+            records: read.records,
             read_at,
-            drained,
+            drained: read.at_end,
         })
     }
 
@@ -652,8 +653,6 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         }
     }
 
-    /// Reconciles every region until a read finds its stream drained (at most `passes_max`
-    /// reads per region).
     /// Reconciles every region, each up to `passes_max` batches. A region that fails does not
     /// hold the others back: they are all reconciled, and the first failure is returned after.
     pub async fn reconcile_all(&self, passes_max: usize) -> Result<ReconcileReport> {

@@ -445,6 +445,36 @@ async fn a_region_that_does_not_answer_holds_back_no_other_regions_reconciliatio
     assert_eq!(world.balance("acme").await, credits("95"));
 }
 
+/// Under steady traffic no read finds the stream empty; a read that reaches its end (fewer new
+/// records than it asked for) still proves everything decided before it is in, so the watermark
+/// moves and expiries do not wait for a quiet moment that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watermark_moves_under_steady_traffic() {
+    let start = ts("2027-06-01T00:00:00Z");
+    let world = World::start(&["eu"], start).await;
+    world.account("acme", "0").await;
+    world.grant("acme", "bought", "100", None).await;
+    let node = world.authority(settings()).await;
+    allocate(&node, "eu", "acme").await;
+    let lateness = settings().watermark_lateness_ms;
+    for n in 0..3 {
+        world.clock.advance_ms(lateness);
+        let read_at = world.clock.now();
+        let spent = debit(&world.store("eu"), "acme", &format!("d{n}"), "1", read_at).await;
+        assert!(matches!(spent, DebitOutcome::Allowed(_)), "{spent:?}");
+        // One read, one record: never an empty read.
+        let report = node.reconcile_once(&region("eu")).await.unwrap();
+        assert_eq!(report.records, 1);
+        let marks = node.state().watermarks().await.unwrap();
+        assert_eq!(
+            marks.get(&region("eu")).copied(),
+            Some(Timestamp::from_millis(read_at.millis() - lateness).unwrap()),
+            "after read {n}"
+        );
+    }
+    assert_eq!(world.balance("acme").await, credits("97"));
+}
+
 /// A pending hold holds back the expiry of the grants it draws from (its capture carries the
 /// authorization's time), and only those: steady holds on an account's other grants would
 /// otherwise keep its expiring grants open for ever.

@@ -1194,6 +1194,35 @@ pub async fn rate_limits_refuse_and_refill<S: RegionStore>(store: &S) {
     debit_allowed(store, &debit_command(&a, "r6", "gen", "500", at(10_003))).await;
 }
 
+/// A read says when it reached the stream's end: new records short of the count, or none;
+/// never while records delivered before wait for their acknowledgement, nor when it stopped
+/// at the count.
+pub async fn reads_say_when_they_reach_the_streams_end<S: RegionStore>(store: &S) {
+    let a = account("acct-end");
+    install(store, &a, segment("g", "10", 50, None)).await;
+    store.create_usage_group("authority").await.unwrap();
+    for n in 0..3 {
+        debit_allowed(
+            store,
+            &debit_command(&a, &format!("e{n}"), "gen", "1", at(n)),
+        )
+        .await;
+    }
+    let first = store.read_usage_to_end("authority", "r", 2).await.unwrap();
+    assert_eq!((first.records.len(), first.at_end), (2, false));
+    // Not acknowledged: delivered again first, and the end is not known.
+    let again = store.read_usage_to_end("authority", "r", 10).await.unwrap();
+    assert_eq!((again.records.len(), again.at_end), (2, false));
+    let ids: Vec<UsageId> = again.records.iter().map(|r| r.id.clone()).collect();
+    store.ack_usage("authority", &ids).await.unwrap();
+    let rest = store.read_usage_to_end("authority", "r", 10).await.unwrap();
+    assert_eq!((rest.records.len(), rest.at_end), (1, true));
+    let ids: Vec<UsageId> = rest.records.iter().map(|r| r.id.clone()).collect();
+    store.ack_usage("authority", &ids).await.unwrap();
+    let empty = store.read_usage_to_end("authority", "r", 10).await.unwrap();
+    assert_eq!((empty.records.len(), empty.at_end), (0, true));
+}
+
 /// Usage records reach a consumer group, are delivered again until acknowledged, then are gone.
 pub async fn usage_stream_delivers_until_acknowledged<S: RegionStore>(store: &S) {
     let a = account("acct-stream");

@@ -117,6 +117,22 @@ pub trait RegionStore: Send + Sync + 'static {
         consumer: &str,
         max: usize,
     ) -> impl Future<Output = Result<Vec<UsageRecord>>> + Send;
+    /// [`RegionStore::read_usage`], saying whether the read reached the stream's end (see
+    /// [`UsageRead::at_end`]). The default only knows it from an empty read (for wrappers and
+    /// test doubles: a store that wraps another should forward the call).
+    fn read_usage_to_end(
+        &self,
+        group: &str,
+        consumer: &str,
+        max: usize,
+    ) -> impl Future<Output = Result<UsageRead>> + Send {
+        let read = self.read_usage(group, consumer, max);
+        async move {
+            let records = read.await?;
+            let at_end = records.is_empty();
+            Ok(UsageRead { records, at_end })
+        }
+    }
     /// Acknowledges records the caller has made durable; returns how many were pending.
     fn ack_usage(&self, group: &str, ids: &[UsageId]) -> impl Future<Output = Result<u64>> + Send;
     /// The records in the usage stream and when the oldest was appended, for monitoring.

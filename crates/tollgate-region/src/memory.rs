@@ -1360,6 +1360,15 @@ impl RegionStore for MemoryRegionStore {
         consumer: &str,
         max: usize,
     ) -> Result<Vec<UsageRecord>> {
+        Ok(self.read_usage_to_end(group, consumer, max).await?.records)
+    }
+
+    async fn read_usage_to_end(
+        &self,
+        group: &str,
+        consumer: &str,
+        max: usize,
+    ) -> Result<UsageRead> {
         let max = max.min(USAGE_READ_MAX);
         self.with(|state| {
             let State { stream, groups, .. } = state;
@@ -1374,11 +1383,15 @@ impl RegionStore for MemoryRegionStore {
                 .take(max)
                 .collect();
             if !mine.is_empty() {
-                return Ok(stream
+                let records = stream
                     .iter()
                     .filter(|(seq, _)| mine.contains(seq))
                     .map(|(_, r)| r.clone())
-                    .collect());
+                    .collect();
+                return Ok(UsageRead {
+                    records,
+                    at_end: false,
+                });
             }
             let fresh: Vec<(u64, UsageRecord)> = stream
                 .iter()
@@ -1390,7 +1403,11 @@ impl RegionStore for MemoryRegionStore {
                 group.pending.insert(*seq, consumer.to_string());
                 group.next = seq + 1;
             }
-            Ok(fresh.into_iter().map(|(_, r)| r).collect())
+            let at_end = fresh.len() < max.max(1);
+            Ok(UsageRead {
+                records: fresh.into_iter().map(|(_, r)| r).collect(),
+                at_end,
+            })
         })
     }
 

@@ -783,6 +783,15 @@ impl RegionStore for RedisRegionStore {
         consumer: &str,
         max: usize,
     ) -> Result<Vec<UsageRecord>> {
+        Ok(self.read_usage_to_end(group, consumer, max).await?.records)
+    }
+
+    async fn read_usage_to_end(
+        &self,
+        group: &str,
+        consumer: &str,
+        max: usize,
+    ) -> Result<UsageRead> {
         let max = max.clamp(1, USAGE_READ_MAX);
         let mut connection = self.connection.clone();
         let options = StreamReadOptions::default()
@@ -800,10 +809,15 @@ impl RegionStore for RedisRegionStore {
                 .map(|entry| parse_record(entry.id, &entry.map))
                 .collect::<Result<Vec<_>>>()?;
             if !records.is_empty() {
-                return Ok(records);
+                // New records short of the count: none was left beyond them.
+                let at_end = start == ">" && records.len() < max;
+                return Ok(UsageRead { records, at_end });
             }
         }
-        Ok(Vec::new())
+        Ok(UsageRead {
+            records: Vec::new(),
+            at_end: true,
+        })
     }
 
     async fn ack_usage(&self, group: &str, ids: &[UsageId]) -> Result<u64> {

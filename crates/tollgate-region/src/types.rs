@@ -347,6 +347,16 @@ impl AccountView {
 /// How far the usage stream is behind its reader: what [`crate::RegionStore::usage_backlog`]
 /// answers. Acknowledged records are deleted, so every record still in the stream waits for
 /// the authority (delivered and not acknowledged, or not delivered yet).
+/// One read of the usage stream ([`crate::RegionStore::read_usage_to_end`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsageRead {
+    pub records: Vec<UsageRecord>,
+    /// The read reached the stream's end: nothing was left pending for the consumer, and no
+    /// record appended before the read is beyond those answered. Everything decided before
+    /// the read started is then delivered (a drained stream, even under steady traffic).
+    pub at_end: bool,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UsageBacklog {
     /// Records in the stream.

@@ -57,6 +57,7 @@ conformance!(
     expired_leases_give_credits_back,
     rate_limits_refuse_and_refill,
     usage_stream_delivers_until_acknowledged,
+    reads_say_when_they_reach_the_streams_end,
     out_of_range_amounts_are_refused,
     reversals_give_a_debit_back,
     take_back_waits_until_usage_is_reconciled,
