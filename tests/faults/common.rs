@@ -1,9 +1,14 @@
 //! What every fault test starts from: one account, `acme`, with no overdraft and one purchased
-//! grant, `bought`, of 1,000 credits.
+//! grant, `bought`, of 1,000 credits; the edge processes' tests also price the feature `gen`.
 
+use tollgate_authority::{Authority, Feature};
 use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata};
-use tollgate_core::{AccountId, Credits, GrantId, GrantSource, IdempotencyKey, Timestamp};
+use tollgate_core::{
+    AccountId, Credits, FeatureKey, GrantId, GrantSource, IdempotencyKey, PriceBookVersion, Rate,
+    Timestamp,
+};
 use tollgate_ledger::LedgerStore;
+use tollgate_region::RegionStore;
 
 pub const GRANTED_CREDITS: i64 = 1_000;
 
@@ -43,4 +48,28 @@ pub async fn open_account<L: LedgerStore + ?Sized>(ledger: &L, now: Timestamp) {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// Defines the feature `gen` (unit `call`) and prices it at 0.01 credits a call from the epoch.
+#[allow(dead_code)] // the authority's fault tests send explicit costs
+pub async fn price_gen<L: LedgerStore + ?Sized, R: RegionStore>(node: &Authority<L, R>) {
+    node.define_feature(&Feature {
+        feature: FeatureKey::new("gen").unwrap(),
+        unit: "call".into(),
+        description: String::new(),
+    })
+    .await
+    .unwrap();
+    node.publish_price_version(&PriceBookVersion {
+        version: 1,
+        effective_from: Timestamp::EPOCH,
+        default: [(
+            FeatureKey::new("gen").unwrap(),
+            Rate::parse("0.01").unwrap(),
+        )]
+        .into(),
+        ..PriceBookVersion::default()
+    })
+    .await
+    .unwrap();
 }

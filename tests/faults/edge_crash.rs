@@ -12,10 +12,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::acct;
-use tollgate_authority::{Authority, AuthoritySettings, Feature, StateStore, SystemClock};
-use tollgate_core::{
-    Credits, EntryKind, FeatureKey, IdempotencyKey, PriceBookVersion, Rate, RegionId, Timestamp,
-};
+use tollgate_authority::{Authority, AuthoritySettings, StateStore, SystemClock};
+use tollgate_core::{Credits, EntryKind, IdempotencyKey, RegionId};
 use tollgate_ledger::{EntryFilter, LedgerStore, PageRequest, SqliteLedger};
 use tollgate_proto::pb;
 use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
@@ -66,25 +64,7 @@ async fn world(dir: &std::path::Path, redis: &RedisServer) -> (Node, Arc<SqliteL
         },
     );
     let now = tollgate_authority::Clock::now(&SystemClock);
-    node.define_feature(&Feature {
-        feature: FeatureKey::new("gen").unwrap(),
-        unit: "call".into(),
-        description: String::new(),
-    })
-    .await
-    .unwrap();
-    node.publish_price_version(&PriceBookVersion {
-        version: 1,
-        effective_from: Timestamp::EPOCH,
-        default: [(
-            FeatureKey::new("gen").unwrap(),
-            Rate::parse("0.01").unwrap(),
-        )]
-        .into(),
-        ..PriceBookVersion::default()
-    })
-    .await
-    .unwrap();
+    common::price_gen(&node).await;
     common::open_account(ledger.as_ref(), now).await;
     node.request_allocation(&region(), &acct(), None, tollgate_core::Credits::ZERO)
         .await

@@ -24,9 +24,14 @@ async fn void(admin: &mut Admin, key: &str, grant_id: &str) -> Result<pb::Receip
         })
         .await?
         .into_inner();
+    Ok(done(reply, "void"))
+}
+
+/// The receipt of a mutation that went through.
+fn done(reply: pb::MutationReply, what: &str) -> pb::Receipt {
     match reply.outcome {
-        Some(pb::mutation_reply::Outcome::Done(receipt)) => Ok(receipt),
-        other => panic!("the void was refused: {other:?}"),
+        Some(pb::mutation_reply::Outcome::Done(receipt)) => receipt,
+        other => panic!("the {what} was refused: {other:?}"),
     }
 }
 
@@ -125,10 +130,7 @@ async fn adjust(admin: &mut Admin, key: &str, amount: &str) -> Result<pb::Receip
         })
         .await?
         .into_inner();
-    match reply.outcome {
-        Some(pb::mutation_reply::Outcome::Done(receipt)) => Ok(receipt),
-        other => panic!("the adjustment was refused: {other:?}"),
-    }
+    Ok(done(reply, "adjustment"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
