@@ -353,7 +353,11 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                     .map_err(|e| AuthorityError::invalid("memo", e))?,
             };
             let reason = match self.ledger.refund(command, record.at.min(now)).await {
-                Ok(Ok(_receipt)) => None,
+                Ok(Ok(receipt)) => {
+                    self.take_back_settled_overdraft(region, record, amount, &receipt, now)
+                        .await?;
+                    None
+                }
                 Ok(Err(refusal)) => Some(refusal.message),
                 Err(LedgerError::UnknownDebit { .. }) => {
                     Some("its debit is not in the ledger".to_owned())
@@ -372,6 +376,60 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 .await?;
         }
         Ok(true)
+    }
+
+    /// The region's reversal gave the debit's overdraft back as overdraft room; the ledger pays
+    /// debt back with it only as far as the debt it ran up still stands. Debt a grant settled
+    /// in the meantime was paid from that grant, so the ledger refunds the rest as credits (a
+    /// refund grant, which allocation hands out) and the region's room given back for it would
+    /// be spendable twice: it is taken back from the region's overdraft limit. Done when the
+    /// refund is first applied (a replay after a restart between the two finds it done, or
+    /// logs what may be left).
+    async fn take_back_settled_overdraft(
+        &self,
+        region: &RegionId,
+        record: &UsageRecord,
+        amount: Credits,
+        receipt: &tollgate_ledger::Receipt,
+        now: Timestamp,
+    ) -> Result<()> {
+        let to_debt: i64 = receipt
+            .movements
+            .iter()
+            .filter(|m| m.kind == EntryKind::Refund && m.grant_id.is_none())
+            .map(|m| m.amount.micros())
+            .sum();
+        let surplus = record.overdraft.min(amount).micros() - to_debt;
+        if surplus <= 0 {
+            return Ok(());
+        }
+        if receipt.replayed {
+            warn!(%region, account = %record.account, key = %record.key, surplus, "a replayed reversal's overdraft room may still be in the region (taken back before a restart, or not)");
+            return Ok(());
+        }
+        // Under the account's lock: an allocation deciding the region's room meanwhile would
+        // set it from the limit read before this one.
+        let lock = self.account_lock(&record.account);
+        let _held = lock.lock().await;
+        let store = self.region_store(region)?;
+        let view = store
+            .view(&record.account, now)
+            .await
+            .map_err(|e| AuthorityError::region(region, e))?;
+        let limit = view
+            .overdraft_limit
+            .saturating_sub_floor_zero(Credits::from_micros(surplus));
+        store
+            .set_overdraft_limit(&record.account, limit, now)
+            .await
+            .map_err(|e| AuthorityError::region(region, e))?;
+        let taken = view.overdraft_limit.micros() - limit.micros();
+        if taken > 0 {
+            self.state
+                .add_taken_back(region, &record.account, "", taken)
+                .await?;
+        }
+        Ok(())
     }
 
     /// What of `debit` is left to refund, not counting the refund made under `own` (this very

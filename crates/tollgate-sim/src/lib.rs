@@ -16,7 +16,7 @@ mod rng;
 mod shadow;
 mod sim;
 
-pub use faulty::{FaultyRegion, InstallFault};
+pub use faulty::{AnswerLost, DebitFault, FaultyRegion, InstallFault};
 pub use oracle::OracleFigures;
 pub use rng::Rng;
 pub use shadow::{ShadowAccount, ShadowBook};

@@ -139,6 +139,10 @@ fn print_report(report: &Report, seconds: f64) {
         report.lost_then_retried,
         report.lost_edge_entries
     );
+    println!(
+        "  served = charged + parked + pending checked {} times; debits applied with their answer lost {}; client retries {}",
+        report.served_checks, report.answers_lost, report.client_retries
+    );
     println!("  operations: {:?}", report.ops);
     println!("  faults: {:?}", report.faults);
     for line in report.oracle.to_string().lines() {

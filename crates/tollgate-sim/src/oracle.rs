@@ -41,6 +41,9 @@ pub enum Cause {
     RegionDown,
     /// Credits out on the lease of an edge that crashed, out of reach until the lease expires.
     CrashedEdgeLease,
+    /// Credits out on the lease of an edge partitioned from its region, out of reach until the
+    /// partition heals or the lease expires (the same bound as a crashed edge's lease).
+    PartitionedEdgeLease,
     /// Debt a spend ran up in the region before a grant was issued, the spend not reconciled
     /// yet: in event order the grant settled that debt, but the region's overdraft room stays
     /// used until the authority reconciles the spend and settles it (docs/answer.md).
@@ -57,6 +60,7 @@ impl Cause {
             Cause::RetryOfAcknowledged => "retry_of_acknowledged",
             Cause::RegionDown => "region_down",
             Cause::CrashedEdgeLease => "crashed_edge_lease",
+            Cause::PartitionedEdgeLease => "partitioned_edge_lease",
             Cause::DebtUnreconciled => "debt_unreconciled",
             Cause::RegionShort => "region_short",
         }
@@ -153,6 +157,7 @@ pub struct Circumstances {
     pub retry_of_acknowledged: bool,
     pub region_down: bool,
     pub crashed_edge_lease: bool,
+    pub partitioned_edge_lease: bool,
     pub debt_unreconciled: bool,
 }
 
@@ -166,6 +171,8 @@ impl Circumstances {
             Cause::RegionDown
         } else if self.crashed_edge_lease {
             Cause::CrashedEdgeLease
+        } else if self.partitioned_edge_lease {
+            Cause::PartitionedEdgeLease
         } else if self.debt_unreconciled {
             Cause::DebtUnreconciled
         } else {
@@ -191,6 +198,7 @@ pub fn multi_region_refusal_allowed(
         Cause::AuthorityDown => matches!(answer, Answer::AuthorityUnreachable { .. }),
         Cause::RetryOfAcknowledged
         | Cause::CrashedEdgeLease
+        | Cause::PartitionedEdgeLease
         | Cause::DebtUnreconciled
         | Cause::RegionDown => true,
         Cause::RegionShort => available.micros() - elsewhere.micros() < cost.micros(),
@@ -212,7 +220,10 @@ pub fn judge(regions: usize, cause: Cause, answer: Answer) -> bool {
     }
     match cause {
         Cause::AuthorityDown => matches!(answer, Answer::AuthorityUnreachable { .. }),
-        Cause::RetryOfAcknowledged | Cause::CrashedEdgeLease | Cause::DebtUnreconciled => true,
+        Cause::RetryOfAcknowledged
+        | Cause::CrashedEdgeLease
+        | Cause::PartitionedEdgeLease
+        | Cause::DebtUnreconciled => true,
         Cause::RegionDown | Cause::RegionShort => false,
     }
 }
@@ -465,9 +476,23 @@ mod tests {
             retry_of_acknowledged: true,
             region_down: true,
             crashed_edge_lease: true,
+            partitioned_edge_lease: true,
             debt_unreconciled: true,
         };
         assert_eq!(all.cause(), Cause::AuthorityDown);
+        let partitioned = Circumstances {
+            partitioned_edge_lease: true,
+            debt_unreconciled: true,
+            ..Circumstances::default()
+        };
+        assert_eq!(partitioned.cause(), Cause::PartitionedEdgeLease);
+        assert!(judge(
+            1,
+            Cause::PartitionedEdgeLease,
+            Answer::Insufficient {
+                available: Credits::ZERO
+            }
+        ));
         let debt = Circumstances {
             debt_unreconciled: true,
             ..Circumstances::default()

@@ -2,13 +2,15 @@
 //! strict or cached mode), the authority on a SQLite ledger, one virtual clock; a seeded choice
 //! of operation or fault per step, and the invariants checked after every step.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+use tollgate_authority::state::{ParkedFilter, PARKED_PAGE_MAX};
 use tollgate_authority::{Authority, AuthorityError, AuthoritySettings, Feature, StateStore};
 use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata, Refund};
+use tollgate_core::EntryKind;
 use tollgate_core::{
     AccountId, Credits, DebitId, FeatureKey, GrantId, GrantSource, HoldId, IdempotencyKey,
     PriceBookVersion, Quantity, Rate, RegionId, Scope, Timestamp,
@@ -17,11 +19,12 @@ use tollgate_edge::{
     AuthorizeRequest, DebitRequest, Decision, EdgeSettings, Engine, EngineError, Refused, Spend,
 };
 use tollgate_ledger::{
-    AccountSnapshot, DebitQuery, LedgerError, LedgerStore, PageRequest, SqliteLedger, PAGE_SIZE_MAX,
+    AccountSnapshot, DebitQuery, EntryFilter, LedgerError, LedgerStore, PageRequest, SqliteLedger,
+    PAGE_SIZE_MAX,
 };
 use tollgate_region::{EnforcementMode, HoldRefusal, RegionStore, ReverseRefusal};
 
-use crate::faulty::{FaultyRegion, InstallFault};
+use crate::faulty::{AnswerLost, DebitFault, FaultyRegion, InstallFault};
 use crate::link::{AuthorityLink, Node, RegionAllocator};
 use crate::oracle::{DecisionKind, OracleFigures};
 use crate::rng::Rng;
@@ -112,6 +115,12 @@ pub struct Report {
     /// Cached decisions the edges counted lost (flushed after their lease expired, and refused
     /// by the region).
     pub lost_edge_entries: u64,
+    /// Debits applied in a region whose answer was lost (the edge answered an error), and
+    /// client retries of a debit that failed on an injected debit fault.
+    pub answers_lost: u64,
+    pub client_retries: u64,
+    /// Checks of `served = charged + parked + pending` (one per account per step).
+    pub served_checks: u64,
     pub reversals: u64,
     pub admin_refunds: u64,
     /// Every spending decision compared with the reference model.
@@ -187,6 +196,12 @@ struct EdgeSlot {
     region: usize,
     mode: EnforcementMode,
     engine: Edge,
+    /// The edge's own connection to its region (a partition cuts this one alone).
+    store: Arc<FaultyRegion>,
+    /// The step until which the edge is partitioned from its region (0: not partitioned).
+    cut_until: u64,
+    /// The last virtual time the edge was seen partitioned.
+    last_cut_ms: i64,
     /// Cached decisions this edge acknowledged and has not flushed: (region key, decided at).
     unflushed: Vec<(String, i64)>,
     lost_entries_seen: u64,
@@ -218,6 +233,12 @@ struct Ack {
     capture: bool,
     reversed: bool,
     admin_refunded: i64,
+    /// A caller was told it is done. False for a debit the region applied whose answer was
+    /// lost, until a client retry is answered.
+    answered: bool,
+    /// Found in the ledger (a debit under its id), or parked by the authority.
+    in_ledger: bool,
+    parked: bool,
 }
 
 /// A debit request a client may retry.
@@ -229,6 +250,27 @@ struct Request {
     feature: &'static str,
     cost: Credits,
     at_ms: i64,
+}
+
+/// A debit a client sends again because its first attempt failed on an injected debit fault
+/// (its answer lost, or slower than the store timeout): the same request under the same key.
+#[derive(Clone)]
+struct Retry {
+    region: usize,
+    account: usize,
+    key: String,
+    feature: &'static str,
+    spend: Spend,
+}
+
+/// Per account, where the spends served stand (micro-credits); see `Sim::check_served`.
+#[derive(Clone, Copy, Debug, Default)]
+struct ServedParts {
+    served: i64,
+    charged: i64,
+    parked: i64,
+    pending_edges: i64,
+    pending_region: i64,
 }
 
 struct HoldSim {
@@ -266,6 +308,21 @@ pub struct Sim {
     ack_order: Vec<(usize, String)>,
     /// Per account: acknowledged spends not lost, and of those the reversed ones (micros).
     acked: Vec<(i64, i64)>,
+    /// Per account: debits applied in a region whose answer was lost and no retry answered
+    /// yet (micros).
+    unanswered: Vec<i64>,
+    /// Spends (answered or applied) not yet found in the ledger nor parked: on their way.
+    unbilled: BTreeSet<(usize, String)>,
+    /// Per account: the ledger's `debited` when the unbilled spends were last looked up.
+    debited_seen: Vec<i64>,
+    /// Spends parked by the authority, and debits applied with their answer lost that no
+    /// retry has answered yet.
+    parked: BTreeSet<(usize, String)>,
+    unanswered_ids: BTreeSet<(usize, String)>,
+    /// Debits that failed on an injected debit fault, waiting for the client's retry.
+    retries: VecDeque<Retry>,
+    /// Debit faults fired in all regions before the current edge call.
+    debit_faults_mark: u64,
     requests: VecDeque<Request>,
     holds: VecDeque<HoldSim>,
     /// Per region: the step until which it is down, and until which reconciliation is delayed.
@@ -379,6 +436,13 @@ impl Sim {
             acks: BTreeMap::new(),
             ack_order: Vec::new(),
             acked: Vec::new(),
+            unanswered: Vec::new(),
+            unbilled: BTreeSet::new(),
+            debited_seen: Vec::new(),
+            parked: BTreeSet::new(),
+            unanswered_ids: BTreeSet::new(),
+            retries: VecDeque::new(),
+            debit_faults_mark: 0,
             requests: VecDeque::new(),
             holds: VecDeque::new(),
             down_until: vec![0; regions],
@@ -492,19 +556,20 @@ impl Sim {
             region: self.region_ids[region].clone(),
             faults: self.cfg.faults,
         };
-        let engine = Engine::new(Arc::clone(&self.stores[region]), settings, clock)
-            .with_allocator(Arc::new(allocator));
+        let store = self.stores[region].handle();
+        let engine =
+            Engine::new(Arc::clone(&store), settings, clock).with_allocator(Arc::new(allocator));
         // The price book is loaded at start; a failure (region down) is retried on first use.
-        let _ = engine
-            .catalogue()
-            .reload_prices(self.stores[region].as_ref())
-            .await;
+        let _ = engine.catalogue().reload_prices(store.as_ref()).await;
         let recall_listener = Listener(engine.leases().spawn_recall_listener());
         self.edges.push(EdgeSlot {
             uid,
             region,
             mode,
             engine,
+            store,
+            cut_until: 0,
+            last_cut_ms: i64::MIN,
             unflushed: Vec::new(),
             lost_entries_seen: 0,
             _recall_listener: recall_listener,
@@ -557,6 +622,8 @@ impl Sim {
             .await
             .map_err(|e| format!("create account: {e}"))?;
         self.acked.push((0, 0));
+        self.unanswered.push(0);
+        self.debited_seen.push(0);
         self.shadows.push(ShadowAccount::new(credits(overdraft)));
         self.accounts.push(AccountSim {
             id,
@@ -684,11 +751,22 @@ impl Sim {
         let down = self.stores[self.edges[edge].region].is_down();
         match error {
             EngineError::Unavailable(_) if down => Ok("unavailable (region down)".into()),
+            EngineError::Unavailable(_) if self.edges[edge].store.is_partitioned() => {
+                Ok("unavailable (edge partitioned from its region)".into())
+            }
+            EngineError::Unavailable(_) if self.debit_faults_fired() > self.debit_faults_mark => {
+                Ok("unavailable (debit answer lost or late)".into())
+            }
             EngineError::Unavailable(_) if authority_failed || self.link.is_cut() => {
                 Ok("unavailable (authority unreachable)".into())
             }
             other => Err(format!("edge {}: {other}", self.edges[edge].uid)),
         }
+    }
+
+    /// Debit faults fired so far in every region.
+    fn debit_faults_fired(&self) -> u64 {
+        self.stores.iter().map(|s| s.debit_faults_fired()).sum()
     }
 
     /// Whether a request of an edge to the authority failed during a call that began when the
@@ -730,10 +808,14 @@ impl Sim {
                     capture,
                     reversed: false,
                     admin_refunded: 0,
+                    answered: true,
+                    in_ledger: false,
+                    parked: false,
                 },
             );
             self.ack_order.push(id.clone());
             self.acked[account].0 += cost;
+            self.unbilled.insert(id.clone());
         }
         let entry = self.acks.get_mut(&id).ok_or("acknowledged key vanished")?;
         if entry.cost != cost || entry.account != account {
@@ -742,12 +824,21 @@ impl Sim {
                 entry.cost
             ));
         }
+        if !entry.answered {
+            // A client retry of a debit the region applied while its answer was lost: the
+            // same spend, served now (the model has it since it was applied).
+            entry.answered = true;
+            self.acked[account].0 += cost;
+            self.unanswered[account] -= cost;
+            self.unanswered_ids.remove(&id);
+        }
         if entry.lost {
             // A client retried a decision whose first acknowledgement died unflushed with its
             // edge: the region never saw it, so the retry is decided anew and charged once.
             entry.lost = false;
             charged = true;
             self.acked[account].0 += cost;
+            self.unbilled.insert(id.clone());
             self.report.lost_crash_entries -= 1;
             self.report.lost_crash_micros -= cost;
             self.report.lost_then_retried += 1;
@@ -785,9 +876,35 @@ impl Sim {
         } else {
             Spend::Cost(credits(self.rng.range(1, 8_000_000)))
         };
+        let fired = self.debit_faults_fired();
         let outcome = self
             .send_debit(edge, account, &k, feature_name, spend)
             .await?;
+        if !outcome.1 && self.debit_faults_fired() > fired {
+            // The client saw an error and sends the same request again under the same key: a
+            // named cost a while later on any edge, or at once on the same edge. A quantity is
+            // priced by the edge that gets it, and another edge of the region may hold another
+            // price book version: the region would then answer the retry as a different
+            // request under a used key (a conflict; see docs/simulation.md).
+            let retry = Retry {
+                region,
+                account,
+                key: k.clone(),
+                feature: feature_name,
+                spend,
+            };
+            let later = matches!(spend, Spend::Cost(_)) && self.rng.chance(50);
+            let retried = if later {
+                self.retries.push_back(retry);
+                "the client retries later".to_owned()
+            } else {
+                self.client_retry(retry, Some(edge)).await?
+            };
+            return Ok(format!(
+                "e{} acct{account} {k}: {}; {retried}",
+                self.edges[edge].uid, outcome.0
+            ));
+        }
         if let (Spend::Cost(cost), true) = (spend, outcome.1) {
             self.requests.push_back(Request {
                 region,
@@ -809,6 +926,11 @@ impl Sim {
 
     /// A client retry: the same request again, on the same or another edge of its region.
     async fn replay_debit(&mut self) -> Step {
+        if !self.retries.is_empty() && self.rng.chance(50) {
+            if let Some(retry) = self.retries.pop_front() {
+                return self.client_retry(retry, None).await;
+            }
+        }
         let now = self.clock.ms();
         let Some(i) = self.rng.pick(self.requests.make_contiguous()) else {
             return Ok("nothing to replay".into());
@@ -834,6 +956,95 @@ impl Sim {
             "e{} replay {}: {}",
             self.edges[edge].uid, request.key, outcome.0
         ))
+    }
+
+    /// A client sends a debit again after an injected debit fault, on `edge` or any edge of
+    /// its region. Failing again (a fault, a partition, the region down), it stays to be
+    /// retried later.
+    async fn client_retry(&mut self, retry: Retry, edge: Option<usize>) -> Step {
+        let candidates: Vec<usize> = (0..self.edges.len())
+            .filter(|&e| self.edges[e].region == retry.region)
+            .collect();
+        let edge =
+            edge.unwrap_or_else(|| candidates[self.rng.below(candidates.len() as u64) as usize]);
+        self.report.client_retries += 1;
+        let fired = self.debit_faults_fired();
+        let (text, done) = self
+            .send_debit(edge, retry.account, &retry.key, retry.feature, retry.spend)
+            .await?;
+        self.collect_answers_lost()?;
+        let failed = !done
+            && (self.debit_faults_fired() > fired
+                || self.edges[edge].store.is_partitioned()
+                || self.stores[retry.region].is_down());
+        let key = retry.key.clone();
+        if failed {
+            self.retries.push_back(retry);
+        }
+        Ok(format!(
+            "client retry of {key} on e{}: {text}",
+            self.edges[edge].uid
+        ))
+    }
+
+    /// Debits the regions applied whose answer was lost: spends no caller was told of yet,
+    /// in the region and on their way to the ledger. The model takes each at its event time
+    /// with the region's draws.
+    fn collect_answers_lost(&mut self) -> Result<(), String> {
+        for region in 0..self.stores.len() {
+            for lost in self.stores[region].take_answers_lost() {
+                self.answer_lost(region, lost)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn answer_lost(&mut self, region: usize, lost: AnswerLost) -> Result<(), String> {
+        let key_text = lost.key.as_str().to_owned();
+        let id = (region, key_text.clone());
+        if self.acks.contains_key(&id) {
+            // Served before: a lease's direct charge of a cached decision, or a retry
+            // answered before this late copy was applied.
+            return Ok(());
+        }
+        let Some(account) = self.accounts.iter().position(|a| a.id == lost.account) else {
+            return Err(format!(
+                "r{region} applied {key_text} for an unknown account"
+            ));
+        };
+        let debit_id = debit_id(&self.region_ids[region], &key_text)?;
+        let cost = lost.cost.micros();
+        self.acks.insert(
+            id.clone(),
+            Ack {
+                account,
+                cost,
+                at_ms: lost.at.millis(),
+                debit_id: debit_id.to_string(),
+                durable: true,
+                on_edges: Vec::new(),
+                lost: false,
+                capture: false,
+                reversed: false,
+                admin_refunded: 0,
+                answered: false,
+                in_ledger: false,
+                parked: false,
+            },
+        );
+        self.ack_order.push(id.clone());
+        self.unanswered[account] += cost;
+        self.unanswered_ids.insert(id.clone());
+        self.unbilled.insert(id.clone());
+        self.report.answers_lost += 1;
+        let drawn = tollgate_core::BurnPlan {
+            draws: lost.draws,
+            overdraft: lost.overdraft,
+        };
+        let applied =
+            self.shadows[account].debit((id, debit_id), lost.feature, lost.cost, drawn, lost.at);
+        self.model_applied_unanswered(applied);
+        Ok(())
     }
 
     /// Returns a description and whether the debit was acknowledged.
@@ -864,8 +1075,10 @@ impl Sim {
             .get(&(self.edges[edge].region, k.to_owned()))
             .is_some_and(|a| !a.lost);
         let failures_before = self.link.failures();
+        self.debit_faults_mark = self.debit_faults_fired();
         let result = self.edges[edge].engine.debit(request).await;
         quiesce().await;
+        self.collect_answers_lost()?;
         let authority_failed = self.authority_failed_since(failures_before);
         match result {
             Ok(Decision::Done(done)) => {
@@ -1078,6 +1291,7 @@ impl Sim {
             .filter(|id| {
                 let a = &self.acks[*id];
                 !a.lost
+                    && a.answered
                     && !a.capture
                     && !a.reversed
                     && a.admin_refunded == 0
@@ -1153,7 +1367,7 @@ impl Sim {
         for _ in 0..if old == 0 { 0 } else { 20 } {
             let id = &self.ack_order[self.rng.below(old as u64) as usize];
             let a = &self.acks[id];
-            if !a.lost && !a.reversed && a.durable && a.admin_refunded < a.cost {
+            if !a.lost && a.answered && !a.reversed && a.durable && a.admin_refunded < a.cost {
                 candidates.push(id.clone());
             }
         }
@@ -1208,11 +1422,10 @@ impl Sim {
 
     async fn reload_prices(&mut self) -> Step {
         let edge = self.pick_edge();
-        let region = self.edges[edge].region;
         match self.edges[edge]
             .engine
             .catalogue()
-            .reload_prices(self.stores[region].as_ref())
+            .reload_prices(self.edges[edge].store.as_ref())
             .await
         {
             Ok(()) => Ok(format!(
@@ -1287,7 +1500,7 @@ impl Sim {
         let region = slot.region;
         let flushed_all = slot.engine.leases().pending() == 0;
         let account_id = account.map(|a| self.accounts[a].id.clone());
-        let down = self.stores[region].is_down();
+        let down = self.stores[region].is_down() || slot.store.is_partitioned();
         let uid = slot.uid;
         let mut keep = Vec::new();
         for (k, at) in std::mem::take(&mut slot.unflushed) {
@@ -1337,7 +1550,11 @@ impl Sim {
             if now >= target {
                 return Ok(format!("+{dt}ms"));
             }
-            let pending = self.edges.iter().any(|e| e.engine.leases().pending() > 0);
+            // A partitioned edge cannot flush: its decisions wait for the partition to heal.
+            let pending = self
+                .edges
+                .iter()
+                .any(|e| !e.store.is_partitioned() && e.engine.leases().pending() > 0);
             let leased = self
                 .edges
                 .iter()
@@ -1382,14 +1599,18 @@ impl Sim {
             }
             // The bound: what a crash loses was decided within one flush interval, unless the
             // region was down since (then the edge could not flush, and kept it).
-            if now - at > FLUSH_INTERVAL_MS && self.last_down_ms[slot.region] < *at {
+            if now - at > FLUSH_INTERVAL_MS
+                && self.last_down_ms[slot.region] < *at
+                && slot.last_cut_ms < *at
+            {
                 return Err(format!(
-                    "edge {} lost {k}, decided {} ms before the crash with the region up",
+                    "edge {} lost {k}, decided {} ms before the crash with the region up and reachable",
                     slot.uid,
                     now - at
                 ));
             }
             ack.lost = true;
+            self.unbilled.remove(&(slot.region, k.clone()));
             self.acked[ack.account].0 -= ack.cost;
             if !self.shadows[ack.account].lose(&(slot.region, k.clone())) {
                 return Err(format!("the model had no spend {k} that could be lost"));
@@ -1454,7 +1675,7 @@ impl Sim {
 
     async fn fault(&mut self) -> Step {
         let region = self.rng.below(self.cfg.regions as u64) as usize;
-        let (kind, text) = match self.rng.below(8) {
+        let (kind, text) = match self.rng.below(11) {
             0 => ("edge_crash", self.crash_edge().await?),
             1 if self.step >= self.down_until[region] => {
                 let steps = self.rng.range(2, 10) as u64;
@@ -1508,6 +1729,34 @@ impl Sim {
                     format!("edges cannot reach the authority for {steps} steps"),
                 )
             }
+            8 => {
+                let edge = self.pick_edge();
+                let steps = self.rng.range(2, 20) as u64;
+                let slot = &mut self.edges[edge];
+                slot.cut_until = slot.cut_until.max(self.step + steps);
+                slot.store.set_partitioned(true);
+                (
+                    "edge_partitioned",
+                    format!(
+                        "edge {} (r{} {:?}) cut off from its region for {steps} steps",
+                        slot.uid, slot.region, slot.mode
+                    ),
+                )
+            }
+            9 => {
+                self.stores[region].arm_debit(DebitFault::AnswerLost);
+                (
+                    "debit_answer_lost",
+                    format!("r{region} next debit applied, its answer lost"),
+                )
+            }
+            10 => {
+                self.stores[region].arm_debit(DebitFault::Slow);
+                (
+                    "debit_slow",
+                    format!("r{region} next debit answers after the edge's store timeout"),
+                )
+            }
             _ => (
                 "authority_crash_mid_batch",
                 self.crash_mid_reconcile().await?,
@@ -1533,8 +1782,21 @@ impl Sim {
         if self.link.is_cut() && step >= self.cut_until {
             self.link.set_cut(false);
         }
+        // Partitioned edges heal when their partition is over.
+        let now = self.clock.ms();
+        for slot in &mut self.edges {
+            if slot.store.is_partitioned() {
+                slot.last_cut_ms = now;
+                if step >= slot.cut_until {
+                    slot.store.set_partitioned(false);
+                }
+            }
+        }
+        self.debit_faults_mark = self.debit_faults_fired();
         let roll = self.rng.below(1_000);
-        let down = self.any_down();
+        // A partition, like a restart, is short: the clock moves in small steps meanwhile, so
+        // a partitioned edge's lease never passes its deadline (see docs/simulation.md).
+        let down = self.any_down() || self.edges.iter().any(|e| e.store.is_partitioned());
         let (name, result): (&'static str, Step) = match roll {
             _ if !self.cfg.faults && roll >= 960 => ("advance_small", self.advance(5).await),
             0..=279 => ("debit", self.debit().await),
@@ -1576,6 +1838,11 @@ impl Sim {
         };
         *self.report.ops.entry(name).or_default() += 1;
         self.note_flushed_everywhere();
+        // A slow debit may have been applied during any call of the step.
+        let result = match self.collect_answers_lost() {
+            Ok(()) => result,
+            Err(message) => Err(message),
+        };
         let line = match &result {
             Ok(text) => format!("{step} t={} {name}: {text}", self.clock.ms() - START_MS),
             Err(text) => format!(
@@ -1683,10 +1950,13 @@ impl Sim {
                 ));
             }
             let (gross, reversed) = acked[n];
+            // Debits applied with their answer lost reach the ledger too (a retry answers
+            // them later, charged once).
+            let gross = gross + self.unanswered[n];
             let reversal_refunds = t.refunded.micros() - account.admin_refunded_micros;
             if t.debited.micros() > gross {
                 return Err(format!(
-                    "acct{n}: ledger debited {} but only {} was acknowledged (double charge?)",
+                    "acct{n}: ledger debited {} but only {} was acknowledged or applied (double charge?)",
                     t.debited,
                     credits(gross)
                 ));
@@ -1713,7 +1983,178 @@ impl Sim {
         if !self.any_down() {
             checks += self.check_regions(&acked).await?;
         }
+        checks += self.check_served().await?;
         self.report.checks += checks;
+        Ok(())
+    }
+
+    /// Nothing served goes unbilled, per account and to the micro-credit:
+    /// `served = charged + parked + pending` (see docs/simulation.md, invariant 8):
+    ///
+    /// - served: the spends callers were told are done (debits and positive captures, each
+    ///   key once; cached decisions lost with a crashed edge excluded, as stated);
+    /// - charged: the ledger's `debited`, less the debits it took that no caller was told of
+    ///   yet (applied in a region with their answer lost);
+    /// - parked: the authority's open parked records of served spends;
+    /// - pending: served spends on their way: held unflushed (or unbilled) by a live edge, or
+    ///   in their region and not reconciled yet — which the region's usage stream must then
+    ///   still hold.
+    async fn check_served(&mut self) -> Result<u64, String> {
+        self.find_billed().await?;
+        let mut parts = vec![ServedParts::default(); self.accounts.len()];
+        let mut region_needed = vec![false; self.stores.len()];
+        let mut unanswered_charged = vec![0_i64; self.accounts.len()];
+        for id in &self.unbilled {
+            let a = &self.acks[id];
+            if !a.answered {
+                continue;
+            }
+            if a.durable {
+                parts[a.account].pending_region += a.cost;
+                region_needed[id.0] = true;
+            } else {
+                parts[a.account].pending_edges += a.cost;
+            }
+        }
+        for id in &self.parked {
+            let a = &self.acks[id];
+            if a.answered {
+                parts[a.account].parked += a.cost;
+            }
+        }
+        for id in &self.unanswered_ids {
+            let a = &self.acks[id];
+            if a.in_ledger {
+                unanswered_charged[a.account] += a.cost;
+            }
+        }
+        for (r, needed) in region_needed.into_iter().enumerate() {
+            if !needed {
+                continue;
+            }
+            let backlog = self.stores[r]
+                .backlog()
+                .await
+                .map_err(|e| format!("r{r} backlog: {e}"))?;
+            if backlog.is_some_and(|b| b.records == 0) {
+                let missing: Vec<&str> = self
+                    .unbilled
+                    .iter()
+                    .filter(|id| id.0 == r && self.acks[*id].durable)
+                    .map(|id| id.1.as_str())
+                    .take(8)
+                    .collect();
+                return Err(format!(
+                    "served spends {missing:?} reached r{r} and left its usage stream, yet are neither in the ledger nor parked"
+                ));
+            }
+        }
+        for (n, p) in parts.iter_mut().enumerate() {
+            p.served = self.acked[n].0;
+            p.charged = self.snapshots[n].totals.debited.micros() - unanswered_charged[n];
+            let billed = p.charged + p.parked + p.pending_edges + p.pending_region;
+            if p.served != billed {
+                return Err(format!(
+                    "acct{n}: served {} but charged {} + parked {} + pending {} ({} on edges, {} in the region) = {}",
+                    credits(p.served),
+                    credits(p.charged),
+                    credits(p.parked),
+                    credits(p.pending_edges + p.pending_region),
+                    credits(p.pending_edges),
+                    credits(p.pending_region),
+                    credits(billed)
+                ));
+            }
+        }
+        self.report.served_checks += parts.len() as u64;
+        Ok(parts.len() as u64)
+    }
+
+    /// Finds which spends on their way reached the ledger (looked up by debit id when the
+    /// account's `debited` moved) or were parked by the authority.
+    async fn find_billed(&mut self) -> Result<(), String> {
+        let (open, _) = self
+            .node
+            .state()
+            .parked_open_totals()
+            .await
+            .map_err(|e| format!("parked: {e}"))?;
+        if open > 0 {
+            self.find_parked().await?;
+        }
+        for n in 0..self.accounts.len() {
+            let debited = self.snapshots[n].totals.debited.micros();
+            if debited == self.debited_seen[n] {
+                continue;
+            }
+            let ids: Vec<(usize, String)> = self
+                .unbilled
+                .iter()
+                .filter(|id| self.acks[*id].account == n)
+                .cloned()
+                .collect();
+            for id in ids {
+                let debit =
+                    DebitId::new(self.acks[&id].debit_id.clone()).map_err(|e| e.to_string())?;
+                let filter = EntryFilter {
+                    kinds: vec![EntryKind::Debit],
+                    debit: Some(debit),
+                    ..EntryFilter::account(self.accounts[n].id.clone())
+                };
+                let page = self
+                    .ledger
+                    .entries(
+                        &filter,
+                        PageRequest {
+                            size: 1,
+                            token: None,
+                        },
+                    )
+                    .await
+                    .map_err(|e| format!("ledger entries: {e}"))?;
+                if !page.items.is_empty() {
+                    self.unbilled.remove(&id);
+                    if let Some(a) = self.acks.get_mut(&id) {
+                        a.in_ledger = true;
+                    }
+                }
+            }
+            self.debited_seen[n] = debited;
+        }
+        Ok(())
+    }
+
+    async fn find_parked(&mut self) -> Result<(), String> {
+        let mut after = 0;
+        for _ in 0..10_000 {
+            let rows = self
+                .node
+                .state()
+                .parked_after(after, "", ParkedFilter::Open, PARKED_PAGE_MAX)
+                .await
+                .map_err(|e| format!("parked: {e}"))?;
+            let Some(last) = rows.last() else {
+                return Ok(());
+            };
+            after = last.id;
+            for row in &rows {
+                let Some(region) = self
+                    .region_ids
+                    .iter()
+                    .position(|r| r.as_str() == row.parked.region)
+                else {
+                    continue;
+                };
+                let id = (region, row.parked.key.clone());
+                if let Some(a) = self.acks.get_mut(&id) {
+                    if !a.in_ledger && !a.parked {
+                        a.parked = true;
+                        self.unbilled.remove(&id);
+                        self.parked.insert(id);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1726,11 +2167,24 @@ impl Sim {
         let mut checks = 0;
         for (n, (account, snap)) in self.accounts.iter().zip(&self.snapshots).enumerate() {
             let mut held = 0;
+            let mut seen = Vec::new();
             for (r, store) in self.stores.iter().enumerate() {
                 let view = store
                     .view(&account.id, now)
                     .await
                     .map_err(|e| format!("r{r} view: {e}"))?;
+                seen.push(format!(
+                    "r{r}: {} segment(s) {:?}, held {} on {:?}, overdraft {} used of {}",
+                    view.segments.len(),
+                    view.segments
+                        .iter()
+                        .map(|s| (s.grant_id.to_string(), s.remaining))
+                        .collect::<Vec<_>>(),
+                    view.held,
+                    view.held_grants,
+                    view.overdraft_used,
+                    view.overdraft_limit
+                ));
                 let active: i64 = view
                     .segments
                     .iter()
@@ -1748,24 +2202,47 @@ impl Sim {
                 .map(|e| e.engine.leases().available(&account.id, None, now).micros())
                 .sum::<i64>();
             let (gross, reversed) = acked[n];
+            let gross = gross + self.unanswered[n];
             let t = &snap.totals;
             let reversal_refunds = t.refunded.micros() - account.admin_refunded_micros;
             let unreconciled = (gross - t.debited.micros()) - (reversed - reversal_refunds);
             let remaining = snap.balance.micros() + snap.debt.micros();
             let bound = remaining - unreconciled + account.overdraft_micros;
-            if held > bound {
+            let exposed = self.exposed_by_partitions(n);
+            if held > bound + exposed {
                 return Err(format!(
-                    "acct{n}: regions hold {} but the ledger leaves {} (remaining {}, unreconciled {}, overdraft {})",
+                    "acct{n}: regions hold {} but the ledger leaves {} (remaining {}, unreconciled {}, overdraft {}; decisions of partitioned edges not settled {})",
                     credits(held),
                     credits(bound),
                     credits(remaining),
                     credits(unreconciled),
-                    credits(account.overdraft_micros)
-                ));
+                    credits(account.overdraft_micros),
+                    credits(exposed)
+                ) + &format!("; {}", seen.join("; ")));
             }
             checks += 1;
         }
         Ok(checks)
+    }
+
+    /// The cached decisions of the account that edges made before they were cut off from
+    /// their region and have not settled since: when the region takes such an edge's lease
+    /// back (at its expiry), their credits are back in the segments although they were
+    /// spent — the overspend docs/answer.md bounds ("The cached-mode bound", `U(e,a)`).
+    fn exposed_by_partitions(&self, account: usize) -> i64 {
+        self.edges
+            .iter()
+            .filter(|e| e.last_cut_ms != i64::MIN)
+            .flat_map(|e| {
+                e.unflushed
+                    .iter()
+                    .filter(move |(_, at)| *at <= e.last_cut_ms)
+                    .map(move |(k, _)| (e.region, k))
+            })
+            .filter_map(|(region, k)| self.acks.get(&(region, k.clone())))
+            .filter(|a| a.account == account && !a.durable && !a.lost)
+            .map(|a| a.cost)
+            .sum()
     }
 
     /// Every N steps and at the end: `verify` (hash chains, the balance equation, every grant)
@@ -1888,6 +2365,29 @@ impl Sim {
         }
         self.delayed_until.iter_mut().for_each(|d| *d = 0);
         self.link.set_cut(false);
+        for slot in &mut self.edges {
+            slot.store.set_partitioned(false);
+            slot.cut_until = 0;
+        }
+        // A slow debit still on its way arrives; then clients retry every debit that failed
+        // on a debit fault, each until it is answered.
+        for store in &self.stores {
+            store.deliver_deferred().await;
+        }
+        self.collect_answers_lost()?;
+        for _ in 0..REMEMBERED_MAX * 4 {
+            let Some(retry) = self.retries.pop_front() else {
+                break;
+            };
+            let text = self.client_retry(retry, None).await?;
+            self.trace(format!("drain: {text}"));
+        }
+        if let Some(id) = self.unanswered_ids.iter().next() {
+            return Err(format!(
+                "{} was applied in r{} with its answer lost, and no client retry was answered",
+                id.1, id.0
+            ));
+        }
         for edge in 0..self.edges.len() {
             self.edges[edge].engine.shutdown().await;
             quiesce().await;
@@ -1922,6 +2422,14 @@ impl Sim {
 
     async fn final_checks(&mut self) -> Result<(), String> {
         self.check().await?;
+        if let Some(id) = self.unbilled.iter().next() {
+            return Err(format!(
+                "{} spends still on their way after the drain (the first: {} in r{})",
+                self.unbilled.len(),
+                id.1,
+                id.0
+            ));
+        }
         self.deep_check(true).await?;
         let acked = self.acknowledged();
         for (n, (account, snap)) in self.accounts.iter().zip(&self.snapshots).enumerate() {

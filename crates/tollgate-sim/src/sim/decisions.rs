@@ -273,6 +273,11 @@ impl Sim {
     }
 
     /// A capture, release or refund the model could not apply as the edges did is counted.
+    /// A debit the region applied with its answer lost, taken by the model as applied.
+    pub(super) fn model_applied_unanswered(&mut self, applied: Applied) {
+        count_applied(&mut self.report.oracle, DecisionKind::DebitStrict, applied);
+    }
+
     pub(super) fn model_applied(&mut self, applied: bool) {
         if !applied {
             self.report.oracle.model_disagreements += 1;
@@ -303,6 +308,7 @@ impl Sim {
             retry_of_acknowledged: refusal.retry,
             region_down: self.stores[region].is_down(),
             crashed_edge_lease: self.crashed_edge_lease(region, decided.account).await,
+            partitioned_edge_lease: self.partitioned_edge_lease(region, decided.account),
             debt_unreconciled: self.debt_unreconciled(region, decided.account).await,
         };
         let cause = circumstances.cause();
@@ -399,6 +405,16 @@ impl Sim {
 
     /// Whether the region has leases on the account that no live edge holds: an edge crashed
     /// with them, and their credits are out of reach until they expire.
+    /// Whether an edge of the region cut off from it holds a lease of the account: its
+    /// credits are out of reach (it cannot answer a recall) until the partition heals or the
+    /// lease expires.
+    fn partitioned_edge_lease(&self, region: usize, account: usize) -> bool {
+        let id = &self.accounts[account].id;
+        self.edges
+            .iter()
+            .any(|e| e.region == region && e.store.is_partitioned() && e.engine.leases().holds(id))
+    }
+
     async fn crashed_edge_lease(&self, region: usize, account: usize) -> bool {
         let id = &self.accounts[account].id;
         let Ok(view) = self.stores[region].view(id, self.clock.at()).await else {
