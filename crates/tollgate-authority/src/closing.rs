@@ -223,6 +223,18 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     /// grants, then applies it, unless credits it needs are still out.
     async fn adjust_attempt(&self, regions: &[RegionId], command: &mut Adjust) -> Result<Attempt> {
         let account = command.account.clone();
+        // No region's reconciliation runs meanwhile: it commits usage to the ledger before it
+        // counts it spent, and in between the counters would say the region holds credits the
+        // ledger already took (the adjustment would then leave them and run into debt). Taken
+        // before the account's lock, in region order, as reconciliation takes them.
+        let reconciling: Vec<_> = regions
+            .iter()
+            .filter_map(|region| self.reconcile_lock(region))
+            .collect();
+        let mut _reconciling = Vec::with_capacity(reconciling.len());
+        for lock in &reconciling {
+            _reconciling.push(lock.lock().await);
+        }
         let lock = self.account_lock(&account);
         let _held = lock.lock().await;
         let now = self.clock.now();
