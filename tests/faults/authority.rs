@@ -11,10 +11,8 @@ mod common;
 
 use common::acct;
 use tollgate_authority::{Authority, AuthoritySettings, ManualClock, StateStore};
-use tollgate_core::{
-    Credits, EntryKind, FeatureKey, IdempotencyKey, PriceRule, RegionId, Timestamp,
-};
-use tollgate_ledger::{EntryFilter, LedgerStore, PageRequest, PostgresLedger};
+use tollgate_core::{Credits, FeatureKey, IdempotencyKey, PriceRule, RegionId, Timestamp};
+use tollgate_ledger::{LedgerStore, PostgresLedger};
 use tollgate_region::{
     DebitCommand, DebitOutcome, PriceTag, RedisRegionStore, RegionStore, RETAIN_MS_DEFAULT,
 };
@@ -102,26 +100,9 @@ impl World {
         })
     }
 
-    /// The ledger's debits by their idempotency key (the usage key).
+    /// The ledger's debits by debit id.
     async fn ledger_debits(&self) -> BTreeMap<String, i64> {
-        let mut debits = BTreeMap::new();
-        let mut page = PageRequest {
-            size: 1_000,
-            token: None,
-        };
-        let mut filter = EntryFilter::account(acct());
-        filter.kinds = vec![EntryKind::Debit];
-        loop {
-            let found = self.ledger.entries(&filter, page.clone()).await.unwrap();
-            for entry in &found.items {
-                let id = entry.debit_id.as_ref().unwrap().to_string();
-                *debits.entry(id).or_insert(0) += entry.amount.micros();
-            }
-            match found.next_token {
-                Some(token) => page.token = Some(token),
-                None => return debits,
-            }
-        }
+        common::ledger_debits(self.ledger.as_ref()).await
     }
 }
 

@@ -73,3 +73,28 @@ pub async fn price_gen<L: LedgerStore + ?Sized, R: RegionStore>(node: &Authority
     .await
     .unwrap();
 }
+
+/// The ledger's debits of `acme` by debit id.
+pub async fn ledger_debits<L: LedgerStore + ?Sized>(
+    ledger: &L,
+) -> std::collections::BTreeMap<String, i64> {
+    let mut filter = tollgate_ledger::EntryFilter::account(acct());
+    filter.kinds = vec![tollgate_core::EntryKind::Debit];
+    let mut page = tollgate_ledger::PageRequest {
+        size: 1_000,
+        token: None,
+    };
+    let mut debits = std::collections::BTreeMap::new();
+    loop {
+        let found = ledger.entries(&filter, page.clone()).await.unwrap();
+        for entry in &found.items {
+            *debits
+                .entry(entry.debit_id.as_ref().unwrap().to_string())
+                .or_insert(0) += entry.amount.micros();
+        }
+        match found.next_token {
+            Some(token) => page.token = Some(token),
+            None => return debits,
+        }
+    }
+}

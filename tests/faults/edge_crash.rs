@@ -13,8 +13,8 @@ mod common;
 
 use common::acct;
 use tollgate_authority::{Authority, AuthoritySettings, StateStore, SystemClock};
-use tollgate_core::{Credits, EntryKind, IdempotencyKey, RegionId};
-use tollgate_ledger::{EntryFilter, LedgerStore, PageRequest, SqliteLedger};
+use tollgate_core::{Credits, IdempotencyKey, RegionId};
+use tollgate_ledger::SqliteLedger;
 use tollgate_proto::pb;
 use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
 use tollgate_testkit::process::free_port;
@@ -150,29 +150,6 @@ async fn load(
     }
 }
 
-/// The ledger's debits by debit id.
-async fn ledger_debits(ledger: &SqliteLedger) -> BTreeMap<String, i64> {
-    let mut filter = EntryFilter::account(acct());
-    filter.kinds = vec![EntryKind::Debit];
-    let mut page = PageRequest {
-        size: 1_000,
-        token: None,
-    };
-    let mut debits = BTreeMap::new();
-    loop {
-        let found = ledger.entries(&filter, page.clone()).await.unwrap();
-        for entry in &found.items {
-            *debits
-                .entry(entry.debit_id.as_ref().unwrap().to_string())
-                .or_insert(0) += entry.amount.micros();
-        }
-        match found.next_token {
-            Some(token) => page.token = Some(token),
-            None => return debits,
-        }
-    }
-}
-
 async fn kill_under_load(mode: pb::EnforcementMode) -> (Seen, BTreeMap<String, i64>, Instant) {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start().unwrap();
@@ -208,7 +185,11 @@ async fn kill_under_load(mode: pb::EnforcementMode) -> (Seen, BTreeMap<String, i
         }
     }
     let seen = Arc::try_unwrap(seen).ok().unwrap().into_inner().unwrap();
-    (seen, ledger_debits(&ledger).await, killed_at)
+    (
+        seen,
+        common::ledger_debits(ledger.as_ref()).await,
+        killed_at,
+    )
 }
 
 fn id_of(key: &str) -> String {

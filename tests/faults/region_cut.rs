@@ -20,7 +20,7 @@ mod common;
 
 use common::acct;
 use tollgate_authority::{Authority, AuthoritySettings, StateStore, SystemClock};
-use tollgate_core::{Credits, EntryKind, IdempotencyKey, RegionId};
+use tollgate_core::{Credits, IdempotencyKey, RegionId};
 use tollgate_ledger::{EntryFilter, LedgerStore, PageRequest, SqliteLedger};
 use tollgate_proto::pb;
 use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
@@ -423,29 +423,6 @@ async fn reconcile_forever(node: Arc<Node>, region: RegionId, stop: Arc<AtomicBo
     failures
 }
 
-/// The ledger's debits by debit id.
-async fn ledger_debits(ledger: &SqliteLedger) -> BTreeMap<String, i64> {
-    let mut filter = EntryFilter::account(acct());
-    filter.kinds = vec![EntryKind::Debit];
-    let mut page = PageRequest {
-        size: 1_000,
-        token: None,
-    };
-    let mut debits = BTreeMap::new();
-    loop {
-        let found = ledger.entries(&filter, page.clone()).await.unwrap();
-        for entry in &found.items {
-            *debits
-                .entry(entry.debit_id.as_ref().unwrap().to_string())
-                .or_insert(0) += entry.amount.micros();
-        }
-        match found.next_token {
-            Some(token) => page.token = Some(token),
-            None => return debits,
-        }
-    }
-}
-
 /// What the authority has allocated to `region` and not taken back (of the grants with
 /// something outstanding).
 async fn allocated(node: &Node, region: &RegionId) -> i64 {
@@ -567,9 +544,9 @@ async fn with_one_region_cut_off_the_other_reconciles_and_nothing_served_goes_un
     let cut_at_ms = started.elapsed().as_millis();
     let severed = proxy.cut();
     cut_started.store(true, Ordering::SeqCst);
-    let in_ledger_at_cut = ledger_debits(&ledger).await.len();
+    let in_ledger_at_cut = common::ledger_debits(ledger.as_ref()).await.len();
     tokio::time::sleep(Duration::from_millis(CUT_MS)).await;
-    let in_ledger_before_heal = ledger_debits(&ledger).await.len();
+    let in_ledger_before_heal = common::ledger_debits(ledger.as_ref()).await.len();
     stop_load.store(true, Ordering::SeqCst);
     let blackholed = proxy.blackholed();
     proxy.heal();
@@ -635,7 +612,7 @@ async fn with_one_region_cut_off_the_other_reconciles_and_nothing_served_goes_un
     let deadline = Instant::now() + Duration::from_millis(DRAIN_MS_MAX);
     let acknowledged = std::mem::take(&mut seen.lock().unwrap().acknowledged);
     let debits = loop {
-        let debits = ledger_debits(&ledger).await;
+        let debits = common::ledger_debits(ledger.as_ref()).await;
         let missing = acknowledged
             .keys()
             .filter(|id| !debits.contains_key(*id))
@@ -661,7 +638,7 @@ async fn with_one_region_cut_off_the_other_reconciles_and_nothing_served_goes_un
         reconcile_failures.push(reconciler.await.unwrap());
     }
     let debits = {
-        let again = ledger_debits(&ledger).await;
+        let again = common::ledger_debits(ledger.as_ref()).await;
         assert!(again.len() >= debits.len());
         again
     };
