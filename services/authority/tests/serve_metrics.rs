@@ -4,41 +4,23 @@
 //! reconciles the debits, one account runs out so its `balance.exhausted` webhook fails; then
 //! every family of the authority's metrics is scraped over HTTP and checked.
 
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tollgate_core::{AccountId, FeatureKey, IdempotencyKey, Quantity, RegionId};
-use tollgate_edge::coordination::AuthorityClient;
-use tollgate_edge::{DebitRequest, Decision, EdgeSettings, Engine, Spend, SystemClock};
+use tollgate_core::{AccountId, FeatureKey, IdempotencyKey, Quantity};
+use tollgate_edge::{DebitRequest, Decision, Spend};
 use tollgate_proto::pb;
-use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
 use tollgate_testkit::process::free_port;
 use tollgate_testkit::{PostgresServer, RedisServer};
-use tonic::transport::Channel;
 
 mod common;
 
 use common::grpc::{define_chat, price_chat, Admin};
+use common::serve::Serve;
 
 const ADMIN_KEY: &str = "metrics-admin-key";
 /// How long the test waits for the background loops (reconciliation every 200 ms, webhooks
 /// every second) to do what it checks; a bound on waiting, not a timing assertion.
 const WAIT_MS: u64 = 30_000;
-
-/// The authority process this test started, and its configuration's directory; the process
-/// is ended by its own id when the test ends.
-struct Node {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The `/metrics` page of the HTTP listener at `http`.
 async fn scrape(http: &str) -> String {
@@ -113,85 +95,37 @@ fn chat(account: &str, key: &str, calls: &str) -> DebitRequest {
     }
 }
 
-/// Starts `serve` with region `eu` on `redis`, `/metrics` on `http`, and a webhook endpoint
-/// `billing` at a port nothing listens on.
-fn start_serve(postgres: &PostgresServer, redis: &RedisServer, listen: &str, http: &str) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("authority.toml");
+/// Starts `serve` with region `eu` on `redis` and a webhook endpoint `billing` at a port
+/// nothing listens on.
+fn start_serve(postgres: &PostgresServer, redis: &RedisServer) -> Serve {
     let dead_port = free_port().unwrap();
-    std::fs::write(
-        &config,
-        format!(
-            "http_listen = \"{http}\"\ndatabase_url = \"{}\"\n\
-             [[regions]]\nname = \"eu\"\nredis_url = \"{}\"\nkey_prefix = \"tg:eu\"\n\
-             [[webhooks]]\nname = \"billing\"\nurl = \"http://127.0.0.1:{dead_port}/hook\"\n\
-             secret_env = \"METRICS_TEST_HOOK_SECRET\"\n",
-            postgres.url(),
-            redis.url()
+    Serve::start(
+        postgres,
+        redis,
+        ADMIN_KEY,
+        &format!(
+            "[[webhooks]]\nname = \"billing\"\nurl = \"http://127.0.0.1:{dead_port}/hook\"\n\
+             secret_env = \"METRICS_TEST_HOOK_SECRET\"\n"
         ),
+        &[("METRICS_TEST_HOOK_SECRET", "whsec-metrics-test")],
+        "error",
     )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate-authority"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("TOLLGATE_LISTEN", listen)
-        .env("TOLLGATE_ADMIN_API_KEY", ADMIN_KEY)
-        .env("METRICS_TEST_HOOK_SECRET", "whsec-metrics-test")
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    Node { child, _dir: dir }
-}
-
-async fn connect(listen: &str) -> Channel {
-    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
-    loop {
-        if let Ok(channel) = Channel::from_shared(format!("http://{listen}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return channel;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the authority did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_exports_stream_reconciliation_allocation_and_outbox_metrics() {
     let postgres = PostgresServer::start().unwrap();
     let redis = RedisServer::start().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port().unwrap());
-    let http = format!("127.0.0.1:{}", free_port().unwrap());
-    let _node = start_serve(&postgres, &redis, &listen, &http);
-    let mut admin = common::grpc::admin(connect(&listen).await, ADMIN_KEY);
+    let node = start_serve(&postgres, &redis);
+    let http = node.http.clone();
+    let mut admin = common::grpc::admin(node.channel().await, ADMIN_KEY);
     define_chat(&mut admin, "").await;
     price_chat(&mut admin, "0.5").await;
     account_with_grant(&mut admin, "acme", "100").await;
     account_with_grant(&mut admin, "tiny", "1").await;
 
     // An edge of region eu: both accounts are cold there, so it asks this authority.
-    let store = Arc::new(
-        RedisRegionStore::connect(&redis.url(), "tg:eu", RETAIN_MS_DEFAULT)
-            .await
-            .unwrap(),
-    );
-    let eu = RegionId::new("eu").unwrap();
-    let client = AuthorityClient::new(
-        &format!("http://{listen}"),
-        eu.clone(),
-        Some(ADMIN_KEY),
-        "edge-t".into(),
-    )
-    .unwrap();
-    let engine = Engine::new(store, EdgeSettings::new(eu), Arc::new(SystemClock))
-        .with_allocator(Arc::new(client));
+    let engine = node.eu_edge(&redis, ADMIN_KEY).await;
     // 1.5 of acme's 100; all of tiny's 1, so tiny's balance is exhausted.
     for debit in [chat("acme", "d-acme", "3"), chat("tiny", "d-tiny", "2")] {
         let decided = engine.debit(debit).await.unwrap();

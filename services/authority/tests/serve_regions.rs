@@ -3,84 +3,30 @@
 //! this test whose cold path asks this authority over gRPC; the debit reconciled into the
 //! ledger by the authority's background loop; its /metrics scraped; then SIGTERM.
 
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tollgate_core::{AccountId, FeatureKey, IdempotencyKey, Quantity, RegionId};
-use tollgate_edge::coordination::AuthorityClient;
-use tollgate_edge::{DebitRequest, Decision, EdgeSettings, Engine, Spend, SystemClock};
+use tollgate_core::{AccountId, FeatureKey, IdempotencyKey, Quantity};
+use tollgate_edge::{DebitRequest, Decision, Spend};
 use tollgate_proto::pb;
-use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
-use tollgate_testkit::process::free_port;
 use tollgate_testkit::{PostgresServer, RedisServer};
-use tonic::transport::Channel;
 
 mod common;
 
 use common::grpc::{define_chat, price_chat};
+use common::serve::Serve;
 
 const ADMIN_KEY: &str = "serve-admin-key";
 /// How long the test waits for the background loop to reconcile (it runs every 200 ms).
 const RECONCILED_WITHIN_MS: u64 = 30_000;
 
-/// The authority process this test started; ended by its own id if the test fails half way.
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reconciles_allocates_and_answers_the_cold_path_for_a_configured_region() {
     let postgres = PostgresServer::start().unwrap();
     let redis = RedisServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("authority.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "database_url = \"{}\"\n[[regions]]\nname = \"eu\"\nredis_url = \"{}\"\nkey_prefix = \"tg:eu\"\n",
-            postgres.url(),
-            redis.url()
-        ),
-    )
-    .unwrap();
-    let listen = format!("127.0.0.1:{}", free_port().unwrap());
-    let http = format!("127.0.0.1:{}", free_port().unwrap());
-    let mut config_text = std::fs::read_to_string(&config).unwrap();
-    config_text.insert_str(0, &format!("http_listen = \"{http}\"\n"));
-    std::fs::write(&config, config_text).unwrap();
-    let mut node = Node(
-        Command::new(env!("CARGO_BIN_EXE_tollgate-authority"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("TOLLGATE_LISTEN", &listen)
-            .env("TOLLGATE_ADMIN_API_KEY", ADMIN_KEY)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let channel = loop {
-        if let Ok(channel) = Channel::from_shared(format!("http://{listen}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            break channel;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the authority did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut node = Serve::start(&postgres, &redis, ADMIN_KEY, "", &[], "warn");
+    let http = node.http.clone();
+    let channel = node.channel().await;
     let mut admin = common::grpc::admin(channel, ADMIN_KEY);
     define_chat(&mut admin, "").await;
     price_chat(&mut admin, "0.5").await;
@@ -105,21 +51,7 @@ async fn serve_reconciles_allocates_and_answers_the_cold_path_for_a_configured_r
         .unwrap();
 
     // An edge of region eu: the account is cold there, so it asks this authority.
-    let store = Arc::new(
-        RedisRegionStore::connect(&redis.url(), "tg:eu", RETAIN_MS_DEFAULT)
-            .await
-            .unwrap(),
-    );
-    let eu = RegionId::new("eu").unwrap();
-    let client = AuthorityClient::new(
-        &format!("http://{listen}"),
-        eu.clone(),
-        Some(ADMIN_KEY),
-        "edge-t".into(),
-    )
-    .unwrap();
-    let engine = Engine::new(store, EdgeSettings::new(eu), Arc::new(SystemClock))
-        .with_allocator(Arc::new(client));
+    let engine = node.eu_edge(&redis, ADMIN_KEY).await;
     let debit = DebitRequest {
         account: AccountId::new("acme").unwrap(),
         key: IdempotencyKey::new("d1").unwrap(),
@@ -161,7 +93,7 @@ async fn serve_reconciles_allocates_and_answers_the_cold_path_for_a_configured_r
         "0"
     );
 
-    let pid = node.0.id().to_string();
+    let pid = node.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -169,7 +101,7 @@ async fn serve_reconciles_allocates_and_answers_the_cold_path_for_a_configured_r
         .success());
     let stop_deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        if let Some(status) = node.0.try_wait().unwrap() {
+        if let Some(status) = node.child.try_wait().unwrap() {
             break status;
         }
         assert!(

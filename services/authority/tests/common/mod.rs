@@ -6,6 +6,7 @@
 pub mod envoy;
 pub mod grpc;
 pub mod http_client;
+pub mod serve;
 
 use std::net::SocketAddr;
 

@@ -1,0 +1,116 @@
+//! `tollgate-authority serve` as a real process of the test's own, with region `eu` on the
+//! test's redis-server and its ledger and state on the test's PostgreSQL; and an edge of `eu`
+//! in the test whose cold path asks that process over gRPC.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate_core::RegionId;
+use tollgate_edge::coordination::AuthorityClient;
+use tollgate_edge::{EdgeSettings, Engine, SystemClock};
+use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
+use tollgate_testkit::process::free_port;
+use tollgate_testkit::{PostgresServer, RedisServer};
+use tonic::transport::Channel;
+
+/// How long a test waits for the process to listen.
+const LISTEN_WITHIN_MS: u64 = 30_000;
+
+/// The process; ended by its own id when the test ends (or fails half way).
+pub struct Serve {
+    pub child: Child,
+    pub listen: String,
+    pub http: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serve {
+    /// Starts `serve` on free ports with admin key `admin_key`; `extra` is appended to its
+    /// configuration (after region `eu`), `env` set on the process, `log` is its `RUST_LOG`.
+    pub fn start(
+        postgres: &PostgresServer,
+        redis: &RedisServer,
+        admin_key: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        log: &str,
+    ) -> Serve {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("authority.toml");
+        let listen = format!("127.0.0.1:{}", free_port().unwrap());
+        let http = format!("127.0.0.1:{}", free_port().unwrap());
+        std::fs::write(
+            &config,
+            format!(
+                "http_listen = \"{http}\"\ndatabase_url = \"{}\"\n\
+                 [[regions]]\nname = \"eu\"\nredis_url = \"{}\"\nkey_prefix = \"tg:eu\"\n{extra}",
+                postgres.url(),
+                redis.url()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate-authority"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("TOLLGATE_LISTEN", &listen)
+            .env("TOLLGATE_ADMIN_API_KEY", admin_key)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Serve {
+            child,
+            listen,
+            http,
+            _dir: dir,
+        }
+    }
+
+    /// A channel to its gRPC listener, once it listens.
+    pub async fn channel(&self) -> Channel {
+        let deadline = Instant::now() + Duration::from_millis(LISTEN_WITHIN_MS);
+        loop {
+            if let Ok(channel) = Channel::from_shared(format!("http://{}", self.listen))
+                .unwrap()
+                .connect()
+                .await
+            {
+                return channel;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the authority did not start listening"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An edge of region `eu` on `redis` whose cold path asks this process.
+    pub async fn eu_edge(&self, redis: &RedisServer, admin_key: &str) -> Engine<RedisRegionStore> {
+        let store = Arc::new(
+            RedisRegionStore::connect(&redis.url(), "tg:eu", RETAIN_MS_DEFAULT)
+                .await
+                .unwrap(),
+        );
+        let eu = RegionId::new("eu").unwrap();
+        let client = AuthorityClient::new(
+            &format!("http://{}", self.listen),
+            eu.clone(),
+            Some(admin_key),
+            "edge-t".into(),
+        )
+        .unwrap();
+        Engine::new(store, EdgeSettings::new(eu), Arc::new(SystemClock))
+            .with_allocator(Arc::new(client))
+    }
+}
