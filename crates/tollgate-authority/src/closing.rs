@@ -334,24 +334,30 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         Ok(())
     }
 
+    /// The account's pending holds in the regions whose holds draw on any of `grants` (each
+    /// region's view names the grants its holds draw on); a region that does not answer counts
+    /// none.
+    async fn holds_drawing_on(&self, account: &AccountId, grants: &[&GrantId]) -> u64 {
+        let now = self.clock.now();
+        let mut holds = 0;
+        for store in self.regions.values() {
+            if let Ok(view) = store.view(account, now).await {
+                if grants.iter().any(|grant| view.held_grants.contains(grant)) {
+                    holds += view.holds_pending;
+                }
+            }
+        }
+        holds
+    }
+
     /// Why an adjustment is refused with credits it needs still out (as [`Self::still_out`]).
     async fn adjustment_stuck(
         &self,
         account: &AccountId,
         stuck: &[(GrantId, i64)],
     ) -> AuthorityError {
-        let now = self.clock.now();
-        let mut holds = 0;
-        for store in self.regions.values() {
-            if let Ok(view) = store.view(account, now).await {
-                if stuck
-                    .iter()
-                    .any(|(grant, _)| view.held_grants.contains(grant))
-                {
-                    holds += view.holds_pending;
-                }
-            }
-        }
+        let grants: Vec<&GrantId> = stuck.iter().map(|(grant, _)| grant).collect();
+        let holds = self.holds_drawing_on(account, &grants).await;
         let listed = stuck
             .iter()
             .map(|(grant, micros)| format!("{} of grant {grant}", Credits::from_micros(*micros)))
@@ -380,17 +386,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         grant: &GrantId,
         out: &[(String, i64)],
     ) -> AuthorityError {
-        let now = self.clock.now();
-        // Pending holds drawing on this grant (each region's view names the grants its holds
-        // draw on).
-        let mut holds = 0;
-        for store in self.regions.values() {
-            if let Ok(view) = store.view(account, now).await {
-                if view.held_grants.contains(grant) {
-                    holds += view.holds_pending;
-                }
-            }
-        }
+        let holds = self.holds_drawing_on(account, &[grant]).await;
         let listed = out
             .iter()
             .map(|(region, micros)| {
