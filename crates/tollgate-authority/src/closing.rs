@@ -127,12 +127,8 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     /// a region cannot be reached, or when credits are still out at the deadline.
     async fn gather_closing(&self, account: &AccountId, grant: &GrantId) -> Result<()> {
         let regions: Vec<RegionId> = self.regions.keys().cloned().collect();
-        for region in &regions {
-            self.region(region)?
-                .recall_leases(account)
-                .await
-                .map_err(|e| unreachable_region(region, grant, &e))?;
-        }
+        self.recall_leases_everywhere(&regions, account, grant)
+            .await?;
         let deadline = Instant::now() + Duration::from_millis(CLOSE_WAIT_MS);
         loop {
             {
@@ -145,11 +141,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                         .map_err(|e| region_busy(e, grant))?;
                 }
             }
-            for region in &regions {
-                self.reconcile_once(region)
-                    .await
-                    .map_err(|e| region_busy(e, grant))?;
-            }
+            self.reconcile_everywhere(&regions, grant).await?;
             let out: Vec<(String, i64)> = self
                 .state
                 .allocations(account)
@@ -201,13 +193,19 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             if Instant::now() >= deadline {
                 break Err(self.adjustment_stuck(&account, &stuck).await);
             }
-            if let Err(error) = self
-                .recall_and_reconcile(&regions, &account, &stuck[0].0, !recalled)
-                .await
-            {
+            let grant = &stuck[0].0;
+            if !recalled {
+                recalled = true;
+                if let Err(error) = self
+                    .recall_leases_everywhere(&regions, &account, grant)
+                    .await
+                {
+                    break Err(error);
+                }
+            }
+            if let Err(error) = self.reconcile_everywhere(&regions, grant).await {
                 break Err(error);
             }
-            recalled = true;
             tokio::time::sleep(Duration::from_millis(CLOSE_POLL_MS)).await;
         };
         drop(marks);
@@ -309,23 +307,25 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         Ok(out)
     }
 
-    /// Asks the edges for the account's leases (the first time) and reconciles every region,
-    /// so that what they spent and gave back reaches the ledger and the counters.
-    async fn recall_and_reconcile(
+    /// Asks every region's edges to give back their leases of the account.
+    async fn recall_leases_everywhere(
         &self,
         regions: &[RegionId],
         account: &AccountId,
         grant: &GrantId,
-        recall: bool,
     ) -> Result<()> {
-        if recall {
-            for region in regions {
-                self.region(region)?
-                    .recall_leases(account)
-                    .await
-                    .map_err(|e| unreachable_region(region, grant, &e))?;
-            }
+        for region in regions {
+            self.region(region)?
+                .recall_leases(account)
+                .await
+                .map_err(|e| unreachable_region(region, grant, &e))?;
         }
+        Ok(())
+    }
+
+    /// Reconciles one batch of every region, so that what edges spent and gave back reaches
+    /// the ledger and the counters.
+    async fn reconcile_everywhere(&self, regions: &[RegionId], grant: &GrantId) -> Result<()> {
         for region in regions {
             self.reconcile_once(region)
                 .await
