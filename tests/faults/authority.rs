@@ -86,10 +86,7 @@ impl World {
                 cost: Credits::from_micros(micros),
                 now: tollgate_authority::Clock::now(self.clock.as_ref()),
                 actor: None,
-                price: PriceTag {
-                    version: 1,
-                    rule: PriceRule::Default,
-                },
+                price: PriceTag::at(1, PriceRule::Default),
                 forced: false,
             })
             .await

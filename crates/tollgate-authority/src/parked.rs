@@ -164,7 +164,7 @@ async fn charge(
             Err(refused) => Err(refuse(state, row, key, refused).await?),
         };
     }
-    let own = own_debit(row)?;
+    let own = own_debit(state, row).await?;
     claim(state, row, key, &own).await?;
     let first_refusal = match apply(ledger, &own, now).await? {
         Ok(debit_id) => return Ok(done(debit_id, &own)),
@@ -227,8 +227,9 @@ async fn apply(
     }
 }
 
-/// The record as its region decided it: its draws, overdraft and event time.
-fn own_debit(row: &ParkedRow) -> Result<UsageDebit> {
+/// The record as its region decided it: its draws, overdraft, event time and price (the unit
+/// is the feature's as named now: the record keeps the quantity and rate, not the unit's name).
+async fn own_debit(state: &StateStore, row: &ParkedRow) -> Result<UsageDebit> {
     let parked = &row.parked;
     let why = |what: &str| {
         AuthorityError::Precondition(format!(
@@ -248,6 +249,10 @@ fn own_debit(row: &ParkedRow) -> Result<UsageDebit> {
     }
     let feature = FeatureKey::new(parked.feature.clone())
         .map_err(|_| why("its feature could not be read back"))?;
+    let unit = match parked.quantity {
+        Some(_) => state.feature_units(&[&feature]).await?.remove(&feature),
+        None => None,
+    };
     let region = RegionId::new(parked.region.clone()).map_err(AuthorityError::corrupt)?;
     let key = IdempotencyKey::new(parked.key.clone()).map_err(AuthorityError::corrupt)?;
     let actor = match parked.actor.as_str() {
@@ -271,6 +276,9 @@ fn own_debit(row: &ParkedRow) -> Result<UsageDebit> {
         price_version: parked.price_version,
         // A record parked from its description alone has no price tag: the default rule.
         price_rule: parked.price_rule.unwrap_or(PriceRule::Default),
+        quantity: parked.quantity,
+        rate: parked.rate,
+        unit,
         actor,
         region: Some(region),
         hold,

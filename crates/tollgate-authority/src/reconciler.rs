@@ -13,12 +13,13 @@
 //! for): everything decided before that read started is in once its batch is acknowledged,
 //! except what may still arrive late, bounded by `watermark_lateness_ms`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sha2::{Digest, Sha256};
 use tollgate_core::command::{Memo, Refund, UsageDebit};
 use tollgate_core::{
-    AccountId, BurnPlan, Credits, DebitId, EntryKind, IdempotencyKey, RegionId, Timestamp,
+    AccountId, BurnPlan, Credits, DebitId, EntryKind, FeatureKey, IdempotencyKey, RegionId,
+    Timestamp,
 };
 use tollgate_ledger::{EntryFilter, LedgerError, LedgerStore, PageRequest, UsageOutcome};
 use tollgate_region::{RegionStore, UsageKind, UsageRecord};
@@ -107,7 +108,11 @@ pub(crate) fn derived_key(prefix: &str, parts: &[&str]) -> Result<IdempotencyKey
         .map_err(|e| AuthorityError::invalid("idempotency_key", e))
 }
 
-fn usage_debit(region: &RegionId, record: &UsageRecord) -> Result<UsageDebit> {
+fn usage_debit(
+    region: &RegionId,
+    record: &UsageRecord,
+    units: &HashMap<FeatureKey, String>,
+) -> Result<UsageDebit> {
     Ok(UsageDebit {
         debit_id: debit_id(region, &record.key)?,
         idempotency_key: Some(record.key.clone()),
@@ -120,6 +125,13 @@ fn usage_debit(region: &RegionId, record: &UsageRecord) -> Result<UsageDebit> {
         },
         price_version: record.price.version,
         price_rule: record.price.rule,
+        quantity: record.price.quantity,
+        rate: record.price.rate,
+        // An explicit cost counts no unit.
+        unit: record
+            .price
+            .quantity
+            .and_then(|_| units.get(&record.feature).cloned()),
         actor: record.actor.clone(),
         region: Some(region.clone()),
         hold: record.hold_id.clone(),
@@ -266,9 +278,17 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         if debits.is_empty() {
             return Ok(());
         }
+        let mut features: Vec<&FeatureKey> = debits
+            .iter()
+            .filter(|r| r.price.quantity.is_some())
+            .map(|r| &r.feature)
+            .collect();
+        features.sort();
+        features.dedup();
+        let units = self.state.feature_units(&features).await?;
         let commands = debits
             .iter()
-            .map(|r| usage_debit(region, r))
+            .map(|r| usage_debit(region, r, &units))
             .collect::<Result<Vec<_>>>()?;
         let outcomes = self.ledger.apply_usage(commands, now).await?;
         for (record, outcome) in debits.iter().zip(outcomes) {

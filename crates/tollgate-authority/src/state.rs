@@ -6,7 +6,7 @@
 //! integer (micro-credits, milliseconds) or text (JSON for structured values), so the same
 //! queries run on both. Nothing here is money of record; the ledger is.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -235,6 +235,10 @@ pub struct TopUpAttempt {
 
 fn text(row: &AnyRow, column: &str) -> Result<String> {
     Ok(row.try_get::<String, _>(column)?)
+}
+
+fn opt_text(row: &AnyRow, column: &str) -> Result<Option<String>> {
+    Ok(row.try_get::<Option<String>, _>(column)?)
 }
 
 fn int(row: &AnyRow, column: &str) -> Result<i64> {
@@ -943,6 +947,25 @@ impl StateStore {
         rows.iter()
             .map(|row| from_json(&text(row, "body")?))
             .collect()
+    }
+
+    /// The unit of each of `features` that is defined (an undefined one is left out).
+    pub async fn feature_units(
+        &self,
+        features: &[&tollgate_core::FeatureKey],
+    ) -> Result<HashMap<tollgate_core::FeatureKey, String>> {
+        let mut units = HashMap::new();
+        for feature in features {
+            let row = sqlx::query("SELECT body FROM authority_features WHERE feature = $1")
+                .bind(feature.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(row) = row {
+                let defined: Feature = from_json(&text(&row, "body")?)?;
+                units.insert(defined.feature, defined.unit);
+            }
+        }
+        Ok(units)
     }
 
     pub async fn put_price_version(&self, version: &PriceBookVersion) -> Result<bool> {

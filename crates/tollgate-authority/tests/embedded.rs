@@ -219,10 +219,7 @@ impl World {
                 cost: Credits::from_micros(credits * MICROS),
                 now: self.clock.now(),
                 actor: None,
-                price: PriceTag {
-                    version: 1,
-                    rule: PriceRule::Default,
-                },
+                price: PriceTag::at(1, PriceRule::Default),
                 forced: false,
             })
             .await
@@ -670,10 +667,7 @@ async fn a_region_that_restarted_empty_is_allocated_the_ledgers_credits_again() 
             cost: Credits::from_micros(8 * MICROS),
             now: world.clock.now(),
             actor: None,
-            price: PriceTag {
-                version: 1,
-                rule: PriceRule::Default,
-            },
+            price: PriceTag::at(1, PriceRule::Default),
             forced: false,
         })
         .await

@@ -3,6 +3,7 @@
 //! started by each test for itself. Time is a manual clock.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -12,20 +13,26 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tollgate_authority::allocator::AllocationOutcome;
 use tollgate_authority::http::{signature, ID_HEADER, SIGNATURE_HEADER};
+use tollgate_authority::purchases::{refund_purchase, RefundOrder};
+use tollgate_authority::reconciler::debit_id;
 use tollgate_authority::{
     AccountSettings, Authority, AuthoritySettings, Clock, EventKind, ManualClock, StateStore,
     TopUpSettings, WebhookEndpoint,
 };
-use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata};
-use tollgate_core::{
-    AccountId, Credits, EntryKind, FeatureKey, GrantId, GrantSchedule, GrantSource, GrantState,
-    HoldId, IdempotencyKey, PeriodUnit, PriceRule, Recurrence, RegionId, RolloverPolicy, Scope,
-    Timestamp,
+use tollgate_core::command::{
+    Adjust, CloseGrant, CloseKind, CreateAccount, GrantTerms, IssueGrant, Memo, Metadata, Refund,
 };
-use tollgate_ledger::{EntryFilter, LedgerStore, PageRequest, PostgresLedger};
+use tollgate_core::{
+    AccountId, Credits, Currency, DebitId, EntryKind, FeatureKey, GrantId, GrantSchedule,
+    GrantSource, GrantState, HoldId, IdempotencyKey, Money, PeriodUnit, PriceRule, Recurrence,
+    RegionId, RolloverPolicy, Scope, Timestamp,
+};
+use tollgate_ledger::{
+    debit_generation, Entry, EntryFilter, LedgerStore, PageRequest, PostgresLedger, Receipt,
+};
 use tollgate_region::{
     AuthorizeCommand, AuthorizeOutcome, DebitCommand, DebitOutcome, PriceTag, RedisRegionStore,
-    RegionStore, ReverseCommand, ReverseOutcome, RETAIN_MS_DEFAULT,
+    Refusal, RegionStore, ReverseCommand, ReverseOutcome, RETAIN_MS_DEFAULT,
 };
 use tollgate_testkit::{PostgresServer, RedisServer};
 
@@ -54,7 +61,7 @@ fn region(text: &str) -> RegionId {
 /// PostgreSQL, one redis-server per region, and a manual clock — owned by one test.
 struct World {
     _postgres: PostgresServer,
-    _redis: Vec<RedisServer>,
+    redis: BTreeMap<RegionId, RedisServer>,
     url: String,
     ledger: Arc<PostgresLedger>,
     regions: BTreeMap<RegionId, Arc<RedisRegionStore>>,
@@ -66,7 +73,7 @@ impl World {
         let postgres = PostgresServer::start().expect("start an ephemeral PostgreSQL");
         let url = postgres.url();
         let ledger = Arc::new(PostgresLedger::connect(&url).await.expect("ledger"));
-        let mut redis = Vec::new();
+        let mut redis = BTreeMap::new();
         let mut regions = BTreeMap::new();
         for name in names {
             let server = RedisServer::start().expect("start redis-server");
@@ -75,11 +82,11 @@ impl World {
                     .await
                     .expect("connect to redis");
             regions.insert(region(name), Arc::new(store));
-            redis.push(server);
+            redis.insert(region(name), server);
         }
         World {
             _postgres: postgres,
-            _redis: redis,
+            redis,
             url,
             ledger,
             regions,
@@ -89,12 +96,33 @@ impl World {
 
     /// Kills the redis-server of region `name` (the region stops answering).
     fn kill_region(&mut self, name: &str) {
-        let index = self
-            .regions
-            .keys()
-            .position(|r| r.as_str() == name)
-            .expect("a region of the world");
-        self._redis[index].kill();
+        self.redis
+            .get_mut(&region(name))
+            .expect("a region of the world")
+            .kill();
+    }
+
+    /// Region `name` forgets `account`'s idempotency key `key_text`: its record is deleted, as
+    /// Redis deletes it when its time to live (`RETAIN_MS_DEFAULT`) runs out. Redis counts that
+    /// time on its own clock, which the test's manual clock does not move, so the test cannot
+    /// wait for it. Fails unless the region remembered the key.
+    fn forget_key(&self, name: &str, account: &str, key_text: &str) {
+        // The record's name as `RedisRegionStore::idempotency_key` spells it, under the prefix
+        // `start` gave the region.
+        let record = format!("tg:{name}:{{{account}}}:idem:{key_text}");
+        let port = self.redis[&region(name)].port();
+        // One command over RESP: the test depends on no Redis client of its own.
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to redis-server");
+        let command = format!("*2\r\n$3\r\nDEL\r\n${}\r\n{record}\r\n", record.len());
+        stream.write_all(command.as_bytes()).expect("send DEL");
+        let mut reply = [0_u8; 16];
+        let read = stream.read(&mut reply).expect("read DEL's reply");
+        assert_eq!(
+            &reply[..read],
+            b":1\r\n",
+            "the region remembered {record} and deleted it"
+        );
     }
 
     /// A new authority process on the same stores (a restart when an earlier one is dropped).
@@ -163,7 +191,8 @@ impl World {
         self.ledger.account(&acct(account)).await.unwrap().balance
     }
 
-    async fn entries(&self, account: &str) -> Vec<(EntryKind, String, Credits)> {
+    /// The account's entries in order.
+    async fn ledger_entries(&self, account: &str) -> Vec<Entry> {
         let page = self
             .ledger
             .entries(
@@ -176,12 +205,72 @@ impl World {
             .await
             .unwrap();
         page.items
+    }
+
+    /// The account's entries as (kind, grant, amount).
+    async fn entries(&self, account: &str) -> Vec<(EntryKind, String, Credits)> {
+        self.ledger_entries(account)
+            .await
             .iter()
             .map(|e| {
                 let grant = e.grant_id.as_ref().map_or(String::new(), |g| g.to_string());
                 (e.kind, grant, e.amount)
             })
             .collect()
+    }
+
+    /// The account's usage in the ledger: each debit and refund with the debit it belongs to.
+    async fn usage_entries(&self, account: &str) -> Vec<(EntryKind, Option<DebitId>, Credits)> {
+        self.ledger_entries(account)
+            .await
+            .into_iter()
+            .filter(|e| matches!(e.kind, EntryKind::Debit | EntryKind::Refund))
+            .map(|e| (e.kind, e.debit_id, e.amount))
+            .collect()
+    }
+
+    /// What region `name` holds of the account now: credits in its segments, and overdraft room.
+    async fn held(&self, name: &str, account: &str) -> (Credits, Credits) {
+        let view = self
+            .store(name)
+            .view(&acct(account), self.clock.now())
+            .await
+            .expect("view reaches redis");
+        let pool = view.segments.iter().map(|s| s.remaining.micros()).sum();
+        let room = view.overdraft_limit.micros() - view.overdraft_used.micros();
+        (
+            Credits::from_micros(pool),
+            Credits::from_micros(room.max(0)),
+        )
+    }
+
+    /// The regions together hold no more than the ledger's grants (and overdraft room no more
+    /// than the limit less the debt), and the account's chain verifies clean.
+    async fn assert_exact(&self, account: &str) {
+        let snapshot = self.ledger.account(&acct(account)).await.unwrap();
+        let (mut pools, mut rooms) = (0, 0);
+        for name in self.regions.keys() {
+            let (pool, room) = self.held(name.as_str(), account).await;
+            pools += pool.micros();
+            rooms += room.micros();
+        }
+        let remaining = snapshot.balance.micros() + snapshot.debt.micros();
+        assert!(
+            pools <= remaining,
+            "regions hold {pools} of grants holding {remaining}"
+        );
+        assert!(
+            rooms <= snapshot.overdraft_limit.micros() - snapshot.debt.micros(),
+            "regions hold {rooms} of overdraft room, limit {} debt {}",
+            snapshot.overdraft_limit,
+            snapshot.debt
+        );
+        assert!(self
+            .ledger
+            .verify(Some(&acct(account)))
+            .await
+            .unwrap()
+            .is_clean());
     }
 }
 
@@ -208,14 +297,75 @@ async fn debit(
             cost: credits(cost),
             now,
             actor: None,
-            price: PriceTag {
-                version: 1,
-                rule: PriceRule::Default,
-            },
+            price: PriceTag::at(1, PriceRule::Default),
             forced: false,
         })
         .await
         .expect("debit reaches redis")
+}
+
+/// A debit the region must allow.
+async fn spend(
+    store: &RedisRegionStore,
+    account: &str,
+    key_text: &str,
+    cost: &str,
+    now: Timestamp,
+) {
+    let outcome = debit(store, account, key_text, cost, now).await;
+    assert!(
+        matches!(outcome, DebitOutcome::Allowed(_)),
+        "{key_text}: {outcome:?}"
+    );
+}
+
+/// A debit the region must refuse for want of credits.
+async fn refused(
+    store: &RedisRegionStore,
+    account: &str,
+    key_text: &str,
+    cost: &str,
+    now: Timestamp,
+) {
+    let outcome = debit(store, account, key_text, cost, now).await;
+    assert!(
+        matches!(outcome, DebitOutcome::Refused(Refusal::Insufficient { .. })),
+        "{key_text}: {outcome:?}"
+    );
+}
+
+/// The caller reverses its debit `debit_key` within the window; the credits it gave back.
+async fn reverse(
+    store: &RedisRegionStore,
+    account: &str,
+    key_text: &str,
+    debit_key: &str,
+    now: Timestamp,
+) -> Credits {
+    let reversed = store
+        .reverse(&ReverseCommand {
+            account: acct(account),
+            key: key(key_text),
+            debit_key: key(debit_key),
+            now,
+            window_ms: 60_000,
+        })
+        .await
+        .expect("reversal reaches redis");
+    let ReverseOutcome::Reversed { amount, .. } = reversed else {
+        panic!("the reversal is allowed: {reversed:?}");
+    };
+    amount
+}
+
+/// Reconciles region `name` once and checks how many records it applied, reversed and parked.
+async fn reconcile_expecting(node: &Node, name: &str, expected: (usize, usize, usize)) {
+    let report = node.reconcile_once(&region(name)).await.unwrap();
+    assert_eq!(
+        (report.applied, report.reversed, report.parked),
+        expected,
+        "{report:?}"
+    );
 }
 
 async fn allocate(node: &Node, name: &str, account: &str) {
@@ -296,20 +446,14 @@ async fn two_regions_debit_one_account_and_every_acknowledged_debit_is_applied_o
     tokio::join!(debits, reconciling);
     assert!(spent > 0);
     // One eu debit is undone in its region: the ledger refunds it when it is reconciled.
-    let reversed = world
-        .store("eu")
-        .reverse(&ReverseCommand {
-            account: acct("acme"),
-            key: key("undo-eu-0"),
-            debit_key: key("eu-0"),
-            now: world.clock.now(),
-            window_ms: 60_000,
-        })
-        .await
-        .unwrap();
-    let ReverseOutcome::Reversed { amount, .. } = reversed else {
-        panic!("the reversal is allowed: {reversed:?}");
-    };
+    let amount = reverse(
+        &world.store("eu"),
+        "acme",
+        "undo-eu-0",
+        "eu-0",
+        world.clock.now(),
+    )
+    .await;
     spent -= amount.micros();
     // Then it reads a batch from eu, applies it, and stops before it acknowledges: the
     // records stay pending in eu's stream.
@@ -510,10 +654,7 @@ async fn a_hold_on_another_grant_does_not_hold_back_an_expiry() {
         now: world.clock.now(),
         expires_at,
         actor: None,
-        price: PriceTag {
-            version: 1,
-            rule: PriceRule::Default,
-        },
+        price: PriceTag::at(1, PriceRule::Default),
     };
     // Holds for a day: one on the purchase only...
     let day = Timestamp::from_millis(start.millis() + 24 * 3_600_000).unwrap();
@@ -1037,4 +1178,298 @@ async fn webhooks_are_signed_retried_after_500_and_each_event_id_arrives_once_af
         states.iter().all(|(.., state)| state == "delivered"),
         "{states:?}"
     );
+}
+
+/// Redis forgets a debit's idempotency key a day after the debit. A caller reusing the key
+/// then is charged again, and the ledger keeps that decision apart from the first under the
+/// next generation of the debit's id. A reversal names the key, and the region knows only the
+/// second decision under it: the ledger refunds that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_after_the_region_forgot_it_is_charged_and_its_reversal_refunds_that_decision()
+{
+    let world = World::start(&["eu"], ts("2027-08-01T00:00:00Z")).await;
+    world.account("acme", "0").await;
+    world.grant("acme", "bought", "100", None).await;
+    let node = world.authority(settings()).await;
+    allocate(&node, "eu", "acme").await;
+    let eu = world.store("eu");
+    spend(&eu, "acme", "nightly-job", "2", world.clock.now()).await;
+    reconcile_expecting(&node, "eu", (1, 0, 0)).await;
+    // A day and more later the region has forgotten the key; the caller reuses it for
+    // another spend, which the region charges as new.
+    world.clock.advance_ms(RETAIN_MS_DEFAULT + 60_000);
+    world.forget_key("eu", "acme", "nightly-job");
+    spend(&eu, "acme", "nightly-job", "5", world.clock.now()).await;
+    reconcile_expecting(&node, "eu", (1, 0, 0)).await;
+    assert_eq!(
+        world.balance("acme").await,
+        credits("93"),
+        "both spends are charged"
+    );
+    // The region reverses the spend it knows under that key: the second one.
+    let given_back = reverse(
+        &eu,
+        "acme",
+        "undo-nightly",
+        "nightly-job",
+        world.clock.now(),
+    )
+    .await;
+    assert_eq!(given_back, credits("5"));
+    reconcile_expecting(&node, "eu", (0, 1, 0)).await;
+    assert_eq!(world.balance("acme").await, credits("98"));
+    let first = debit_id(&region("eu"), &key("nightly-job")).unwrap();
+    let second = debit_generation(&first, 2).unwrap();
+    assert_eq!(
+        world.usage_entries("acme").await,
+        [
+            (EntryKind::Debit, Some(first), credits("2")),
+            (EntryKind::Debit, Some(second.clone()), credits("5")),
+            (EntryKind::Refund, Some(second), credits("5")),
+        ]
+    );
+    assert_eq!(
+        world.held("eu", "acme").await,
+        (credits("98"), Credits::ZERO)
+    );
+    world.assert_exact("acme").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_after_a_partial_refund_refunds_the_rest_and_the_region_returns_the_difference()
+{
+    let world = World::start(&["eu"], ts("2027-08-01T00:00:00Z")).await;
+    world.account("acme", "0").await;
+    world.grant("acme", "bought", "100", None).await;
+    let node = world.authority(settings()).await;
+    allocate(&node, "eu", "acme").await;
+    let eu = world.store("eu");
+    spend(&eu, "acme", "job", "10", world.clock.now()).await;
+    reconcile_expecting(&node, "eu", (1, 0, 0)).await;
+    // Support refunds 4 of it; the authority hands the 4 out again.
+    let refunded = world
+        .ledger
+        .refund(
+            Refund {
+                key: key("goodwill"),
+                account: acct("acme"),
+                debit: debit_id(&region("eu"), &key("job")).unwrap(),
+                amount: credits("4"),
+                refund_grant_id: None,
+                refund_grant_expires_at: None,
+                memo: Memo::default(),
+            },
+            world.clock.now(),
+        )
+        .await
+        .unwrap();
+    assert!(refunded.is_ok(), "{refunded:?}");
+    node.rebalance(&acct("acme")).await.unwrap();
+    assert_eq!(world.held("eu", "acme").await.0, credits("94"));
+    // Then the caller reverses the whole spend in the region, which gives all 10 back.
+    let given_back = reverse(&eu, "acme", "undo-job", "job", world.clock.now()).await;
+    assert_eq!(given_back, credits("10"));
+    assert_eq!(world.held("eu", "acme").await.0, credits("104"));
+    // The reversal refunds the 6 left; the region returns the 4 refunded already.
+    reconcile_expecting(&node, "eu", (0, 1, 0)).await;
+    assert_eq!(world.balance("acme").await, credits("100"));
+    assert_eq!(world.held("eu", "acme").await.0, credits("100"));
+    world.assert_exact("acme").await;
+    // Reconciling again changes nothing.
+    reconcile_expecting(&node, "eu", (0, 0, 0)).await;
+    assert_eq!(world.held("eu", "acme").await.0, credits("100"));
+}
+
+/// The movements of `kind` a receipt made, as (grant, amount).
+fn movements(receipt: &Receipt, kind: EntryKind) -> Vec<(String, Credits)> {
+    receipt
+        .movements
+        .iter()
+        .filter(|m| m.kind == kind)
+        .map(|m| {
+            let grant = m.grant_id.as_ref().map_or(String::new(), |g| g.to_string());
+            (grant, m.amount)
+        })
+        .collect()
+}
+
+/// A void takes the grant's credits back from every region before the ledger closes it: no
+/// region spends them after, and the void closes what was really left, the regions' spending
+/// not reconciled yet counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voided_grant_is_taken_back_from_every_redis_region_and_closes_only_what_was_left() {
+    let world = World::start(&["eu", "us"], ts("2027-08-01T00:00:00Z")).await;
+    world.account("acme", "0").await;
+    world.grant("acme", "bought", "100", None).await;
+    let node = world
+        .authority(AuthoritySettings {
+            allocation_micros_min: 40_000_000,
+            ..settings()
+        })
+        .await;
+    allocate(&node, "eu", "acme").await;
+    allocate(&node, "us", "acme").await;
+    assert_eq!(
+        world.held("eu", "acme").await,
+        (credits("40"), Credits::ZERO)
+    );
+    assert_eq!(
+        world.held("us", "acme").await,
+        (credits("40"), Credits::ZERO)
+    );
+    // Both regions spend, and neither is reconciled before the void.
+    spend(&world.store("eu"), "acme", "in-eu", "3", world.clock.now()).await;
+    spend(&world.store("us"), "acme", "in-us", "4", world.clock.now()).await;
+
+    let void = CloseGrant {
+        key: key("void-bought"),
+        account: acct("acme"),
+        grant: GrantId::new("bought").unwrap(),
+        kind: CloseKind::Void,
+        memo: Memo::default(),
+    };
+    let receipt = node
+        .close_grant_everywhere(void.clone())
+        .await
+        .unwrap()
+        .expect("the void is applied");
+    assert_eq!(
+        movements(&receipt, EntryKind::Void),
+        [("bought".to_owned(), credits("93"))]
+    );
+    for name in ["eu", "us"] {
+        assert_eq!(
+            world.held(name, "acme").await,
+            (Credits::ZERO, Credits::ZERO)
+        );
+        let after = format!("after-in-{name}");
+        refused(&world.store(name), "acme", &after, "1", world.clock.now()).await;
+    }
+    assert_eq!(world.balance("acme").await, Credits::ZERO);
+    assert_eq!(
+        world.entries("acme").await,
+        [
+            (EntryKind::Grant, "bought".to_owned(), credits("100")),
+            (EntryKind::Debit, "bought".to_owned(), credits("3")),
+            (EntryKind::Debit, "bought".to_owned(), credits("4")),
+            (EntryKind::Void, "bought".to_owned(), credits("93")),
+        ]
+    );
+    // The same void again replays its receipt.
+    let again = node
+        .close_grant_everywhere(void)
+        .await
+        .unwrap()
+        .expect("the void replays");
+    assert!(again.replayed);
+    assert_eq!(
+        movements(&again, EntryKind::Void),
+        [("bought".to_owned(), credits("93"))]
+    );
+    assert_eq!(node.state().parked_count().await.unwrap(), 0);
+    world.assert_exact("acme").await;
+}
+
+/// A refunded purchase is voided the same way, so the money it owes back is for the credits
+/// no region can spend any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refunded_purchase_voids_and_owes_money_only_for_what_no_redis_region_can_spend() {
+    let world = World::start(&["eu"], ts("2027-08-01T00:00:00Z")).await;
+    world.account("acme", "0").await;
+    let usd = Currency::new("USD").unwrap();
+    let paid = Money {
+        amount: "10.00".parse().unwrap(),
+        currency: usd,
+    };
+    world
+        .issue(
+            "acme",
+            GrantTerms {
+                cost_basis: Some(paid),
+                ..GrantTerms::new(
+                    GrantId::new("bought").unwrap(),
+                    credits("100"),
+                    GrantSource::Purchase,
+                )
+            },
+        )
+        .await;
+    let node = world.authority(settings()).await;
+    allocate(&node, "eu", "acme").await;
+    let eu = world.store("eu");
+    spend(&eu, "acme", "s1", "3", world.clock.now()).await;
+    spend(&eu, "acme", "s2", "4", world.clock.now()).await;
+
+    let order = RefundOrder {
+        key: key("refund-bought"),
+        account: acct("acme"),
+        grant: GrantId::new("bought").unwrap(),
+        memo: Memo::default(),
+    };
+    let refunded = refund_purchase(&*world.ledger, &node, order, world.clock.now())
+        .await
+        .unwrap();
+    assert!(refunded.outcome.is_ok(), "{:?}", refunded.outcome);
+    assert_eq!(refunded.credits_voided, credits("93"));
+    // 93 of the 100 credits bought for 10.00.
+    let due = Money {
+        amount: "9.30".parse().unwrap(),
+        currency: usd,
+    };
+    assert_eq!(refunded.money_due, Some(due));
+    assert_eq!(
+        world.held("eu", "acme").await,
+        (Credits::ZERO, Credits::ZERO)
+    );
+    refused(&eu, "acme", "after", "1", world.clock.now()).await;
+    assert_eq!(world.balance("acme").await, Credits::ZERO);
+    assert_eq!(node.state().parked_count().await.unwrap(), 0);
+    world.assert_exact("acme").await;
+}
+
+/// A negative adjustment takes back from the region what it takes of the grant before the
+/// ledger shrinks it, and only that much: the region can spend the rest, and not one credit
+/// more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_negative_adjustment_takes_its_credits_back_from_a_redis_region_before_the_ledger() {
+    let world = World::start(&["eu"], ts("2027-08-01T00:00:00Z")).await;
+    world.account("acme", "0").await;
+    world.grant("acme", "bought", "100", None).await;
+    let node = world.authority(settings()).await;
+    allocate(&node, "eu", "acme").await;
+    let eu = world.store("eu");
+    spend(&eu, "acme", "s1", "6", world.clock.now()).await;
+
+    // 94 left, not reconciled yet: taking 90 away leaves 4 the region can spend.
+    let receipt = node
+        .adjust_everywhere(Adjust {
+            key: key("take-90"),
+            account: acct("acme"),
+            amount: credits("-90"),
+            grant_id: None,
+            memo: Memo::default(),
+            beyond_overdraft: false,
+            out: BTreeMap::new(),
+        })
+        .await
+        .unwrap()
+        .expect("the adjustment is applied");
+    assert_eq!(
+        movements(&receipt, EntryKind::Adjust),
+        [("bought".to_owned(), credits("-90"))]
+    );
+    assert_eq!(
+        world.held("eu", "acme").await,
+        (credits("4"), Credits::ZERO)
+    );
+    spend(&eu, "acme", "d1", "4", world.clock.now()).await;
+    refused(&eu, "acme", "d2", "1", world.clock.now()).await;
+    node.reconcile_all(10).await.unwrap();
+    assert_eq!(world.balance("acme").await, Credits::ZERO);
+    assert_eq!(
+        node.state().parked_count().await.unwrap(),
+        0,
+        "nothing served beyond the ledger"
+    );
+    world.assert_exact("acme").await;
 }

@@ -295,6 +295,19 @@ pub struct UsageDebit {
     pub plan: BurnPlan,
     pub price_version: u64,
     pub price_rule: PriceRule,
+    /// How many units of the feature the caller asked for; `None` when it named the cost.
+    /// Absent from the fingerprint when `None`, so a record from before quantities were kept
+    /// fingerprints as it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<crate::Quantity>,
+    /// The credits per unit it was priced at; `None` when the caller named the cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<crate::Rate>,
+    /// The feature's unit ("image", "token") when the debit is recorded, for the reader of the
+    /// entry. It names what was counted and charges nothing, so it is not fingerprinted: a
+    /// feature whose unit is renamed between a first attempt and its retry is the same debit.
+    #[serde(skip)]
+    pub unit: Option<String>,
     pub actor: Option<ActorId>,
     pub region: Option<RegionId>,
     /// The hold this debit captured, when it is a capture.

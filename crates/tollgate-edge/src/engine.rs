@@ -13,7 +13,7 @@ use tollgate_core::{
     Rate, Timestamp,
 };
 use tollgate_region::{
-    check_amount, AccountSummary, AuthorizeCommand, AuthorizeOutcome, CaptureCommand,
+    check_amount, AccountSummary, Allowed, AuthorizeCommand, AuthorizeOutcome, CaptureCommand,
     CaptureOutcome, DebitCommand, DebitOutcome, EnforcementMode, HoldRefusal, PriceTag, Refusal,
     RegionStore, ReleaseCommand, ReleaseOutcome, ReverseCommand, ReverseOutcome, ReverseRefusal,
     UsageId,
@@ -56,6 +56,8 @@ pub struct Priced {
     pub cost: Credits,
     /// `None` when the caller named the cost.
     pub rate: Option<Rate>,
+    /// The units priced; `None` when the caller named the cost.
+    pub quantity: Option<Quantity>,
     /// 0 when the caller named the cost.
     pub version: u64,
     pub rule: PriceRule,
@@ -66,6 +68,31 @@ impl Priced {
         PriceTag {
             version: self.version,
             rule: self.rule,
+            quantity: self.quantity,
+            rate: self.rate,
+        }
+    }
+
+    /// The price a replayed decision was first made at, when the region kept it: a retry can
+    /// be priced differently here (a newer price book version took effect since), and it must
+    /// still answer with the first decision's price and cost.
+    fn first(self, allowed: &Allowed) -> Priced {
+        let Some(tag) = allowed.price else {
+            return self;
+        };
+        let cost = allowed
+            .draws
+            .iter()
+            .try_fold(allowed.overdraft, |sum, draw| {
+                sum.checked_add(draw.amount).ok()
+            })
+            .unwrap_or(self.cost);
+        Priced {
+            cost,
+            rate: tag.rate,
+            quantity: tag.quantity,
+            version: tag.version,
+            rule: tag.rule,
         }
     }
 }
@@ -731,6 +758,7 @@ impl<S: RegionStore> Engine<S> {
             Spend::Cost(cost) => Ok(Ok(Priced {
                 cost,
                 rate: None,
+                quantity: None,
                 version: 0,
                 rule: PriceRule::Default,
             })),
@@ -746,6 +774,7 @@ impl<S: RegionStore> Engine<S> {
                     Ok(Ok(Priced {
                         cost,
                         rate: Some(price.rate),
+                        quantity: Some(quantity),
                         version: price.version,
                         rule: price.rule,
                     }))
@@ -840,7 +869,11 @@ impl<S: RegionStore> Engine<S> {
         let told = cold.summary(summary);
         Ok(match outcome {
             DebitOutcome::Allowed(allowed) => Decision::Done(Debited {
-                priced: *priced,
+                priced: if allowed.replayed {
+                    priced.first(&allowed)
+                } else {
+                    *priced
+                },
                 available_after: allowed.pool,
                 balance_after: if allowed.replayed {
                     // The pool and room the first decision saw; the lease is as it is now.

@@ -39,9 +39,9 @@ use tollgate_core::{
     Timestamp,
 };
 use tollgate_region::{
-    derived_key, Change, DebitCommand, DebitOutcome, Lease, LeaseRequest, LeaseSettlement,
-    LeaseUsage, PriceTag, Refusal, RegionError, RegionStore, SettleOutcome, SettleStatus,
-    DERIVED_KEYS_MAX, LEASE_SETTLE_ENTRIES_MAX,
+    debit_fingerprint, derived_key, Change, DebitCommand, DebitOutcome, Lease, LeaseRequest,
+    LeaseSettlement, LeaseUsage, PriceTag, Refusal, RegionError, RegionStore, SettleOutcome,
+    SettleStatus, DERIVED_KEYS_MAX, LEASE_SETTLE_ENTRIES_MAX,
 };
 use tracing::{error, warn};
 
@@ -88,8 +88,9 @@ impl Slice {
 /// A decision remembered to answer a replay that reaches this edge again.
 #[derive(Clone, Debug)]
 struct Recent {
-    feature: FeatureKey,
-    cost: i64,
+    /// The region's fingerprint of the request: a quantity is the same request whatever it
+    /// was priced at, as in the region.
+    fingerprint: String,
     draws: Vec<Draw>,
     overdraft: Credits,
 }
@@ -222,19 +223,6 @@ impl AccountLease {
     }
 }
 
-/// The fingerprint the region gives a debit: a direct charge derives its key from it exactly as
-/// a settlement does. It must equal `tollgate_region`'s own `debit_fingerprint`, which that
-/// crate does not export; `a_reused_key_is_charged_under_the_settlements_derived_key` checks
-/// that both paths derive the same key.
-fn debit_fingerprint(feature: &FeatureKey, cost: Credits, price: &PriceTag) -> String {
-    format!(
-        "debit|{feature}|{}|{}|{}",
-        cost.micros(),
-        price.version,
-        price.rule.as_str()
-    )
-}
-
 /// This node's lease id: unique per process and per `Leases`, since two edges sharing one
 /// would share one lease record in the region.
 fn node_lease_id(settings: &EdgeSettings, now: Timestamp) -> LeaseId {
@@ -344,7 +332,10 @@ pub struct Leases<S: RegionStore> {
 impl<S: RegionStore> Leases<S> {
     pub fn new(store: Arc<S>, settings: Arc<EdgeSettings>, clock: Arc<dyn Clock>) -> Self {
         Leases {
-            lease_id: node_lease_id(&settings, clock.now()),
+            lease_id: settings
+                .lease_id
+                .clone()
+                .unwrap_or_else(|| node_lease_id(&settings, clock.now())),
             store,
             settings,
             clock,
@@ -557,7 +548,7 @@ impl<S: RegionStore> Leases<S> {
         }
         if let Some(recent) = local.recent.get(&usage.key) {
             // A replay moves nothing, so it is answered from memory even past the deadline.
-            if recent.feature != usage.feature || recent.cost != cost.micros() {
+            if recent.fingerprint != debit_fingerprint(&usage.feature, cost, &usage.price) {
                 return Err(EngineError::Conflict);
             }
             let available_after = Credits::from_micros(local.available(None, usage.at));
@@ -604,7 +595,7 @@ impl<S: RegionStore> Leases<S> {
         usage.draws = draws.clone();
         usage.overdraft = overdraft;
         let key = usage.key.clone();
-        let feature = usage.feature.clone();
+        let fingerprint = debit_fingerprint(&usage.feature, cost, &usage.price);
         let at = usage.at;
         if local.pending.is_empty() {
             self.dirty
@@ -617,8 +608,7 @@ impl<S: RegionStore> Leases<S> {
         local.remember(
             key,
             Recent {
-                feature,
-                cost: cost.micros(),
+                fingerprint,
                 draws: draws.clone(),
                 overdraft,
             },

@@ -49,6 +49,11 @@ pub struct EdgeSettings {
     pub region: RegionId,
     /// This node's name in lease ids; by default host name, process id and start time.
     pub node_id: Option<String>,
+    /// This edge's lease id, when its caller names it (it must be unique per edge: two edges
+    /// sharing one would share one lease record in the region). By default it is built from a
+    /// counter of the process, the region and `node_id`; the simulation names its own, so a
+    /// seed replays the same ids whatever else runs in the process.
+    pub lease_id: Option<tollgate_core::LeaseId>,
     pub flush_interval_ms: u64,
     pub price_poll_ms: u64,
     pub unknown_account_ttl_ms: i64,
@@ -72,6 +77,7 @@ impl EdgeSettings {
         EdgeSettings {
             region,
             node_id: None,
+            lease_id: None,
             flush_interval_ms: FLUSH_INTERVAL_MS_DEFAULT,
             price_poll_ms: PRICE_POLL_MS_DEFAULT,
             unknown_account_ttl_ms: UNKNOWN_ACCOUNT_TTL_MS_DEFAULT,

@@ -14,7 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tollgate_core::{
-    AccountId, Credits, Draw, GrantId, IdempotencyKey, LeaseId, PriceRule, RegionId, Timestamp,
+    AccountId, Credits, Draw, GrantId, IdempotencyKey, LeaseId, PriceRule, Quantity, Rate,
+    RegionId, Timestamp,
 };
 use tollgate_edge::leases::{UNBILLED_FORCED_AFTER_MS, UNBILLED_RETRY_MS_MAX};
 use tollgate_edge::metrics::{Metrics, UNBILLED_DECISIONS, UNBILLED_MICROS};
@@ -43,9 +44,16 @@ fn debit(account: &AccountId, key: &str, units: &str) -> DebitRequest {
 
 /// The price the seeded book gives `gen`: version 1, default rule.
 fn price() -> PriceTag {
+    PriceTag::at(1, PriceRule::Default)
+}
+
+/// The price of `units` of `gen` in the seeded book (half a credit each), as a decision from a
+/// lease carries it.
+fn gen_price(units: &str) -> PriceTag {
     PriceTag {
-        version: 1,
-        rule: PriceRule::Default,
+        quantity: Some(Quantity::parse(units).unwrap()),
+        rate: Some(Rate::parse("0.5").unwrap()),
+        ..price()
     }
 }
 
@@ -240,6 +248,7 @@ async fn derived_key_of_settlement<S: RegionStore>(
     store: &S,
     key: &str,
     cost: Credits,
+    units: &str,
     at: Timestamp,
 ) -> IdempotencyKey {
     let other = seed(store, "acct-derived-check", "100", EnforcementMode::Cached).await;
@@ -285,7 +294,7 @@ async fn derived_key_of_settlement<S: RegionStore>(
                 }],
                 overdraft: Credits::ZERO,
                 actor: None,
-                price: price(),
+                price: gen_price(units),
             }],
         })
         .await
@@ -332,7 +341,8 @@ async fn a_reused_key_is_charged_under_the_settlements_derived_key<S: RegionStor
         ("cheap", credits("1"))
     );
     let expected =
-        derived_key_of_settlement(setup.store.as_ref(), "cheap", credits("3"), decided_at).await;
+        derived_key_of_settlement(setup.store.as_ref(), "cheap", credits("3"), "6", decided_at)
+            .await;
     assert_eq!(
         (&records[1].key, records[1].cost, records[1].at),
         (&expected, credits("3"), decided_at),

@@ -124,10 +124,7 @@ async fn a_lost_settle_reply_credits_nothing_back_on_redis() {
 /// keeps the credits spent and counts it.
 async fn a_reused_key_is_charged_and_counted<S: RegionStore>(store: Arc<FaultyStore<S>>) {
     let (edge, a) = edge_with_lease(&store, "acct-reused-key").await;
-    let price = PriceTag {
-        version: 1,
-        rule: PriceRule::Default,
-    };
+    let price = PriceTag::at(1, PriceRule::Default);
     let strict = DebitCommand {
         account: a.clone(),
         key: IdempotencyKey::new("cheap").unwrap(),

@@ -4,8 +4,8 @@
 
 use sha2::{Digest, Sha256};
 use tollgate_core::{
-    AccountBook, ActorId, Credits, DebitId, FeatureKey, Grant, Movement, PriceRule, RegionId,
-    Timestamp,
+    AccountBook, ActorId, Credits, DebitId, FeatureKey, Grant, Movement, PriceRule, Quantity, Rate,
+    RegionId, Timestamp,
 };
 
 use crate::chain::entry_hash;
@@ -24,6 +24,10 @@ pub(crate) struct Context {
     pub region: Option<RegionId>,
     pub price_version: Option<u64>,
     pub price_rule: Option<PriceRule>,
+    /// What a usage debit was priced with; `None` for every other operation.
+    pub quantity: Option<Quantity>,
+    pub unit: Option<String>,
+    pub rate: Option<Rate>,
     pub memo: String,
     /// `None`: the time the mutation is recorded.
     pub event_at: Option<Timestamp>,
@@ -133,6 +137,9 @@ fn next_entry(
         region: context.region.clone(),
         price_version: context.price_version,
         price_rule: context.price_rule,
+        quantity: context.quantity,
+        unit: context.unit.clone(),
+        rate: context.rate,
         memo: context.memo.clone(),
         event_at: context.event_at.unwrap_or(now),
         recorded_at: now,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tollgate_core::command::Metadata;
 use tollgate_core::{
     AccountId, ActorId, Credits, DebitId, EntryKind, FeatureKey, Grant, GrantId, Movement,
-    PriceRule, RegionId, Timestamp, Totals,
+    PriceRule, Quantity, Rate, RegionId, Timestamp, Totals,
 };
 
 use crate::error::{LedgerError, Refusal};
@@ -27,6 +27,9 @@ pub const VERIFY_PROBLEMS_MAX: usize = 1_000;
 pub const VERIFY_PAGE_ENTRIES: u32 = 10_000;
 /// Most kinds one entry filter may name (there are only eight).
 pub const FILTER_KINDS_MAX: usize = 8;
+/// Longest unit name a debit may record, in bytes (the authority allows no longer a feature
+/// unit).
+pub const UNIT_BYTES_MAX: usize = 64;
 
 /// An account as the ledger keeps it: the balance and every term of the balance equation are
 /// materialized on the account row, so reading them costs one row whatever the history.
@@ -76,6 +79,16 @@ pub struct Entry {
     pub region: Option<RegionId>,
     pub price_version: Option<u64>,
     pub price_rule: Option<PriceRule>,
+    /// How many units a usage debit was priced for; `None` when its caller named the cost,
+    /// for entries written before quantities were kept, and for every other kind of entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<Quantity>,
+    /// The unit the quantity counts ("image", "token"), as the feature named it then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// The credits per unit the debit was priced at; `None` as for `quantity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
     pub memo: String,
     /// When it happened (a debit's event time).
     pub event_at: Timestamp,
@@ -202,6 +215,15 @@ pub struct DebitRow {
     pub refunded: Credits,
     pub overdraft: Credits,
     pub draws: Vec<tollgate_core::Draw>,
+    /// What the debit was priced with, as on its entries; `None` when its caller named the
+    /// cost or it was recorded before quantities were kept. (Absent from JSON when `None`, so
+    /// JSON written before they existed reads back.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<Quantity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
 }
 
 /// What `verify` found wrong.

@@ -22,7 +22,7 @@ use tollgate_core::command::{
 };
 use tollgate_core::{
     AccountBook, AccountId, BookError, BurnPlan, Credits, DebitId, DebitRecord, Draw, EntryKind,
-    Grant, GrantId, GrantSource, GrantState, PriceRule, RefundGrantTerms, Scope,
+    Grant, GrantId, GrantSource, GrantState, PriceRule, Quantity, Rate, RefundGrantTerms, Scope,
     Timestamp, Totals,
 };
 
@@ -31,8 +31,8 @@ use crate::chain::GENESIS_HASH;
 use crate::error::{classify, LedgerError, Refusal, RefusalCode};
 use crate::model::{
     AccountSnapshot, DebitQuery, DebitRow, Entry, EntryFilter, GrantMap, GrantRecord, Outcome,
-    Page, PageRequest, Receipt, UsageOutcome, VerifyReport, FILTER_KINDS_MAX, OPEN_GRANTS_MAX, USAGE_BATCH_MAX,
-    VERIFY_PAGE_ENTRIES,
+    Page, PageRequest, Receipt, UsageOutcome, VerifyReport, FILTER_KINDS_MAX, OPEN_GRANTS_MAX,
+    UNIT_BYTES_MAX, USAGE_BATCH_MAX, VERIFY_PAGE_ENTRIES,
 };
 use crate::store::LedgerStore;
 use crate::verify::ChainCheck;
@@ -59,8 +59,8 @@ const GRANT_COLUMNS: &str = "account_id, grant_id, tg_micros(amount) AS amount, 
     metadata, tg_ms(created_at) AS created_at";
 
 const ENTRY_COLUMNS: &str = "account_id, seq, kind, tg_micros(amount) AS amount, grant_id, \
-    debit_id, operation, feature, actor, region, price_version, price_rule, memo, \
-    tg_ms(event_at) AS event_at, tg_ms(recorded_at) AS recorded_at, prev_hash, hash";
+    debit_id, operation, feature, actor, region, price_version, price_rule, quantity, unit, rate, \
+    memo, tg_ms(event_at) AS event_at, tg_ms(recorded_at) AS recorded_at, prev_hash, hash";
 
 /// A debit's draws as stored (JSON on the debit row): amounts and refunds in micro-credits.
 #[derive(Serialize, Deserialize)]
@@ -106,6 +106,20 @@ fn get_text(row: &DbRow, column: &str) -> Result<String, LedgerError> {
 fn get_opt_text(row: &DbRow, column: &str) -> Result<Option<String>, LedgerError> {
     row.try_get::<Option<String>, _>(column)
         .map_err(LedgerError::from)
+}
+
+/// What a usage debit was priced with: quantity, unit, rate (each `None` when not kept).
+type Pricing = (Option<Quantity>, Option<String>, Option<Rate>);
+
+/// What a debit was priced with, read from the nullable `quantity`, `unit` and `rate` columns.
+fn get_pricing(row: &DbRow) -> Result<Pricing, LedgerError> {
+    let quantity = get_opt_text(row, "quantity")?
+        .map(|q| Quantity::parse(&q).map_err(|e| corrupt_column("quantity", e)))
+        .transpose()?;
+    let rate = get_opt_text(row, "rate")?
+        .map(|r| Rate::parse(&r).map_err(|e| corrupt_column("rate", e)))
+        .transpose()?;
+    Ok((quantity, get_opt_text(row, "unit")?, rate))
 }
 
 fn get_credits(row: &DbRow, column: &str) -> Result<Credits, LedgerError> {
@@ -241,6 +255,7 @@ fn entry_of(row: &DbRow) -> Result<Entry, LedgerError> {
     let price_rule = get_opt_text(row, "price_rule")?
         .map(|rule| PriceRule::parse(&rule).ok_or_else(|| corrupt_column("price_rule", rule)))
         .transpose()?;
+    let (quantity, unit, rate) = get_pricing(row)?;
     Ok(Entry {
         account: parse_id("account_id", get_text(row, "account_id")?)?,
         seq: apply::u64_of("seq", get_i64(row, "seq")?)?,
@@ -254,6 +269,9 @@ fn entry_of(row: &DbRow) -> Result<Entry, LedgerError> {
         region: parse_opt_id(row, "region")?,
         price_version,
         price_rule,
+        quantity,
+        unit,
+        rate,
         memo: get_text(row, "memo")?,
         event_at: get_time(row, "event_at")?,
         recorded_at: get_time(row, "recorded_at")?,
@@ -531,9 +549,11 @@ impl Store {
         let text = sql(
             "INSERT INTO debits (account_id, debit_id, feature, event_at, amount, overdraft, \
              refunded_overdraft, draws, price_version, price_rule, actor, region, \
-             idempotency_key, recorded_at) VALUES ($1, $2, $3, tg_time($4), tg_credits($5), \
-             tg_credits($6), tg_credits($7), $8, $9, $10, $11, $12, $13, tg_time($14))",
+             idempotency_key, recorded_at, quantity, unit, rate) VALUES ($1, $2, $3, \
+             tg_time($4), tg_credits($5), tg_credits($6), tg_credits($7), $8, $9, $10, $11, $12, \
+             $13, tg_time($14), $15, $16, $17)",
         );
+        let context = usage_context(debit);
         sqlx::query(&text)
             .bind(debit.account.as_str())
             .bind(debit.debit_id.as_str())
@@ -549,6 +569,9 @@ impl Store {
             .bind(debit.region.as_ref().map(|r| r.as_str()))
             .bind(debit.idempotency_key.as_ref().map(|k| k.as_str()))
             .bind(now.millis())
+            .bind(context.quantity.map(|q| q.to_string()))
+            .bind(context.unit)
+            .bind(context.rate.map(|r| r.to_string()))
             .execute(&mut *w.tx)
             .await?;
         Ok(())
@@ -578,8 +601,9 @@ impl Store {
         let text = sql(
             "INSERT INTO ledger_entries (account_id, seq, kind, amount, grant_id, debit_id, \
              operation, feature, actor, region, price_version, price_rule, memo, event_at, \
-             recorded_at, prev_hash, hash) VALUES ($1, $2, $3, tg_credits($4), $5, $6, $7, $8, \
-             $9, $10, $11, $12, $13, tg_time($14), tg_time($15), $16, $17)",
+             recorded_at, prev_hash, hash, quantity, unit, rate) VALUES ($1, $2, $3, \
+             tg_credits($4), $5, $6, $7, $8, $9, $10, $11, $12, $13, tg_time($14), tg_time($15), \
+             $16, $17, $18, $19, $20)",
         );
         sqlx::query(&text)
             .bind(e.account.as_str())
@@ -599,6 +623,9 @@ impl Store {
             .bind(e.recorded_at.millis())
             .bind(e.prev_hash.as_str())
             .bind(e.hash.as_str())
+            .bind(e.quantity.map(|q| q.to_string()))
+            .bind(e.unit.as_deref())
+            .bind(e.rate.map(|r| r.to_string()))
             .execute(&mut *w.tx)
             .await?;
         Ok(())
@@ -982,6 +1009,11 @@ fn usage_context(debit: &UsageDebit) -> Context {
         region: debit.region.clone(),
         price_version: Some(debit.price_version),
         price_rule: Some(debit.price_rule),
+        quantity: debit.quantity,
+        // An empty unit names nothing: kept as absent, so it cannot make an entry that
+        // records no pricing hash differently from one written before units were kept.
+        unit: debit.unit.clone().filter(|unit| !unit.is_empty()),
+        rate: debit.rate,
         memo: debit.hold.as_ref().map_or_else(String::new, |hold| {
             format!("{}{hold}", tollgate_core::command::CAPTURE_MEMO_PREFIX)
         }),
@@ -1326,6 +1358,16 @@ impl LedgerStore for Store {
             debit
                 .validate()
                 .map_err(|e| LedgerError::invalid("draws", format!("debit {}: {e}", debit.debit_id)))?;
+            if let Some(unit) = debit.unit.as_deref().filter(|u| u.len() > UNIT_BYTES_MAX) {
+                return Err(LedgerError::invalid(
+                    "unit",
+                    format!(
+                        "debit {}: {} bytes, at most {UNIT_BYTES_MAX} allowed",
+                        debit.debit_id,
+                        unit.len()
+                    ),
+                ));
+            }
         }
         // Accounts are locked in id order, so two batches never wait on each other in a cycle.
         let mut by_account: BTreeMap<&AccountId, Vec<(usize, &UsageDebit)>> = BTreeMap::new();

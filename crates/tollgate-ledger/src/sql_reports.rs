@@ -3,7 +3,7 @@
 
 const DEBIT_COLUMNS: &str = "account_id, debit_id, feature, actor, region, \
     tg_ms(event_at) AS event_at, tg_micros(amount) AS amount, tg_micros(overdraft) AS overdraft, \
-    tg_micros(refunded_overdraft) AS refunded_overdraft, draws";
+    tg_micros(refunded_overdraft) AS refunded_overdraft, draws, quantity, unit, rate";
 
 /// Prefix of the keyset tokens of cross-account queries: `k1.<account>|<id or seq>`.
 const KEYSET_TOKEN_PREFIX: &str = "k1.";
@@ -27,6 +27,7 @@ fn keyset_after(page: &PageRequest) -> Result<(String, String), LedgerError> {
 fn debit_row_of(row: &DbRow) -> Result<DebitRow, LedgerError> {
     let record = debit_record_of(row)?;
     let refunded = record.refunded();
+    let (quantity, unit, rate) = get_pricing(row)?;
     Ok(DebitRow {
         account: parse_id("account_id", get_text(row, "account_id")?)?,
         debit_id: parse_id("debit_id", get_text(row, "debit_id")?)?,
@@ -38,6 +39,9 @@ fn debit_row_of(row: &DbRow) -> Result<DebitRow, LedgerError> {
         refunded,
         overdraft: record.plan.overdraft,
         draws: record.plan.draws,
+        quantity,
+        unit,
+        rate,
     })
 }
 

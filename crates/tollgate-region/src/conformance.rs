@@ -41,10 +41,7 @@ pub fn grant(id: &str) -> GrantId {
     GrantId::new(id).expect("suite grant ids are valid")
 }
 
-pub const PRICE: PriceTag = PriceTag {
-    version: 7,
-    rule: PriceRule::Default,
-};
+pub const PRICE: PriceTag = PriceTag::at(7, PriceRule::Default);
 
 pub fn segment(id: &str, amount: &str, priority: u32, expires_ms: Option<i64>) -> SegmentSpec {
     SegmentSpec {
@@ -527,6 +524,180 @@ pub async fn replays_are_charged_once<S: RegionStore>(store: &S) {
         credits("6"),
         "a conflict moves nothing"
     );
+}
+
+/// The price of `units` of a feature at `rate` under price book `version`.
+fn quantity_price(units: &str, rate: &str, version: u64) -> PriceTag {
+    PriceTag {
+        version,
+        rule: PriceRule::Plan,
+        quantity: Some(tollgate_core::Quantity::parse(units).expect("suite quantity")),
+        rate: Some(tollgate_core::Rate::parse(rate).expect("suite rate")),
+    }
+}
+
+/// A quantity is the caller's request; its price is the region's answer. A retry reaching a
+/// node where a newer price book version is in effect prices it differently, and is still the
+/// same request: strict and cached, it replays the first decision at its first price, never a
+/// conflict and never a second charge. The quantity and rate reach the usage record (and a
+/// reversal's); a capture of less than its hold keeps the rate and drops the quantity.
+pub async fn a_quantity_retried_at_another_price_is_the_same_request<S: RegionStore>(store: &S) {
+    let a = account("acct-quantity");
+    install(store, &a, segment("g", "100", 50, None)).await;
+    store.create_usage_group("authority").await.unwrap();
+    let first_price = quantity_price("2", "3", 4);
+    let first = debit_allowed(
+        store,
+        &DebitCommand {
+            cost: credits("6"),
+            price: first_price,
+            ..debit_command(&a, "k1", "gen", "6", at(1))
+        },
+    )
+    .await;
+    assert_eq!(first.price, Some(first_price));
+    let newer = DebitCommand {
+        cost: credits("10"),
+        price: quantity_price("2", "5", 5),
+        ..debit_command(&a, "k1", "gen", "10", at(2))
+    };
+    let replay = debit_allowed(store, &newer).await;
+    assert!(
+        replay.replayed,
+        "the same quantity at a newer price is a replay"
+    );
+    assert_eq!(
+        (replay.draws.clone(), replay.usage_id.clone(), replay.price),
+        (
+            first.draws.clone(),
+            first.usage_id.clone(),
+            Some(first_price)
+        ),
+        "answered with the first decision and its price"
+    );
+    let other_quantity = DebitCommand {
+        price: quantity_price("3", "3", 4),
+        cost: credits("9"),
+        ..debit_command(&a, "k1", "gen", "9", at(3))
+    };
+    assert_eq!(
+        store.debit(&other_quantity).await,
+        Err(RegionError::IdempotencyConflict),
+        "another quantity under the key is another request"
+    );
+    // The edge that priced it at the newer version decided it from its lease too: settling it
+    // finds the strict charge, the same request.
+    let lease_id = lease_of(store, &a, "edge-1", "20").await;
+    let cached = LeaseUsage {
+        draws: vec![Draw {
+            grant_id: grant("g"),
+            amount: credits("10"),
+        }],
+        price: quantity_price("2", "5", 5),
+        ..lease_usage("k1", "10", 3)
+    };
+    assert_eq!(
+        settle(store, &a, &lease_id, 4, vec![cached]).await,
+        [SettleStatus::Duplicate],
+        "charged once, never under a derived key"
+    );
+    // A cached decision first, then a strict retry at the other price: a replay of the lease's
+    // decision, at the lease's price.
+    let leased = LeaseUsage {
+        draws: vec![Draw {
+            grant_id: grant("g"),
+            amount: credits("6"),
+        }],
+        price: first_price,
+        ..lease_usage("k2", "6", 5)
+    };
+    assert!(matches!(
+        &settle(store, &a, &lease_id, 6, vec![leased]).await[..],
+        [SettleStatus::Recorded(_)]
+    ));
+    let retried = debit_allowed(
+        store,
+        &DebitCommand {
+            key: key("k2"),
+            ..newer.clone()
+        },
+    )
+    .await;
+    assert_eq!((retried.replayed, retried.price), (true, Some(first_price)));
+    let reversed = store
+        .reverse(&ReverseCommand {
+            account: a.clone(),
+            key: key("rev-k1"),
+            debit_key: key("k1"),
+            now: at(7),
+            window_ms: 60_000,
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(reversed, ReverseOutcome::Reversed { .. }),
+        "{reversed:?}"
+    );
+    let records = store.read_usage("authority", "auditor", 100).await.unwrap();
+    let prices: Vec<(String, UsageKind, PriceTag)> = records
+        .iter()
+        .map(|r| (r.key.to_string(), r.kind, r.price))
+        .collect();
+    assert_eq!(
+        prices,
+        [
+            ("k1".to_string(), UsageKind::Debit, first_price),
+            ("k2".to_string(), UsageKind::Debit, first_price),
+            ("k1".to_string(), UsageKind::Reverse, first_price),
+        ]
+    );
+    let ids: Vec<UsageId> = records.iter().map(|r| r.id.clone()).collect();
+    store.ack_usage("authority", &ids).await.unwrap();
+    // Holds carry the quantity to their capture, whole; a partial capture keeps the rate only.
+    let hold_price = quantity_price("4", "1.5", 4);
+    for (op, hold, amount, quantity) in [
+        ("auth-all", "h-all", None, hold_price.quantity),
+        ("auth-part", "h-part", Some(credits("2")), None),
+    ] {
+        placed(
+            store
+                .authorize(&AuthorizeCommand {
+                    price: hold_price,
+                    ..hold_command(&a, op, hold, "6", at(10), 60_000)
+                })
+                .await
+                .unwrap(),
+        );
+        let captured = store
+            .capture(&CaptureCommand {
+                account: a.clone(),
+                key: key(&format!("cap-{hold}")),
+                hold_id: HoldId::new(hold).unwrap(),
+                amount,
+                now: at(11),
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(captured, CaptureOutcome::Captured(_)),
+            "{captured:?}"
+        );
+        let records = store.read_usage("authority", "auditor", 100).await.unwrap();
+        let captured = records
+            .iter()
+            .find(|r| r.hold_id.as_ref().map(HoldId::as_str) == Some(hold))
+            .expect("the capture's record");
+        assert_eq!(
+            captured.price,
+            PriceTag {
+                quantity,
+                ..hold_price
+            },
+            "{hold}"
+        );
+        let ids: Vec<UsageId> = records.iter().map(|r| r.id.clone()).collect();
+        store.ack_usage("authority", &ids).await.unwrap();
+    }
 }
 
 fn placed(outcome: AuthorizeOutcome) -> HoldPlaced {

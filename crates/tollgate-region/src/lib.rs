@@ -201,13 +201,27 @@ pub(crate) fn authorize_fingerprint(command: &AuthorizeCommand) -> String {
         .saturating_sub(command.now.millis());
     let actor = command.actor.as_ref().map_or("", |actor| actor.as_str());
     format!(
-        "authorize|{}|{}|{}|{ttl_ms}|{}|{}|{actor}",
+        "authorize|{}|{}|{}|{ttl_ms}|{actor}",
         command.hold_id,
         command.feature,
-        command.cost.micros(),
-        command.price.version,
-        command.price.rule.as_str()
+        requested(command.cost, &command.price),
     )
+}
+
+/// What the caller asked to spend, as fingerprinted: a quantity as `q<units>`, whatever it was
+/// priced at (a retry reaching a node with a newer price book version is the same request);
+/// an explicit cost as its micro-credits with the price fields it was recorded with, as before
+/// quantities were fingerprinted (version 0, so they never vary).
+fn requested(cost: Credits, price: &PriceTag) -> String {
+    match price.quantity {
+        Some(quantity) => format!("q{quantity}"),
+        None => format!(
+            "{}|{}|{}",
+            cost.micros(),
+            price.version,
+            price.rule.as_str()
+        ),
+    }
 }
 
 pub(crate) fn take_back_fingerprint(
@@ -232,14 +246,11 @@ pub(crate) fn lease_fingerprint(request: &LeaseRequest) -> String {
 }
 
 /// The fingerprint of a debit; a lease entry with the same key and fingerprint is the same
-/// request, so a strict-mode replay of a key first charged from a lease is a replay.
-pub(crate) fn debit_fingerprint(feature: &FeatureKey, cost: Credits, price: &PriceTag) -> String {
-    format!(
-        "debit|{feature}|{}|{}|{}",
-        cost.micros(),
-        price.version,
-        price.rule.as_str()
-    )
+/// request, so a strict-mode replay of a key first charged from a lease is a replay. The feature
+/// is its second `|`-separated field (`reverse.lua` reads it). Public because an edge deciding
+/// from a lease remembers its decisions by the same fingerprint and derives keys from it.
+pub fn debit_fingerprint(feature: &FeatureKey, cost: Credits, price: &PriceTag) -> String {
+    format!("debit|{feature}|{}", requested(cost, price))
 }
 
 /// Hex digits of the SHA-1 tag that ends a derived key.

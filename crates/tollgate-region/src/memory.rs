@@ -598,6 +598,7 @@ impl State {
             usage_id: UsageId(String::new()),
             at: entry.at,
             replayed: false,
+            price: Some(entry.price),
         };
         let usage_id = self.append(record, now);
         let stored = Stored::Debit(
@@ -856,6 +857,7 @@ impl RegionStore for MemoryRegionStore {
                 usage_id: UsageId(String::new()),
                 at: command.now,
                 replayed: false,
+                price: Some(command.price),
             };
             let usage_id = state.append(record, now);
             let allowed = Allowed {
@@ -1001,7 +1003,12 @@ impl RegionStore for MemoryRegionStore {
                 pool: Credits::from_micros(a.pool()),
                 overdraft_room: Credits::from_micros(a.od_limit - a.od_used),
                 actor: hold.actor.clone(),
-                price: hold.price,
+                price: PriceTag {
+                    // Less than the hold taken is not a whole number of the authorized units:
+                    // only the rate stays (as in `capture.lua`).
+                    quantity: hold.price.quantity.filter(|_| amount == hold.amount),
+                    ..hold.price
+                },
                 hold_id: Some(command.hold_id.clone()),
                 lease_id: None,
                 seq: 0,

@@ -14,7 +14,7 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Script, ScriptInvocation, Value};
 use tollgate_core::{
     AccountId, ActorId, Credits, Draw, FeatureKey, GrantId, HoldId, IdempotencyKey, LeaseId,
-    Timestamp,
+    Quantity, Rate, Timestamp,
 };
 
 use crate::types::*;
@@ -442,6 +442,8 @@ impl RegionStore for RedisRegionStore {
             command.price.version.to_string(),
             command.price.rule.as_str().to_string(),
             if command.forced { "1" } else { "0" }.to_string(),
+            quantity_text(&command.price),
+            rate_text(&command.price),
         ];
         let reply = self
             .run(
@@ -456,11 +458,16 @@ impl RegionStore for RedisRegionStore {
         match result_of(status, rest) {
             Some((result, replayed)) => {
                 // Results stored before the overdraft room was part of them have five fields;
-                // a decision settled from a lease adds its lease id as a seventh.
+                // a decision settled from a lease adds its lease id as a seventh; the price the
+                // decision was made at follows in five more (none in a result stored before).
                 let parts: Vec<&str> = result.split('|').collect();
-                let (draws, overdraft, pool, usage_id, at, room) = match parts[..] {
-                    [d, o, p, u, a, r] | [d, o, p, u, a, r, _] => (d, o, p, u, a, r),
-                    [d, o, p, u, a] => (d, o, p, u, a, "0"),
+                let ((draws, overdraft, pool, usage_id, at, room), price) = match parts[..] {
+                    [d, o, p, u, a, r, _, _, version, rule, quantity, rate] => (
+                        (d, o, p, u, a, r),
+                        Some(parse_price(version, rule, quantity, rate)?),
+                    ),
+                    [d, o, p, u, a, r] | [d, o, p, u, a, r, _] => ((d, o, p, u, a, r), None),
+                    [d, o, p, u, a] => ((d, o, p, u, a, "0"), None),
                     _ => return Err(RegionError::Corrupt(format!("result {result:?}"))),
                 };
                 Ok(DebitOutcome::Allowed(Allowed {
@@ -471,6 +478,7 @@ impl RegionStore for RedisRegionStore {
                     usage_id: UsageId(usage_id.to_string()),
                     at: millis(at)?,
                     replayed,
+                    price,
                 }))
             }
             None => refusal(status, rest).map(DebitOutcome::Refused),
@@ -488,6 +496,8 @@ impl RegionStore for RedisRegionStore {
             actor_text(&command.actor),
             command.price.version.to_string(),
             command.price.rule.as_str().to_string(),
+            quantity_text(&command.price),
+            rate_text(&command.price),
         ];
         let reply = self
             .run(
@@ -675,6 +685,8 @@ impl RegionStore for RedisRegionStore {
                 actor_text(&entry.actor),
                 entry.price.version.to_string(),
                 entry.price.rule.as_str().to_string(),
+                quantity_text(&entry.price),
+                rate_text(&entry.price),
             ]);
         }
         let reply = self
@@ -977,6 +989,14 @@ fn parse_record(id: String, map: &HashMap<String, Value>) -> Result<UsageRecord>
         redis::from_redis_value_ref::<String>(value)
             .map_err(|e| RegionError::Corrupt(format!("usage record {id} {name}: {e}")))
     };
+    // Fields a record written before they existed lacks.
+    let absent_empty = |name: &str| -> Result<String> {
+        if map.contains_key(name) {
+            field(name)
+        } else {
+            Ok(String::new())
+        }
+    };
     let corrupt = |what: &str, e: &dyn std::fmt::Display| {
         RegionError::Corrupt(format!("usage record {id} {what}: {e}"))
     };
@@ -1008,12 +1028,13 @@ fn parse_record(id: String, map: &HashMap<String, Value>) -> Result<UsageRecord>
             .map(ActorId::new)
             .transpose()
             .map_err(|e| corrupt("actor", &e))?,
-        price: PriceTag {
-            version: field("price_version")?
-                .parse()
-                .map_err(|e| corrupt("price_version", &e))?,
-            rule: price_rule_from(&field("price_rule")?)?,
-        },
+        price: parse_price(
+            &field("price_version")?,
+            &field("price_rule")?,
+            &absent_empty("quantity")?,
+            &absent_empty("rate")?,
+        )
+        .map_err(|e| corrupt("price", &e))?,
         hold_id: optional(&hold)
             .map(HoldId::new)
             .transpose()
@@ -1028,6 +1049,34 @@ fn parse_record(id: String, map: &HashMap<String, Value>) -> Result<UsageRecord>
         },
         id: UsageId(id),
     })
+}
+
+/// The price fields of a record or a stored result: a quantity and a rate are empty for an
+/// explicit cost (and absent from a record written before they were kept).
+fn parse_price(version: &str, rule: &str, quantity: &str, rate: &str) -> Result<PriceTag> {
+    let corrupt = |what: &str, text: &str| RegionError::Corrupt(format!("{what} {text:?}"));
+    Ok(PriceTag {
+        version: version
+            .parse()
+            .map_err(|_| corrupt("price_version", version))?,
+        rule: price_rule_from(rule)?,
+        quantity: optional(quantity)
+            .map(Quantity::parse)
+            .transpose()
+            .map_err(|_| corrupt("quantity", quantity))?,
+        rate: optional(rate)
+            .map(Rate::parse)
+            .transpose()
+            .map_err(|_| corrupt("rate", rate))?,
+    })
+}
+
+fn quantity_text(price: &PriceTag) -> String {
+    price.quantity.map(|q| q.to_string()).unwrap_or_default()
+}
+
+fn rate_text(price: &PriceTag) -> String {
+    price.rate.map(|r| r.to_string()).unwrap_or_default()
 }
 
 fn count(text: &str) -> Result<u64> {

@@ -4,7 +4,7 @@ use std::fmt;
 
 use tollgate_core::{
     AccountId, ActorId, Credits, Draw, FeatureKey, GrantId, HoldId, IdempotencyKey, LeaseId,
-    PriceRule, Scope, Timestamp,
+    PriceRule, Quantity, Rate, Scope, Timestamp,
 };
 
 /// Largest amount the regional store holds for one account, in micro-credits: 2^53 − 1, the
@@ -48,8 +48,27 @@ impl Segment {
 /// The price a decision was made at, carried to the ledger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PriceTag {
+    /// The price book version; 0 when the caller named the cost.
     pub version: u64,
     pub rule: PriceRule,
+    /// The units the caller asked for; `None` when it named the cost (or, for a capture, when
+    /// less than the hold was taken: the credits taken are then not a whole number of units).
+    pub quantity: Option<Quantity>,
+    /// The credits per unit the quantity was priced at; `None` when the caller named the cost.
+    pub rate: Option<Rate>,
+}
+
+impl PriceTag {
+    /// A price with no quantity or rate: an explicit cost, or a record written before
+    /// quantities were kept.
+    pub const fn at(version: u64, rule: PriceRule) -> PriceTag {
+        PriceTag {
+            version,
+            rule,
+            quantity: None,
+            rate: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,6 +119,11 @@ pub struct Allowed {
     pub at: Timestamp,
     /// True when this is the first result returned again for a repeated idempotency key.
     pub replayed: bool,
+    /// The price the decision was first made at. A replay of a quantity can reach a node that
+    /// prices it differently (a newer price book version in effect): the replay is still the
+    /// first decision, at the first price. `None` for a result stored before prices were kept
+    /// with it.
+    pub price: Option<PriceTag>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -46,6 +46,7 @@ conformance!(
     debit_honours_the_overdraft_limit,
     forced_debits_are_recorded_beyond_the_room,
     replays_are_charged_once,
+    a_quantity_retried_at_another_price_is_the_same_request,
     authorize_replays_return_the_first_hold,
     holds_capture_partially,
     expired_holds_give_credits_back,

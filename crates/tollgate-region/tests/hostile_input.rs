@@ -62,10 +62,7 @@ async fn run<S: RegionStore>(
 ) -> Result<(), RegionError> {
     let key = IdempotencyKey::new(format!("h-{n}")).unwrap();
     let now = at(1_000_000);
-    let price = PriceTag {
-        version: 1,
-        rule: PriceRule::Default,
-    };
+    let price = PriceTag::at(1, PriceRule::Default);
     let feature = FeatureKey::new("gen").unwrap();
     match *call {
         Call::Install { amount } => {

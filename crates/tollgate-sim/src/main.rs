@@ -145,6 +145,13 @@ fn print_report(report: &Report, seconds: f64) {
     );
     println!("  operations: {:?}", report.ops);
     println!("  faults: {:?}", report.faults);
+    let mut seconds: Vec<_> = report.seconds.iter().collect();
+    seconds.sort_by(|a, b| b.1.total_cmp(a.1));
+    let seconds: Vec<String> = seconds
+        .iter()
+        .map(|(what, s)| format!("{what} {s:.1}"))
+        .collect();
+    println!("  seconds: {}", seconds.join(", "));
     for line in report.oracle.to_string().lines() {
         println!("  oracle: {line}");
     }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use tollgate_authority::state::{ParkedFilter, PARKED_PAGE_MAX};
@@ -12,7 +13,7 @@ use tollgate_authority::{Authority, AuthorityError, AuthoritySettings, Feature, 
 use tollgate_core::command::{CreateAccount, GrantTerms, IssueGrant, Memo, Metadata, Refund};
 use tollgate_core::EntryKind;
 use tollgate_core::{
-    AccountId, Credits, DebitId, FeatureKey, GrantId, GrantSource, HoldId, IdempotencyKey,
+    AccountId, Credits, DebitId, FeatureKey, GrantId, GrantSource, HoldId, IdempotencyKey, LeaseId,
     PriceBookVersion, Quantity, Rate, RegionId, Scope, Timestamp,
 };
 use tollgate_edge::{
@@ -55,6 +56,13 @@ const RECALL_WAIT_MS: u64 = 10;
 const ADVANCE_ITERATIONS_MAX: usize = 10_000;
 /// Replayable requests and holds remembered at most (oldest forgotten first).
 const REMEMBERED_MAX: usize = 2_000;
+/// Grants holding credits an account may keep before its new grants all expire. The workload
+/// issues credits faster than its traffic spends them, half of them never expiring: without a
+/// bound, every allocation and reconciliation of a long history reads ever more grants and the
+/// history slows down step after step (see docs/simulation.md, "Long runs").
+const LIVE_GRANTS_MAX: usize = 48;
+/// How long a grant issued past [`LIVE_GRANTS_MAX`] lasts.
+const CROWDED_GRANT_MS: i64 = 10 * 60_000;
 /// Lines of the trace kept to print on a failure.
 const RECENT_LINES: usize = 40;
 
@@ -125,6 +133,9 @@ pub struct Report {
     pub admin_refunds: u64,
     /// Every spending decision compared with the reference model.
     pub oracle: OracleFigures,
+    /// Wall-clock seconds spent per operation and per check (where a long history spends its
+    /// time; never part of the trace).
+    pub seconds: BTreeMap<&'static str, f64>,
 }
 
 /// A broken invariant, with what is needed to replay it.
@@ -543,6 +554,11 @@ impl Sim {
         self.next_uid += 1;
         let mut settings = EdgeSettings::new(self.region_ids[region].clone());
         settings.node_id = Some(format!("sim{uid}"));
+        // Named here, not counted by the process: tests run several simulations at once.
+        settings.lease_id = Some(
+            LeaseId::new(format!("edge.{}.sim{uid}", self.region_ids[region]))
+                .unwrap_or_else(|_| unreachable!("region ids and numbers make lease ids")),
+        );
         settings.flush_interval_ms = FLUSH_INTERVAL_MS as u64;
         settings.lease_credits = credits(10 * MICROS);
         settings.reverse_window_ms = REVERSE_WINDOW_MS;
@@ -644,6 +660,16 @@ impl Sim {
         self.grant_to(account).await
     }
 
+    /// How many grants of `account` hold credits in the ledger.
+    async fn live_grants(&self, account: usize) -> Result<usize, String> {
+        let grants = self
+            .ledger
+            .grants_with_credits(&self.accounts[account].id, LIVE_GRANTS_MAX)
+            .await
+            .map_err(|e| format!("grants with credits: {e}"))?;
+        Ok(grants.len())
+    }
+
     async fn grant_to(&mut self, account: usize) -> Step {
         // A grant has an instant of its own: a decision at the same millisecond would be
         // before or after it depending on the order two stores saw them in, and the model
@@ -656,6 +682,8 @@ impl Sim {
                 Timestamp::from_millis(now + self.rng.range(1_000, 30 * 60_000))
                     .map_err(|e| e.to_string())?,
             )
+        } else if self.live_grants(account).await? >= LIVE_GRANTS_MAX {
+            Some(Timestamp::from_millis(now + CROWDED_GRANT_MS).map_err(|e| e.to_string())?)
         } else {
             None
         };
@@ -1794,6 +1822,7 @@ impl Sim {
         }
         self.debit_faults_mark = self.debit_faults_fired();
         let roll = self.rng.below(1_000);
+        let started = Instant::now();
         // A partition, like a restart, is short: the clock moves in small steps meanwhile, so
         // a partitioned edge's lease never passes its deadline (see docs/simulation.md).
         let down = self.any_down() || self.edges.iter().any(|e| e.store.is_partitioned());
@@ -1837,6 +1866,7 @@ impl Sim {
             _ => ("fault", self.fault().await),
         };
         *self.report.ops.entry(name).or_default() += 1;
+        self.timed(name, started);
         self.note_flushed_everywhere();
         // A slow debit may have been applied during any call of the step.
         let result = match self.collect_answers_lost() {
@@ -1857,17 +1887,25 @@ impl Sim {
         if let Some(error) = self.link.take_unexplained().into_iter().next() {
             return Err(self.failure(format!("an edge's request to the authority: {error}")));
         }
+        let started = Instant::now();
         self.fold_shadows();
+        self.timed("check: model", started);
         if let Err(message) = self.check().await {
             return Err(self.failure(message));
         }
         if self.cfg.verify_every > 0 && (step + 1).is_multiple_of(self.cfg.verify_every) {
+            let started = Instant::now();
             if let Err(message) = self.deep_check(false).await {
                 return Err(self.failure(message));
             }
+            self.timed("check: full verification", started);
         }
         self.step += 1;
         Ok(())
+    }
+
+    fn timed(&mut self, what: &'static str, started: Instant) {
+        *self.report.seconds.entry(what).or_default() += started.elapsed().as_secs_f64();
     }
 
     fn trace(&mut self, line: String) {
@@ -1923,6 +1961,7 @@ impl Sim {
                 return Err(format!("r{r}: {v}"));
             }
         }
+        let started = Instant::now();
         self.refresh_snapshots().await?;
         let acked = self.acknowledged();
         let mut checks = 0;
@@ -1980,10 +2019,15 @@ impl Sim {
             }
             checks += 5;
         }
+        self.timed("check: ledger", started);
+        let started = Instant::now();
         if !self.any_down() {
             checks += self.check_regions(&acked).await?;
         }
+        self.timed("check: regions", started);
+        let started = Instant::now();
         checks += self.check_served().await?;
+        self.timed("check: served", started);
         self.report.checks += checks;
         Ok(())
     }

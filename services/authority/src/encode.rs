@@ -167,6 +167,9 @@ pub fn entry(entry: &Entry) -> pb::Entry {
         recorded_at: Some(timestamp_to_pb(entry.recorded_at)),
         prev_hash: entry.prev_hash.clone(),
         hash: entry.hash.clone(),
+        quantity: text(entry.quantity.map(|q| q.to_string())),
+        unit: text(entry.unit.clone()),
+        rate: text(entry.rate.map(|r| r.to_string())),
     }
 }
 

@@ -146,6 +146,8 @@ pub fn record_to_pb(row: &ParkedRow) -> pb::ParkedUsage {
         overdraft: parked.overdraft.to_string(),
         event_time: Some(timestamp_to_pb(parked.at)),
         price_version: parked.price_version,
+        quantity: parked.quantity.map(|q| q.to_string()).unwrap_or_default(),
+        rate: parked.rate.map(|r| r.to_string()).unwrap_or_default(),
         price_rule: parked
             .price_rule
             .map_or(pb::PriceRule::Unspecified, price_rule_to_pb) as i32,

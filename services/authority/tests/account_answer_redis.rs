@@ -5,8 +5,9 @@
 //! authority over gRPC. Everything is driven through gRPC clients only: spends larger than a
 //! first slice, parallel spends that drain the account exactly, grants that are not effective
 //! yet, balances that equal the ledger after reconciliation, a retried Authorize (the same hold,
-//! set aside once; another request under its key a conflict), reflection, the Envoy adapter,
-//! cached mode, and a restart of the edge and of redis-server after which the account burns its
+//! set aside once; another request under its key a conflict), reflection, the Envoy adapter
+//! (parallel calls, a future grant, its balance header against the ledger), cached mode (the
+//! same, with balances flushed later), Reverse, a debit into the overdraft, and a restart of the edge and of redis-server after which the account burns its
 //! grants in order and spends exactly what the ledger says it has. The embedded node's twin is
 //! `account_answer.rs`; the assertions both run live in `common/grpc.rs`.
 
@@ -35,11 +36,19 @@ mod common;
 use common::envoy::{should_rate_limit_chat, tollgate_note};
 
 use common::grpc::{
+    assert_a_debit_into_the_overdraft_answers_the_ledger_s_negative_balance,
     assert_a_retried_authorize_returns_the_same_hold,
-    assert_cached_mode_spends_what_the_account_holds, balance_of, capture, chat_at_one_credit,
-    connect, create_account, debit, debited, drain, draws, edge_balance, grant, grant_at,
-    grant_from, hold, now_seconds, quote, reconciled_ledger_balance, reflected_services,
-    refusal_code, release, remaining_per_grant, Admin, Edge,
+    assert_a_retried_quantity_debit_answers_at_its_first_price,
+    assert_cached_balance_after_and_get_balance_equal_the_ledger_after_reconciliation,
+    assert_cached_mode_is_not_blocked_by_a_future_grant,
+    assert_cached_mode_spends_what_the_account_holds,
+    assert_reverse_balance_after_equals_the_ledger_after_reconciliation,
+    assert_the_envoy_adapter_allows_exactly_what_the_account_holds,
+    assert_the_envoy_adapter_is_not_blocked_by_a_future_grant,
+    assert_the_envoy_balance_header_equals_the_ledger_after_reconciliation, balance_of, capture,
+    chat_at_one_credit, connect, create_account, debit, debited, drain, draws, edge_balance, grant,
+    grant_at, grant_from, hold, now_seconds, quote, reconciled_ledger_balance, reflected_services,
+    refusal_code, release, remaining_per_grant, Admin, Edge, EnvoyAdapter,
 };
 
 /// Admin on the authority; the edge's cold path uses it too (Coordination needs `admin`).
@@ -233,6 +242,13 @@ impl Stack {
         common::grpc::edge(self.edge.channel.clone(), ENFORCE_KEY)
     }
 
+    fn envoy(&self) -> EnvoyAdapter {
+        EnvoyAdapter {
+            channel: self.edge.channel.clone(),
+            key: ENFORCE_KEY.into(),
+        }
+    }
+
     /// An account with one purchase grant (effective now, never expiring) of `amount`.
     async fn account_with(&self, account: &str, amount: &str) {
         let mut admin = self.admin();
@@ -359,6 +375,18 @@ async fn redis_a_retried_authorize_returns_the_same_hold() {
     assert_a_retried_authorize_returns_the_same_hold(|| stack.edge()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_retried_quantity_debit_answers_at_its_first_price() {
+    let stack = Stack::start().await;
+    stack.account_with("repriced", "100").await;
+    assert_a_retried_quantity_debit_answers_at_its_first_price(
+        &mut stack.admin(),
+        || stack.edge(),
+        RECONCILED_WITHIN_MS,
+    )
+    .await;
+}
+
 /// The region's Redis keeps the account through a restart of the edge and of redis-server
 /// (its AOF): the next spend burns the rest of the promo (priority 30) before the purchase
 /// (priority 50), and the account then spends exactly what the ledger says it has left.
@@ -467,4 +495,82 @@ async fn redis_cached_mode_spends_what_the_account_holds() {
     stack.account_with("cached-big", "1000").await;
     stack.account_with("cached-small", "100").await;
     assert_cached_mode_spends_what_the_account_holds(|| stack.edge()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_the_envoy_adapter_allows_exactly_what_the_account_holds_to_parallel_calls() {
+    let stack = Stack::start().await;
+    assert_the_envoy_adapter_allows_exactly_what_the_account_holds(
+        &mut stack.admin(),
+        &stack.envoy(),
+        || stack.edge(),
+        RECONCILED_WITHIN_MS,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_the_envoy_adapter_is_not_blocked_by_a_future_grant_with_a_better_priority() {
+    let stack = Stack::start().await;
+    assert_the_envoy_adapter_is_not_blocked_by_a_future_grant(
+        &mut stack.admin(),
+        &stack.envoy(),
+        || stack.edge(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_the_envoy_balance_header_equals_the_ledger_after_reconciliation() {
+    let stack = Stack::start().await;
+    assert_the_envoy_balance_header_equals_the_ledger_after_reconciliation(
+        &mut stack.admin(),
+        &stack.envoy(),
+        || stack.edge(),
+        RECONCILED_WITHIN_MS,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cached_mode_is_not_blocked_by_a_future_grant_with_a_better_priority() {
+    let stack = Stack::start().await;
+    assert_cached_mode_is_not_blocked_by_a_future_grant(&mut stack.admin(), || stack.edge()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cached_balance_after_and_get_balance_equal_the_ledger_after_reconciliation() {
+    let stack = Stack::start().await;
+    assert_cached_balance_after_and_get_balance_equal_the_ledger_after_reconciliation(
+        &mut stack.admin(),
+        || stack.edge(),
+        RECONCILED_WITHIN_MS,
+    )
+    .await;
+}
+
+// A retried Authorize in cached mode is not tested apart: holds always live in the regional
+// store and Authorize accepts a mode without effect (tollgate-edge's service.rs), so it is the
+// retried Authorize above.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reverse_balance_after_equals_the_ledger_after_reconciliation() {
+    let stack = Stack::start().await;
+    assert_reverse_balance_after_equals_the_ledger_after_reconciliation(
+        &mut stack.admin(),
+        || stack.edge(),
+        RECONCILED_WITHIN_MS,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_debit_into_the_overdraft_answers_the_negative_balance_the_ledger_reconciles_to() {
+    let stack = Stack::start().await;
+    assert_a_debit_into_the_overdraft_answers_the_ledger_s_negative_balance(
+        &mut stack.admin(),
+        || stack.edge(),
+        RECONCILED_WITHIN_MS,
+    )
+    .await;
 }

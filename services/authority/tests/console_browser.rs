@@ -244,15 +244,16 @@ async fn the_console_and_the_widget_work_in_a_real_browser() {
         vec![],
     )
     .await;
+    // The rate reads "× 0.5 credits" from an entry that kept its quantity and "rate: 0.5
+    // credits per unit" from the price book for one that did not; either names version 1.
     browser
-        .wait_text(
-            "#explanation",
-            "price book version 1, default rate: 0.5 credits per unit",
-        )
+        .wait_text("#explanation", "price book version 1, default rate")
         .await;
     let explanation = browser.text("#explanation").await;
     assert!(
-        explanation.contains("alice") && explanation.contains("chat"),
+        explanation.contains("alice")
+            && explanation.contains("chat")
+            && explanation.contains("0.5 credits"),
         "{explanation}"
     );
     browser.wait_text("#burned", "promo").await;
@@ -289,6 +290,26 @@ async fn the_console_and_the_widget_work_in_a_real_browser() {
         .entries;
     assert_eq!(refunds.len(), 1);
     assert_eq!(refunds[0].memo, "the answer was wrong [console, key dev]");
+    // An adjustment beyond the overdraft limit says what the balance would be before anything
+    // moves; cancelled, nothing does.
+    browser.goto(&format!("{base}/console/accounts/acme")).await;
+    browser.type_into("#adjust-amount", "-1000").await;
+    browser.type_into("#adjust-reason", "too much").await;
+    browser.click("#adjust-submit").await;
+    let summary = browser
+        .wait_text("#confirm-summary", "it will be -902.5 (overdraft limit 0)")
+        .await;
+    assert!(
+        summary.contains("The ledger's balance is 97.5")
+            && summary.contains("902.5 beyond the overdraft limit: it will be refused unless"),
+        "{summary}"
+    );
+    browser
+        .screenshot(&shots.join("04b-adjust-beyond-confirm.png"))
+        .await;
+    browser.click("#confirm + a").await;
+    browser.wait_text("#account-id", "acme").await;
+    assert_eq!(balance(&mut admin, "acme").await, "97.5");
     // Console changes are in the audit table too, with the key that made them.
     let audit = admin
         .list_audit_records(request(pb::ListAuditRecordsRequest {

@@ -92,7 +92,24 @@ async fn parked_usage_is_listed_counted_charged_and_written_off() {
     // The ledger alone loses g1's credits; the region still holds its slice and spends it.
     ledger_only::take_away(&node.data, "acme", "9", "adjust.1").await;
     assert_eq!(ledger_balance(&mut admin, "acme").await, "0");
-    debited(debit(&mut edge, "acme", "k2", "2", pb::EnforcementMode::Strict).await);
+    // Two messages at one credit each: the parked record keeps its quantity and rate.
+    debited(
+        edge.debit(pb::DebitRequest {
+            idempotency_key: "k2".into(),
+            account_id: "acme".into(),
+            usage: Some(pb::Usage {
+                feature: "chat".into(),
+                amount: Some(pb::usage::Amount::Quantity("2".into())),
+            }),
+            mode: pb::EnforcementMode::Strict.into(),
+            ..pb::DebitRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+        .expect("a debit outcome"),
+    );
     debited(debit(&mut edge, "acme", "k3", "1.5", pb::EnforcementMode::Strict).await);
 
     let open = wait_parked(&mut admin, "acme", 2).await;
@@ -102,6 +119,7 @@ async fn parked_usage_is_listed_counted_charged_and_written_off() {
     assert_eq!(first.kind, "debit");
     assert_eq!(first.feature, "chat");
     assert_eq!(first.cost, "2");
+    assert_eq!((first.quantity.as_str(), first.rate.as_str()), ("2", "1"));
     assert_eq!(first.account_id, "acme");
     assert_eq!(first.state(), pb::ParkedState::Open);
     assert!(!first.reason.is_empty());
@@ -110,6 +128,8 @@ async fn parked_usage_is_listed_counted_charged_and_written_off() {
     assert!(first.event_time.is_some() && first.parked_at.is_some());
     assert_eq!(second.key, "k3");
     assert_eq!(second.cost, "1.5");
+    // A named cost has no quantity behind it.
+    assert_eq!((second.quantity.as_str(), second.rate.as_str()), ("", ""));
     assert!(parked(&mut admin, "acme", pb::ParkedState::Resolved)
         .await
         .is_empty());
@@ -168,6 +188,23 @@ async fn parked_usage_is_listed_counted_charged_and_written_off() {
     assert!(!record.debit_id.is_empty());
     assert_eq!(record.resolved_by, "dev");
     assert_eq!(ledger_balance(&mut admin, "acme").await, "3");
+    // The ledger's debit says what was served: 2 messages at 1 credit each.
+    let entries = admin
+        .list_entries(pb::ListEntriesRequest {
+            account_id: "acme".into(),
+            debit_id: record.debit_id.clone(),
+            ..pb::ListEntriesRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let priced: Vec<_> = entries
+        .iter()
+        .filter(|e| e.kind() == pb::EntryKind::Debit)
+        .map(|e| (e.quantity.as_str(), e.unit.as_str(), e.rate.as_str()))
+        .collect();
+    assert_eq!(priced, [("2", "message", "1")], "{entries:?}");
     assert_eq!(
         metric(&node, "tollgate_authority_parked_usage_open").await,
         "1"

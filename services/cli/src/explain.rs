@@ -268,13 +268,17 @@ pub async fn explain(conn: &Connection, out: &Out, args: ExplainArgs) -> Result<
         .await
         .map(|reply| reply.versions)
         .unwrap_or_default();
-    let rate = rate_of(
-        &versions,
-        first.price_version,
-        first.price_rule,
-        &first.region,
-        &first.feature,
-    );
+    // The entry's own rate when it has one; entries written before rates were kept (and
+    // debits with an explicit cost) have none, and the price book is asked instead.
+    let rate = non_empty(&first.rate).or_else(|| {
+        rate_of(
+            &versions,
+            first.price_version,
+            first.price_rule,
+            &first.region,
+            &first.feature,
+        )
+    });
     let grants = grants_by_id(conn, &admin, &args.account).await?;
     let charged = sum(debits.iter().map(|e| e.amount.as_str()))?;
     let refunded = sum(others
@@ -316,6 +320,8 @@ pub async fn explain(conn: &Connection, out: &Out, args: ExplainArgs) -> Result<
         "recorded_at": render::time(&first.recorded_at),
         "price_version": first.price_version,
         "price_rule": render::price_rule(first.price_rule),
+        "quantity": non_empty(&first.quantity),
+        "unit": non_empty(&first.unit),
         "rate": rate,
         "charged": charged,
         "refunded": refunded,
@@ -340,6 +346,37 @@ pub async fn explain(conn: &Connection, out: &Out, args: ExplainArgs) -> Result<
     Ok(())
 }
 
+/// `Some(text)` unless `text` is empty (how the wire says "absent").
+fn non_empty(text: &str) -> Option<String> {
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// How a debit was priced, in words: `2 image × 3 credits, price book version 2, rule plan`
+/// when its entry kept the quantity it was priced for; `rate` is the entry's own, else the one
+/// the price book gave (entries written before quantities were kept).
+fn price_text(first: &pb::Entry, rate: Option<&str>) -> String {
+    let version = first.price_version;
+    let rule = render::price_rule(first.price_rule);
+    match rate {
+        Some(rate) if !first.quantity.is_empty() => {
+            let unit = if first.unit.is_empty() {
+                "units"
+            } else {
+                first.unit.as_str()
+            };
+            format!(
+                "{} {unit} × {rate} credits, price book version {version}, rule {rule}",
+                first.quantity
+            )
+        }
+        Some(rate) => {
+            format!("price book version {version}, rule {rule} ({rate} credits per unit)")
+        }
+        None if version == 0 => "explicit cost (no price book)".into(),
+        None => format!("price book version {version}, rule {rule}"),
+    }
+}
+
 /// The hold a debit captured, named in its ledger entry's memo; `None` for a direct debit.
 fn captured_hold(memo: &str) -> Option<String> {
     tollgate_core::command::captured_hold(memo).map(str::to_owned)
@@ -358,19 +395,7 @@ fn explain_text(
     others: &[&pb::Entry],
     grants: &BTreeMap<String, pb::Grant>,
 ) -> String {
-    let price = match rate {
-        Some(rate) => format!(
-            "price book version {}, rule {} ({rate} credits per unit)",
-            first.price_version,
-            render::price_rule(first.price_rule)
-        ),
-        None if first.price_version == 0 => "explicit cost (no price book)".into(),
-        None => format!(
-            "price book version {}, rule {}",
-            first.price_version,
-            render::price_rule(first.price_rule)
-        ),
-    };
+    let price = price_text(first, rate);
     let actor = if first.actor_id.is_empty() {
         "(none given)".to_string()
     } else {
@@ -535,4 +560,44 @@ pub async fn events(conn: &Connection, out: &Out, command: EventsCommand) -> Res
         printed += 1;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn debit(quantity: &str, unit: &str, rate: &str, version: u64) -> pb::Entry {
+        pb::Entry {
+            kind: pb::EntryKind::Debit.into(),
+            price_version: version,
+            price_rule: pb::PriceRule::Plan.into(),
+            quantity: quantity.into(),
+            unit: unit.into(),
+            rate: rate.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_price_line_reads_the_quantity_unit_and_rate_of_the_entry() {
+        let entry = debit("2", "image", "3", 2);
+        assert_eq!(
+            price_text(&entry, non_empty(&entry.rate).as_deref()),
+            "2 image × 3 credits, price book version 2, rule plan"
+        );
+    }
+
+    #[test]
+    fn entries_without_a_quantity_fall_back_to_the_price_book() {
+        let entry = debit("", "", "", 2);
+        assert_eq!(
+            price_text(&entry, Some("0.5")),
+            "price book version 2, rule plan (0.5 credits per unit)"
+        );
+        assert_eq!(price_text(&entry, None), "price book version 2, rule plan");
+        assert_eq!(
+            price_text(&debit("", "", "", 0), None),
+            "explicit cost (no price book)"
+        );
+    }
 }

@@ -134,6 +134,9 @@ fn record_json(record: &pb::ParkedUsage) -> Value {
         "overdraft": record.overdraft,
         "event_time": render::time_json(&record.event_time),
         "price_version": record.price_version,
+        // What it was priced with; empty when the caller named the cost.
+        "quantity": record.quantity,
+        "rate": record.rate,
         "actor": record.actor,
         "hold_id": record.hold_id,
         "parked_at": render::time_json(&record.parked_at),

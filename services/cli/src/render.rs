@@ -306,6 +306,10 @@ pub fn entry(entry: &pb::Entry) -> Value {
         "region": entry.region,
         "price_version": entry.price_version,
         "price_rule": price_rule(entry.price_rule),
+        // What a usage debit was priced with; empty when it was not priced from a quantity.
+        "quantity": entry.quantity,
+        "unit": entry.unit,
+        "rate": entry.rate,
         "memo": entry.memo,
         "event_time": time_json(&entry.event_time),
         "recorded_at": time_json(&entry.recorded_at),

@@ -122,6 +122,9 @@ fn an_operator_issues_credits_and_support_explains_a_debit() {
     assert_eq!(explained["price_version"], 1);
     assert_eq!(explained["price_rule"], "default");
     assert_eq!(explained["rate"], "0.5");
+    // The entry keeps what was asked for and the unit it was counted in.
+    assert_eq!(explained["quantity"], "3");
+    assert_eq!(explained["unit"], "message");
     assert_eq!(explained["actor_id"], "alice");
     assert_eq!(explained["feature"], "chat");
     assert_eq!(explained["burned"][0]["grant_id"], "welcome");
@@ -132,7 +135,9 @@ fn an_operator_issues_credits_and_support_explains_a_debit() {
         .tollgate(&["explain", &debit_id, "--account", "acme"])
         .ok();
     assert!(
-        by_id.stdout.contains("price book version 1, rule default"),
+        by_id
+            .stdout
+            .contains("3 message × 0.5 credits, price book version 1, rule default"),
         "{by_id:?}"
     );
     assert!(by_id.stdout.contains("alice"), "{by_id:?}");

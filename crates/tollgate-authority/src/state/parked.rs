@@ -7,14 +7,20 @@
 //! lacks are copied in, their parts read back from the record's description (a migration of
 //! databases parked into before this table existed).
 //!
+//! What a record was priced with (its quantity and rate, when the caller asked for units) is in
+//! `authority_parked_price`, one row per parked record that has them: a table of its own, so
+//! databases that parked before it existed need no change to `authority_parked`.
+//!
 //! States: `open` (waiting), `charging` (a CHARGE under `resolution_key` is in flight: its
 //! planned debit is in `charge`, so a retry applies the same debit again), `resolved`.
 
 use sqlx::any::AnyRow;
 use sqlx::AnyPool;
-use tollgate_core::{AccountId, Credits, Draw, GrantId, PriceRule, RegionId, Timestamp};
+use tollgate_core::{
+    AccountId, Credits, Draw, GrantId, PriceRule, Quantity, Rate, RegionId, Timestamp,
+};
 
-use super::{count, int, text, time, StateStore};
+use super::{count, int, opt_text, text, time, StateStore};
 use crate::error::{AuthorityError, Result};
 
 /// Most parked records one read returns.
@@ -36,10 +42,18 @@ const PARKED_INDEXES: &[&str] = &[
      (account_id, parked_id)",
 ];
 
+const PRICE_TABLE: &str = "CREATE TABLE IF NOT EXISTS authority_parked_price (\
+     region TEXT NOT NULL, usage_id TEXT NOT NULL, quantity TEXT NOT NULL, rate TEXT NOT NULL, \
+     PRIMARY KEY (region, usage_id))";
+
 const SELECT: &str = "SELECT parked_id, region, usage_id, account_id, kind, usage_key, reason, \
      feature, cost_micros, draws, overdraft_micros, event_ms, price_version, price_rule, actor, \
      hold_id, description, parked_ms, state, resolution, resolution_key, resolved_by, \
-     resolution_reason, resolved_ms, charge, debit_id, charged_micros FROM authority_parked";
+     resolution_reason, resolved_ms, charge, debit_id, charged_micros, \
+     (SELECT q.quantity FROM authority_parked_price q WHERE q.region = authority_parked.region \
+     AND q.usage_id = authority_parked.usage_id) AS quantity, \
+     (SELECT q.rate FROM authority_parked_price q WHERE q.region = authority_parked.region \
+     AND q.usage_id = authority_parked.usage_id) AS rate FROM authority_parked";
 
 pub(super) async fn create_tables(pool: &AnyPool, sqlite: bool) -> Result<()> {
     let id = if sqlite {
@@ -55,6 +69,7 @@ pub(super) async fn create_tables(pool: &AnyPool, sqlite: bool) -> Result<()> {
     for statement in PARKED_INDEXES {
         sqlx::query(statement).execute(pool).await?;
     }
+    sqlx::query(PRICE_TABLE).execute(pool).await?;
     backfill(pool).await
 }
 
@@ -126,6 +141,10 @@ pub struct NewParked {
     /// 0 when unknown.
     pub price_version: u64,
     pub price_rule: Option<PriceRule>,
+    /// The units the caller asked for and the credits per unit they were priced at; `None`
+    /// when the caller named the cost, and for records parked before prices were kept.
+    pub quantity: Option<Quantity>,
+    pub rate: Option<Rate>,
     pub actor: String,
     pub hold_id: String,
     pub description: String,
@@ -153,6 +172,8 @@ impl NewParked {
             at: record.at,
             price_version: record.price.version,
             price_rule: Some(record.price.rule),
+            quantity: record.price.quantity,
+            rate: record.price.rate,
             actor: record
                 .actor
                 .as_ref()
@@ -192,6 +213,8 @@ impl NewParked {
             at: Timestamp::EPOCH,
             price_version: 0,
             price_rule: None,
+            quantity: None,
+            rate: None,
             actor: String::new(),
             hold_id: String::new(),
             description: description.to_owned(),
@@ -239,6 +262,8 @@ fn parse_description(text: &str, new: &mut NewParked) -> Option<()> {
 async fn insert(pool: &AnyPool, new: &NewParked, parked_ms: i64) -> Result<()> {
     let draws = serde_json::to_string(&new.draws).map_err(AuthorityError::corrupt)?;
     let rule = new.price_rule.map(rule_name).unwrap_or_default();
+    // The record and its price together, or neither.
+    let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO authority_parked (region, usage_id, account_id, kind, usage_key, reason, \
          feature, cost_micros, draws, overdraft_micros, event_ms, price_version, price_rule, \
@@ -264,8 +289,21 @@ async fn insert(pool: &AnyPool, new: &NewParked, parked_ms: i64) -> Result<()> {
     .bind(&new.hold_id)
     .bind(&new.description)
     .bind(parked_ms)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    if let (Some(quantity), Some(rate)) = (new.quantity, new.rate) {
+        sqlx::query(
+            "INSERT INTO authority_parked_price (region, usage_id, quantity, rate) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (region, usage_id) DO NOTHING",
+        )
+        .bind(&new.region)
+        .bind(&new.usage_id)
+        .bind(quantity.to_string())
+        .bind(rate.to_string())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
@@ -343,6 +381,12 @@ fn row_of(row: &AnyRow) -> Result<ParkedRow> {
             at: time(int(row, "event_ms")?)?,
             price_version: u64::try_from(int(row, "price_version")?).unwrap_or_default(),
             price_rule: rule_of(&text(row, "price_rule")?),
+            quantity: opt_text(row, "quantity")?
+                .map(|q| Quantity::parse(&q).map_err(AuthorityError::corrupt))
+                .transpose()?,
+            rate: opt_text(row, "rate")?
+                .map(|r| Rate::parse(&r).map_err(AuthorityError::corrupt))
+                .transpose()?,
             actor: text(row, "actor")?,
             hold_id: text(row, "hold_id")?,
             description: text(row, "description")?,

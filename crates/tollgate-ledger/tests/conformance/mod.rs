@@ -12,7 +12,7 @@ use tollgate_core::command::{
 };
 use tollgate_core::{
     AccountId, BurnPlan, Credits, DebitId, Draw, EntryKind, FeatureKey, GrantId, GrantSource,
-    GrantState, IdempotencyKey, PriceRule, Timestamp,
+    GrantState, IdempotencyKey, PriceRule, Quantity, Rate, Timestamp,
 };
 use tollgate_ledger::{
     EntryFilter, LedgerError, LedgerStore, PageRequest, PostgresLedger, ProblemKind, Receipt,
@@ -120,6 +120,7 @@ macro_rules! conformance_suite {
             idempotent_mutations_replay_their_first_result,
             adjustments_and_voids_follow_the_rules,
             entries_page_and_filter,
+            usage_entries_carry_the_quantity_unit_and_rate_they_were_priced_with,
             entries_are_append_only,
             a_changed_entry_is_reported_with_its_account_and_sequence,
             a_changed_grant_is_reported,
@@ -236,6 +237,9 @@ pub fn usage(
         },
         price_version: 3,
         price_rule: PriceRule::Default,
+        quantity: None,
+        rate: None,
+        unit: None,
         actor: None,
         region: None,
         hold: None,
@@ -1249,6 +1253,122 @@ pub async fn entries_page_and_filter(f: &Fixture) {
             ..
         })
     ));
+}
+
+/// A usage debit priced from a quantity records the quantity, unit and rate on each of its
+/// entries (and on its debit row), where support reads "2 image × 3 credits"; they are part of
+/// the hash, so changing one is caught. A debit whose caller named the cost records none.
+pub async fn usage_entries_carry_the_quantity_unit_and_rate_they_were_priced_with(f: &Fixture) {
+    let store = f.store();
+    create(&*store, "acme", "0").await;
+    issue(&*store, "acme", terms("g1", "4"), at(1)).await;
+    issue(&*store, "acme", terms("g2", "10"), at(1)).await;
+    let priced = UsageDebit {
+        quantity: Some(Quantity::parse("2").unwrap()),
+        rate: Some(Rate::parse("3").unwrap()),
+        unit: Some("image".to_owned()),
+        // Two draws: the pricing is on every entry of the debit, not only the first.
+        ..usage("acme", "d1", at(2), &[("g1", "4"), ("g2", "2")], "0")
+    };
+    let named = usage("acme", "d2", at(3), &[("g2", "1")], "0");
+    let outcomes = store
+        .apply_usage(vec![priced, named], at(10))
+        .await
+        .unwrap();
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, UsageOutcome::Applied { .. })));
+
+    let entries_of = |debit: &str| {
+        let filter = EntryFilter {
+            debit: Some(debit_id(debit)),
+            ..EntryFilter::account(account("acme"))
+        };
+        let store = store.clone();
+        async move {
+            store
+                .entries(&filter, PageRequest::default())
+                .await
+                .unwrap()
+                .items
+        }
+    };
+    let d1 = entries_of("d1").await;
+    assert_eq!(d1.len(), 2);
+    for entry in &d1 {
+        assert_eq!(entry.kind, EntryKind::Debit);
+        assert_eq!(entry.quantity, Some(Quantity::parse("2").unwrap()));
+        assert_eq!(entry.quantity.unwrap().to_string(), "2");
+        assert_eq!(entry.unit.as_deref(), Some("image"));
+        assert_eq!(entry.rate.unwrap().to_string(), "3");
+        assert_eq!(entry.price_version, Some(3));
+    }
+    let d2 = entries_of("d2").await;
+    assert_eq!(d2.len(), 1);
+    assert_eq!(
+        (d2[0].quantity, d2[0].unit.as_deref(), d2[0].rate),
+        (None, None, None)
+    );
+    // Grants carry none either.
+    let all = store
+        .entries(
+            &EntryFilter::account(account("acme")),
+            PageRequest::default(),
+        )
+        .await
+        .unwrap()
+        .items;
+    assert!(all
+        .iter()
+        .filter(|e| e.kind != EntryKind::Debit)
+        .all(|e| e.quantity.is_none() && e.unit.is_none() && e.rate.is_none()));
+    // Reports read them from the debit row.
+    let debits = store
+        .debits(
+            &tollgate_ledger::DebitQuery {
+                account: Some(account("acme")),
+                from: at(0),
+                until: at(100),
+            },
+            PageRequest::default(),
+        )
+        .await
+        .unwrap()
+        .items;
+    let row = debits
+        .iter()
+        .find(|d| d.debit_id == debit_id("d1"))
+        .unwrap();
+    assert_eq!(row.quantity, Some(Quantity::parse("2").unwrap()));
+    assert_eq!(row.unit.as_deref(), Some("image"));
+    assert_eq!(row.rate, Some(Rate::parse("3").unwrap()));
+    let row = debits
+        .iter()
+        .find(|d| d.debit_id == debit_id("d2"))
+        .unwrap();
+    assert_eq!(
+        (row.quantity, row.unit.as_deref(), row.rate),
+        (None, None, None)
+    );
+    assert_clean(&*store).await;
+
+    // The quantity is hashed: changing it is reported as a changed entry.
+    f.disable_append_only_guard().await;
+    let seq = d1[0].seq;
+    f.execute(&format!(
+        "UPDATE ledger_entries SET quantity = '1' WHERE account_id = 'acme' AND seq = {seq}"
+    ))
+    .await
+    .unwrap();
+    let report = store.verify(Some(&account("acme"))).await.unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::HashMismatch && p.seq == Some(seq)),
+        "a changed quantity must break the entry's hash: {:#?}",
+        report.problems
+    );
 }
 
 pub async fn entries_are_append_only(f: &Fixture) {

@@ -1,10 +1,11 @@
 -- Authorize: set credits aside for a hold. ARGV: now, retain_ms, fingerprint, hold_id, feature,
--- cost, expires_at, actor, price_version, price_rule.
+-- cost, expires_at, actor, price_version, price_rule, quantity, rate ('' for an explicit cost).
 -- Returns {'ok'|'replay', "draws|overdraft|expires_at"}, {'insufficient', available, shortfall},
 -- {'rate_limited', feature, retry_after_ms}, {'hold_exists'} or {'conflict'}.
 local fingerprint, hold_id, feature = ARGV[3], ARGV[4], ARGV[5]
 local cost, expires = tonumber(ARGV[6]), tonumber(ARGV[7])
 local actor, price_version, price_rule = ARGV[8], ARGV[9], ARGV[10]
+local quantity, rate = ARGV[11], ARGV[12]
 
 local replay = idem_check(fingerprint)
 if replay then return replay end
@@ -24,6 +25,7 @@ bucket_take(b, feature, cost)
 local hold = {
   status = 'pending', expires = expires, created = NOW, feature = feature, amount = cost,
   overdraft = overdraft, draws = draws, price_version = price_version, price_rule = price_rule, actor = actor,
+  quantity = quantity, rate = rate,
 }
 redis.call('HSET', K_HOLDS, hold_id, encode_hold(hold))
 redis.call('ZADD', K_HOLDDUE, fmt(expires), hold_id)

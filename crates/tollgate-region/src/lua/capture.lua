@@ -37,11 +37,15 @@ end_hold_scheduled(acct, hold_id, hold, 'captured', NOW)
 
 local od_limit, od_used = account_overdraft()
 local encoded = encode_draws(taken)
+-- Less than the hold taken is not a whole number of the authorized units: only the rate stays.
+local quantity = hold.quantity
+if amount ~= hold.amount then quantity = '' end
 local id = redis.call('XADD', K_STREAM, '*',
   'kind', 'capture', 'account', account, 'key', key, 'feature', hold.feature, 'at', fmt(hold.created),
   'cost', fmt(amount), 'draws', encoded, 'overdraft', fmt(od_taken), 'pool', fmt(pool_level()),
   'od_room', fmt(od_limit - od_used), 'actor', hold.actor,
-  'price_version', hold.price_version, 'price_rule', hold.price_rule, 'hold', hold_id, 'lease', '', 'seq', next_usage_seq())
+  'price_version', hold.price_version, 'price_rule', hold.price_rule, 'quantity', quantity,
+  'rate', hold.rate, 'hold', hold_id, 'lease', '', 'seq', next_usage_seq())
 local result = table.concat({ encoded, fmt(od_taken), fmt(hold.amount - amount), id }, '|')
 idem_store(fingerprint, result)
 return { 'ok', result }

@@ -1,14 +1,18 @@
 -- Debit: one atomic decision. ARGV: now, retain_ms, fingerprint, account, key, feature, cost,
 -- actor, price_version, price_rule, forced ('1': a decision already served, recorded whatever
 -- the account holds: the segments pay what they can, the rest is overdraft beyond the room if
--- need be, and the feature's bucket neither refuses nor counts it).
--- Returns {'ok'|'replay', "draws|overdraft|pool|usage_id|at|od_room"} (pool: active segments after
--- the debit; od_room: overdraft room left), {'insufficient', available, shortfall},
--- {'rate_limited', feature, retry_after_ms} or {'conflict'}.
+-- need be, and the feature's bucket neither refuses nor counts it), quantity and rate ('' for an
+-- explicit cost).
+-- Returns {'ok'|'replay', "draws|overdraft|pool|usage_id|at|od_room||cost|price_version|
+-- price_rule|quantity|rate"} (pool: active segments after the debit; od_room: overdraft room
+-- left; the seventh field is a lease's id, empty here, and the last five are the price the
+-- decision was made at), {'insufficient', available, shortfall}, {'rate_limited', feature,
+-- retry_after_ms} or {'conflict'}.
 local fingerprint, account, key, feature = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local cost = tonumber(ARGV[7])
 local actor, price_version, price_rule = ARGV[8], ARGV[9], ARGV[10]
 local forced = ARGV[11] == '1'
+local quantity, rate = ARGV[12], ARGV[13]
 
 local replay = idem_check(fingerprint)
 if replay then return replay end
@@ -35,8 +39,9 @@ local id = redis.call('XADD', K_STREAM, '*',
   'kind', 'debit', 'account', account, 'key', key, 'feature', feature, 'at', fmt(NOW),
   'cost', fmt(cost), 'draws', encoded, 'overdraft', fmt(overdraft), 'pool', fmt(pool),
   'od_room', fmt(od_room), 'actor', actor,
-  'price_version', price_version, 'price_rule', price_rule, 'hold', '', 'lease', '', 'seq', next_usage_seq())
+  'price_version', price_version, 'price_rule', price_rule, 'quantity', quantity, 'rate', rate,
+  'hold', '', 'lease', '', 'seq', next_usage_seq())
 local result = table.concat({ encoded, fmt(overdraft), fmt(pool), id, fmt(NOW),
-  fmt(od_room) }, '|')
+  fmt(od_room), '', fmt(cost), price_version, price_rule, quantity, rate }, '|')
 idem_store(fingerprint, result)
 return { 'ok', result }

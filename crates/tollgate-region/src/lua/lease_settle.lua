@@ -1,8 +1,8 @@
 -- Settle usage an edge node decided from its lease. ARGV: now, retain_ms, account, lease_id,
--- lease_expires_at, idempotency key prefix, then per entry 10 values: key, fingerprint, feature,
--- at, cost, draws, overdraft, actor, price_version, price_rule. An entry's key is remembered like
--- a strict debit's, with the same fingerprint and result (plus the lease id as a seventh field),
--- so either mode sees the other's keys.
+-- lease_expires_at, idempotency key prefix, then per entry 12 values: key, fingerprint, feature,
+-- at, cost, draws, overdraft, actor, price_version, price_rule, quantity, rate ('' for an
+-- explicit cost). An entry's key is remembered like a strict debit's, with the same fingerprint
+-- and result (the lease id as its seventh field), so either mode sees the other's keys.
 -- Returns one status per entry, or {'no_lease'} when the lease is gone:
 --   "ok:usage_id"                 charged now, or charged by an earlier call of this very
 --                                 decision whose reply was lost (the usage id is the first one);
@@ -12,7 +12,7 @@
 --                                 or earlier in this call): the edge credits it back to its lease;
 --   "rejected:reason"             the entry does not fit the lease; nothing is charged.
 local account, lease_id, expires, prefix = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-local ENTRY_FIELDS = 10
+local ENTRY_FIELDS = 12
 -- IDEMPOTENCY_KEY_LEN_MAX in tollgate-core, and the hex digits of a derived key's tag.
 local KEY_LEN_MAX, TAG_HEX = 128, 16
 -- Derived keys tried in turn before an entry is rejected (each is taken only when a client
@@ -76,9 +76,11 @@ local function record(key, i)
     'kind', 'debit', 'account', account, 'key', key, 'feature', feature, 'at', fmt(at),
     'cost', fmt(cost), 'draws', ARGV[i + 5], 'overdraft', fmt(overdraft), 'pool', fmt(pool),
     'od_room', fmt(od_limit - od_used), 'actor', ARGV[i + 7],
-    'price_version', ARGV[i + 8], 'price_rule', ARGV[i + 9], 'hold', '', 'lease', lease_id, 'seq', next_usage_seq())
+    'price_version', ARGV[i + 8], 'price_rule', ARGV[i + 9], 'quantity', ARGV[i + 10],
+    'rate', ARGV[i + 11], 'hold', '', 'lease', lease_id, 'seq', next_usage_seq())
   local result = table.concat({ ARGV[i + 5], fmt(overdraft), fmt(pool), id, fmt(at),
-    fmt(od_limit - od_used), lease_id }, '|')
+    fmt(od_limit - od_used), lease_id, fmt(cost), ARGV[i + 8], ARGV[i + 9], ARGV[i + 10],
+    ARGV[i + 11] }, '|')
   redis.call('SET', prefix .. key, fingerprint .. '\n' .. result, 'PX', fmt(RETAIN_MS))
   written[prefix .. key] = true
   return id

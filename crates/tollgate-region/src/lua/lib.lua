@@ -231,19 +231,20 @@ local function pool_level()
   return total
 end
 
--- Holds: "status|expires_at|created_at|feature|amount|overdraft|draws|price_version|price_rule|actor"
+-- Holds: "status|expires_at|created_at|feature|amount|overdraft|draws|price_version|price_rule|
+-- actor|quantity|rate" (a hold placed before quantities were kept ends at the actor).
 local function parse_hold(text)
   local f = split(text, '|')
   return {
     status = f[1], expires = tonumber(f[2]), created = tonumber(f[3]), feature = f[4],
     amount = tonumber(f[5]), overdraft = tonumber(f[6]), draws = decode_draws(f[7]),
-    price_version = f[8], price_rule = f[9], actor = f[10],
+    price_version = f[8], price_rule = f[9], actor = f[10], quantity = f[11] or '', rate = f[12] or '',
   }
 end
 
 local function encode_hold(h)
   return table.concat({ h.status, fmt(h.expires), fmt(h.created), h.feature, fmt(h.amount), fmt(h.overdraft),
-    encode_draws(h.draws), h.price_version, h.price_rule, h.actor }, '|')
+    encode_draws(h.draws), h.price_version, h.price_rule, h.actor, h.quantity, h.rate }, '|')
 end
 
 -- Gives a hold's or lease's credits back to their segments and to the overdraft room.

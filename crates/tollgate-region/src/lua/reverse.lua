@@ -12,10 +12,17 @@ local debit_idem = ARGV[7]
 local stored = redis.call('GET', debit_idem)
 if not stored then return { 'unknown_debit' } end
 local at = string.find(stored, '\n', 1, true)
--- The debit's fingerprint is "debit|feature|cost|price_version|price_rule".
+-- The debit's fingerprint is "debit|feature|…"; its result ends with the price it was made at
+-- (fields 8 to 12: cost, price_version, price_rule, quantity, rate). A result stored before
+-- prices were kept with it has none, and its fingerprint was "debit|feature|cost|price_version|
+-- price_rule".
 local request = split(string.sub(stored, 1, at - 1), '|')
 if request[1] ~= 'debit' then return { 'unknown_debit' } end
 local result = split(string.sub(stored, at + 1), '|')
+local price_version, price_rule, quantity, rate = request[4], request[5], '', ''
+if #result >= 12 then
+  price_version, price_rule, quantity, rate = result[9], result[10], result[11], result[12]
+end
 local draws, overdraft, debit_at = decode_draws(result[1]), tonumber(result[2]), tonumber(result[5])
 local marker = debit_idem .. ':reversed'
 if redis.call('EXISTS', marker) == 1 then return { 'already_reversed' } end
@@ -30,7 +37,8 @@ local id = redis.call('XADD', K_STREAM, '*',
   'kind', 'reverse', 'account', account, 'key', debit_key, 'feature', request[2], 'at', fmt(NOW),
   'cost', fmt(amount), 'draws', result[1], 'overdraft', fmt(overdraft), 'pool', fmt(pool_level()),
   'od_room', fmt(od_limit - od_used), 'actor', '',
-  'price_version', request[4], 'price_rule', request[5], 'hold', '', 'lease', '', 'seq', next_usage_seq())
+  'price_version', price_version, 'price_rule', price_rule, 'quantity', quantity, 'rate', rate,
+  'hold', '', 'lease', '', 'seq', next_usage_seq())
 local reply = fmt(amount) .. '|' .. id
 idem_store(fingerprint, reply)
 return { 'ok', reply }

@@ -167,9 +167,13 @@ impl Sim {
         // Client retries decided again from a lease while the first decision is charged or
         // pending elsewhere: they settle as duplicates and go back to the lease.
         let pending = mine_unflushed + others_unflushed;
+        // Such decisions are on their way (not in the ledger, not parked): among the unbilled,
+        // which stay few, where every acknowledgement of the history would make each decision
+        // of a long one slower than the last.
         let charged_pending: i64 = self
-            .acks
+            .unbilled
             .iter()
+            .filter_map(|id| self.acks.get(id).map(|ack| (id, ack)))
             .filter(|((r, _), ack)| {
                 *r == region
                     && ack.account == decided.account

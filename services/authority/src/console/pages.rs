@@ -1068,18 +1068,7 @@ async fn debit_page(
         .call_price_versions()
         .await
         .unwrap_or_default();
-    let rate = rate_of(&versions, first);
-    let price = match (first.price_version, &rate) {
-        (0, _) => "an explicit cost (no price book)".to_owned(),
-        (version, Some(rate)) => format!(
-            "price book version {version}, {} rate: {rate} credits per unit",
-            html::price_rule(first.price_rule)
-        ),
-        (version, None) => format!(
-            "price book version {version}, {} rate (the account's plan or contract set it)",
-            html::price_rule(first.price_rule)
-        ),
-    };
+    let price = debit_price(first, &versions);
     let mut body = format!(
         "<h1>Debit {}</h1><p><a href=\"/console/accounts/{}\">← {}</a></p>",
         esc(&debit),
@@ -1191,6 +1180,37 @@ async fn debit_page(
         );
     }
     Ok(render(&session, "Debit", &body))
+}
+
+/// How a debit was priced, in words. Its entry's own quantity, unit and rate when it kept them
+/// ("2 image × 3 credits"); for entries written before they were kept, the rate the price book
+/// gives, when the version alone says it.
+fn debit_price(first: &pb::Entry, versions: &[pb::PriceBookVersion]) -> String {
+    let version = first.price_version;
+    let rule = html::price_rule(first.price_rule);
+    if !first.quantity.is_empty() && !first.rate.is_empty() {
+        let unit = if first.unit.is_empty() {
+            "units"
+        } else {
+            first.unit.as_str()
+        };
+        return format!(
+            "{} {unit} × {} credits, price book version {version}, {rule} rate",
+            first.quantity, first.rate
+        );
+    }
+    let rate = (!first.rate.is_empty())
+        .then(|| first.rate.clone())
+        .or_else(|| rate_of(versions, first));
+    match (version, rate) {
+        (0, _) => "an explicit cost (no price book)".to_owned(),
+        (version, Some(rate)) => {
+            format!("price book version {version}, {rule} rate: {rate} credits per unit")
+        }
+        (version, None) => format!(
+            "price book version {version}, {rule} rate (the account's plan or contract set it)"
+        ),
+    }
 }
 
 /// The rate a version gave the debit's feature under its rule, when the version alone says it
@@ -1408,6 +1428,43 @@ fn confirm_page(
     render(session, title, &body)
 }
 
+/// What an adjustment of `amount` leaves the ledger's balance at, as a sentence for its
+/// confirmation page (empty when the account or the amount cannot be read: the adjustment
+/// itself then says what is wrong), and whether that is beyond the overdraft limit.
+async fn balance_after_adjusting(
+    console: &Console,
+    account: &str,
+    amount: &str,
+    beyond: bool,
+) -> String {
+    let (Ok(id), Ok(delta)) = (AccountId::new(account.to_owned()), Credits::parse(amount)) else {
+        return String::new();
+    };
+    let Ok(snapshot) = console.ledger.account(&id).await else {
+        return String::new();
+    };
+    let Ok(after) = snapshot.balance.checked_add(delta) else {
+        return String::new();
+    };
+    let limit = snapshot.overdraft_limit;
+    let mut text = format!(
+        " The ledger's balance is {}; it will be {after} (overdraft limit {limit}).",
+        snapshot.balance
+    );
+    if after.micros() < -limit.micros() {
+        let over = Credits::from_micros(-limit.micros() - after.micros());
+        text.push_str(&if beyond {
+            format!(" That is {over} beyond the overdraft limit, as you allowed.")
+        } else {
+            format!(
+                " That is {over} beyond the overdraft limit: it will be refused unless \
+                 \"May go beyond the overdraft limit\" is ticked."
+            )
+        });
+    }
+    text
+}
+
 fn reason(form: &Form) -> Result<&str, Failure> {
     let reason = field(form, "reason")?;
     if reason.len() > REASON_BYTES_MAX {
@@ -1487,14 +1544,16 @@ async fn adjust(
         } else {
             format!("Add {amount} credits to")
         };
-        if optional(&form, "beyond_overdraft") == Some("yes") {
+        let beyond = optional(&form, "beyond_overdraft") == Some("yes");
+        if beyond {
             what.insert_str(0, "Beyond the overdraft limit if need be: ");
         }
+        let after = balance_after_adjusting(&console, &account, amount, beyond).await;
         return Ok(confirm_page(
             &session,
             &format!("/console/accounts/{}/adjust", url(&account)),
             "Confirm the adjustment",
-            &format!("{what} account {account}. Reason: {why}"),
+            &format!("{what} account {account}. Reason: {why}.{after}"),
             &form,
             &["op", "amount", "reason", "beyond_overdraft"],
             &format!("/console/accounts/{}", url(&account)),
@@ -2127,6 +2186,39 @@ async fn resolve_parked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_debit_reads_its_price_from_its_entry_else_from_the_price_book() {
+        let entry = |quantity: &str, unit: &str, rate: &str, version| pb::Entry {
+            kind: pb::EntryKind::Debit.into(),
+            feature: "image".into(),
+            price_version: version,
+            price_rule: pb::PriceRule::Default.into(),
+            quantity: quantity.into(),
+            unit: unit.into(),
+            rate: rate.into(),
+            ..Default::default()
+        };
+        let versions = [pb::PriceBookVersion {
+            version: 2,
+            default_rates: Some(pb::RateTable {
+                rates: [("image".to_owned(), "0.5".to_owned())].into(),
+            }),
+            ..Default::default()
+        }];
+        assert_eq!(
+            debit_price(&entry("2", "image", "3", 2), &versions),
+            "2 image × 3 credits, price book version 2, default rate"
+        );
+        assert_eq!(
+            debit_price(&entry("", "", "", 2), &versions),
+            "price book version 2, default rate: 0.5 credits per unit"
+        );
+        assert_eq!(
+            debit_price(&entry("", "", "", 0), &versions),
+            "an explicit cost (no price book)"
+        );
+    }
 
     fn record(id: &str, effective_ms: i64, expires_ms: i64) -> tollgate_ledger::GrantRecord {
         let at = |ms| Timestamp::from_millis(ms).unwrap();

@@ -1,10 +1,12 @@
 //! gRPC clients that present a key, and the Admin and Enforcement calls the tests repeat: feature
 //! `chat` at 1 credit, accounts, grants, debits, holds and balances; and the assertions both
-//! topologies run (cached mode, a retried Authorize).
+//! topologies run (cached mode, a retried Authorize, the Envoy adapter, Reverse, overdraft).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code as EnvoyCode;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
 use tollgate_proto::pb;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -257,10 +259,21 @@ pub async fn debit(
     credits: &str,
     mode: pb::EnforcementMode,
 ) -> pb::debit_reply::Outcome {
+    debit_usage(edge, account, key, cost(credits), mode).await
+}
+
+/// Debits `usage` under `key` and answers the outcome.
+async fn debit_usage(
+    edge: &mut Edge,
+    account: &str,
+    key: &str,
+    usage: Option<pb::Usage>,
+    mode: pb::EnforcementMode,
+) -> pb::debit_reply::Outcome {
     edge.debit(pb::DebitRequest {
         idempotency_key: key.into(),
         account_id: account.into(),
-        usage: cost(credits),
+        usage,
         mode: mode.into(),
         ..pb::DebitRequest::default()
     })
@@ -531,4 +544,437 @@ pub async fn reflected_services(channel: Channel) -> Vec<String> {
         panic!("a v1 service list: {reply:?}");
     };
     list.service.into_iter().map(|s| s.name).collect()
+}
+
+/// `quantity` messages of feature `chat`, priced by the price book.
+fn messages(quantity: &str) -> Option<pb::Usage> {
+    Some(pb::Usage {
+        feature: "chat".into(),
+        amount: Some(pb::usage::Amount::Quantity(quantity.into())),
+    })
+}
+
+/// A debit of `quantity` messages under `key`; panics on a refusal.
+async fn debit_messages(
+    edge: &mut Edge,
+    account: &str,
+    key: &str,
+    quantity: &str,
+    mode: pb::EnforcementMode,
+) -> pb::Debited {
+    debited(debit_usage(edge, account, key, messages(quantity), mode).await)
+}
+
+/// How long the edge may take to price by a newly published version (it reloads within 1 s).
+const REPRICED_WITHIN_MS: u64 = 10_000;
+
+/// A debit retried after the price changed is the same request: its quantity is what the caller
+/// asked for, the price is the system's answer. On `repriced` (100 credits, `chat` at 1 credit
+/// from price book version 1, both set up by the caller), 3 messages are debited in strict and
+/// in cached mode; version 2 then prices `chat` at 2 credits; the retries of both keys answer
+/// the first debit (3 credits at version 1, replayed) and charge nothing more, while a new key
+/// pays the new price. The account ends at 100 - 3 - 3 - 2 = 92, in the edge and, once
+/// reconciled, in the ledger.
+pub async fn assert_a_retried_quantity_debit_answers_at_its_first_price(
+    admin: &mut Admin,
+    edge: impl Fn() -> Edge,
+    reconciled_within_ms: u64,
+) {
+    let (strict, cached) = (pb::EnforcementMode::Strict, pb::EnforcementMode::Cached);
+    let first_strict = debit_messages(&mut edge(), "repriced", "q.strict", "3", strict).await;
+    let first_cached = debit_messages(&mut edge(), "repriced", "q.cached", "3", cached).await;
+
+    admin
+        .publish_price_book_version(pb::PublishPriceBookVersionRequest {
+            idempotency_key: "prices.2".into(),
+            version: Some(pb::PriceBookVersion {
+                version: 2,
+                effective_from: Some(timestamp(now_seconds())),
+                default_rates: Some(pb::RateTable {
+                    rates: [("chat".to_owned(), "2".to_owned())].into(),
+                }),
+                ..pb::PriceBookVersion::default()
+            }),
+        })
+        .await
+        .unwrap();
+    // A fresh key shows when the edge prices by version 2.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(REPRICED_WITHIN_MS);
+    let fresh = loop {
+        let probe = pb::QuoteRequest {
+            account_id: "repriced".into(),
+            usage: messages("1"),
+        };
+        let quote = edge().quote(probe).await.unwrap().into_inner();
+        if quote.priced.as_ref().is_some_and(|p| p.price_version == 2) {
+            break debit_messages(&mut edge(), "repriced", "q.fresh", "1", strict).await;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edge still prices by version 1: {quote:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let again_strict = debit_messages(&mut edge(), "repriced", "q.strict", "3", strict).await;
+    let again_cached = debit_messages(&mut edge(), "repriced", "q.cached", "3", cached).await;
+
+    let priced = |d: &pb::Debited| {
+        let priced = d.priced.clone().unwrap_or_default();
+        (priced.cost, priced.price_version, d.replayed)
+    };
+    assert_eq!(
+        [
+            priced(&first_strict),
+            priced(&again_strict),
+            priced(&first_cached),
+            priced(&again_cached),
+            priced(&fresh),
+        ],
+        [
+            ("3".to_owned(), 1, false),
+            ("3".to_owned(), 1, true),
+            ("3".to_owned(), 1, false),
+            ("3".to_owned(), 1, true),
+            ("2".to_owned(), 2, false),
+        ],
+        "(cost, price version, replayed): strict, its retry, cached, its retry, a new key"
+    );
+    let balance = edge_balance(&mut edge(), "repriced").await;
+    assert_eq!(
+        balance_of(&balance),
+        "92",
+        "one charge per key: {balance:?}"
+    );
+    let ledger = reconciled_ledger_balance(admin, "repriced", "92", reconciled_within_ms).await;
+    assert_eq!(ledger, "92", "the ledger charged each key once");
+}
+
+/// The Envoy adapter an edge serves, with the key it accepts.
+#[derive(Clone)]
+pub struct EnvoyAdapter {
+    pub channel: Channel,
+    pub key: String,
+}
+
+impl EnvoyAdapter {
+    /// `ShouldRateLimit` for `hits` messages of `chat` (1 credit each) by `account`.
+    pub async fn ask(&self, account: &str, hits: u64) -> RateLimitResponse {
+        super::envoy::should_rate_limit_chat(self.channel.clone(), &self.key, account, hits).await
+    }
+}
+
+/// What an Envoy reply says, as (overall code, what its header says): `balance=` of the
+/// `x-tollgate` header when allowed, the whole `x-tollgate-refusal` header when over the limit.
+pub fn envoy_answer(reply: &RateLimitResponse) -> (EnvoyCode, String) {
+    let header = |key: &str| {
+        reply
+            .response_headers_to_add
+            .iter()
+            .find(|header| header.key == key)
+            .map(|header| header.value.clone())
+    };
+    match EnvoyCode::try_from(reply.overall_code) {
+        Ok(EnvoyCode::Ok) => {
+            let note = super::envoy::tollgate_note(reply);
+            let balance = note
+                .split(';')
+                .find_map(|part| part.trim().strip_prefix("balance="))
+                .unwrap_or_else(|| panic!("no balance= in x-tollgate: {note}"));
+            (EnvoyCode::Ok, balance.to_owned())
+        }
+        Ok(code) => (code, header("x-tollgate-refusal").unwrap_or_default()),
+        Err(_) => panic!("an unknown overall code: {reply:?}"),
+    }
+}
+
+/// A new `account` with a grant `today` of 100 at priority 10, effective now, and a grant
+/// `tomorrow` of 100 at the better priority 0, effective in a day: burn-down order must skip
+/// what is not effective yet rather than stop at it.
+async fn account_with_a_future_grant(admin: &mut Admin, account: &str) {
+    create_account(admin, account).await;
+    grant_at(admin, account, "today", "100", 10, None).await;
+    let tomorrow = now_seconds() + 86_400;
+    grant_at(admin, account, "tomorrow", "100", 0, Some(tomorrow)).await;
+}
+
+/// Through the Envoy adapter, 200 concurrent calls of 1 credit on `envoy-small` (100 credits,
+/// set up here) allow exactly 100 and refuse the other 100 as insufficient credits
+/// (OVER_LIMIT); the edge and, once reconciled, the ledger say 0.
+pub async fn assert_the_envoy_adapter_allows_exactly_what_the_account_holds(
+    admin: &mut Admin,
+    envoy: &EnvoyAdapter,
+    edge: impl Fn() -> Edge,
+    reconciled_within_ms: u64,
+) {
+    create_account(admin, "envoy-small").await;
+    grant(admin, "envoy-small", "g1", "100").await;
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let envoy = envoy.clone();
+            tokio::spawn(async move { envoy.ask("envoy-small", 1).await })
+        })
+        .collect();
+    let (mut allowed, mut insufficient, mut other) = (0, 0, Vec::new());
+    for task in tasks {
+        // The allowed calls' `balance=` is not judged here: today a strict decision that did
+        // not itself ask the authority tells its balance from the account summary read before
+        // another decision's cold path moved the authority's credits into the region, so it
+        // counts them twice (up to 199 on this account of 100). Once the edge tells it from
+        // the summary published after, the sorted headers should be exactly 0 to 99.
+        match envoy_answer(&task.await.unwrap()) {
+            (EnvoyCode::Ok, _) => allowed += 1,
+            (EnvoyCode::OverLimit, note) if note.starts_with("insufficient_credits;") => {
+                insufficient += 1
+            }
+            answer => other.push(answer),
+        }
+    }
+    let balance = edge_balance(&mut edge(), "envoy-small").await;
+    let ledger = reconciled_ledger_balance(admin, "envoy-small", "0", reconciled_within_ms).await;
+    assert_eq!(
+        (
+            allowed,
+            insufficient,
+            other.len(),
+            balance_of(&balance),
+            ledger.as_str()
+        ),
+        (100, 100, 0, "0", "0"),
+        "(allowed, insufficient, other answers, GetBalance, ledger after reconciliation); \
+         other: {other:?}"
+    );
+}
+
+/// Through the Envoy adapter, a grant of better priority that is not effective yet blocks
+/// nothing: on `envoy-later` (set up here, see [`account_with_a_future_grant`]) calls of 30 and
+/// 70 are allowed and leave 70 and 0, and one more credit is over the limit, short by 1.
+pub async fn assert_the_envoy_adapter_is_not_blocked_by_a_future_grant(
+    admin: &mut Admin,
+    envoy: &EnvoyAdapter,
+    edge: impl Fn() -> Edge,
+) {
+    account_with_a_future_grant(admin, "envoy-later").await;
+    let mut answers = Vec::new();
+    for hits in [30, 70, 1] {
+        answers.push(envoy_answer(&envoy.ask("envoy-later", hits).await));
+    }
+    let balance = edge_balance(&mut edge(), "envoy-later").await;
+    assert_eq!(
+        (answers, balance_of(&balance)),
+        (
+            vec![
+                (EnvoyCode::Ok, "70".to_owned()),
+                (EnvoyCode::Ok, "0".to_owned()),
+                (
+                    EnvoyCode::OverLimit,
+                    "insufficient_credits; shortfall=1".to_owned()
+                ),
+            ],
+            "0"
+        ),
+        "((code, balance or refusal) of calls of 30, 70 and 1, GetBalance); {balance:?}"
+    );
+}
+
+/// The Envoy adapter's `balance=` is the account's balance: on `envoy-books` (100 credits, set
+/// up here) calls of 20, 5 and 12 answer 80, 75 and 63, and the ledger, once reconciled, and
+/// Enforcement's GetBalance say the last of them.
+pub async fn assert_the_envoy_balance_header_equals_the_ledger_after_reconciliation(
+    admin: &mut Admin,
+    envoy: &EnvoyAdapter,
+    edge: impl Fn() -> Edge,
+    reconciled_within_ms: u64,
+) {
+    create_account(admin, "envoy-books").await;
+    grant(admin, "envoy-books", "g1", "100").await;
+    let mut answers = Vec::new();
+    for hits in [20, 5, 12] {
+        answers.push(envoy_answer(&envoy.ask("envoy-books", hits).await));
+    }
+    let ok = |balance: &str| (EnvoyCode::Ok, balance.to_owned());
+    assert_eq!(answers, [ok("80"), ok("75"), ok("63")], "(code, balance=)");
+    let ledger = reconciled_ledger_balance(admin, "envoy-books", "63", reconciled_within_ms).await;
+    let balance = edge_balance(&mut edge(), "envoy-books").await;
+    assert_eq!(
+        (answers[2].1.as_str(), balance_of(&balance)),
+        (ledger.as_str(), ledger.as_str()),
+        "(the last balance=, GetBalance) against the ledger after reconciliation"
+    );
+}
+
+/// In cached mode, a grant of better priority that is not effective yet blocks nothing: on
+/// `cached-later` (set up here, see [`account_with_a_future_grant`]) a cached debit of 30 draws
+/// it from `today` and leaves 70, which GetBalance and Quote agree with; a cached debit of 70
+/// then leaves 0, and one more credit is refused as insufficient.
+pub async fn assert_cached_mode_is_not_blocked_by_a_future_grant(
+    admin: &mut Admin,
+    edge: impl Fn() -> Edge,
+) {
+    account_with_a_future_grant(admin, "cached-later").await;
+    let cached = pb::EnforcementMode::Cached;
+    let mut edge = edge();
+    let first = debited(debit(&mut edge, "cached-later", "d1", "30", cached).await);
+    let balance = edge_balance(&mut edge, "cached-later").await;
+    let quote = quote(&mut edge, "cached-later", "50").await;
+    let second = debited(debit(&mut edge, "cached-later", "d2", "70", cached).await);
+    let refused = refusal_code(debit(&mut edge, "cached-later", "d3", "1", cached).await);
+    assert_eq!(
+        (
+            first.balance_after.as_str(),
+            draws(&first),
+            balance_of(&balance),
+            quote.affordable,
+            quote.available.as_str(),
+            second.balance_after.as_str(),
+            refused,
+        ),
+        (
+            "70",
+            vec![("today", "30")],
+            "70",
+            true,
+            "70",
+            "0",
+            pb::RefusalCode::InsufficientCredits
+        ),
+        "(balance_after of 30, its draws, GetBalance, Quote.affordable, Quote.available, \
+         balance_after of 70, a further credit); GetBalance {balance:?}"
+    );
+}
+
+/// Cached decisions are the account's answer too, though they reach the region a flush later:
+/// on `cached-books` (100 credits, set up here) cached debits of 10, 5, 2.5 and 40 answer 90,
+/// 85, 82.5 and 42.5, and the ledger, once the flushed usage is reconciled, and GetBalance
+/// then say the last of them.
+pub async fn assert_cached_balance_after_and_get_balance_equal_the_ledger_after_reconciliation(
+    admin: &mut Admin,
+    edge: impl Fn() -> Edge,
+    reconciled_within_ms: u64,
+) {
+    create_account(admin, "cached-books").await;
+    grant(admin, "cached-books", "g1", "100").await;
+    let cached = pb::EnforcementMode::Cached;
+    let mut edge = edge();
+    let mut balances_after = Vec::new();
+    for (key, credits) in [("d1", "10"), ("d2", "5"), ("d3", "2.5"), ("d4", "40")] {
+        let outcome = debit(&mut edge, "cached-books", key, credits, cached).await;
+        balances_after.push(debited(outcome).balance_after);
+    }
+    assert_eq!(
+        balances_after,
+        ["90", "85", "82.5", "42.5"],
+        "each cached Debit's balance_after"
+    );
+    // GetBalance is read once the ledger has the flushed usage, not at once: today a GetBalance
+    // that races a flush reads the region's lease before the flush and this edge's unflushed
+    // decisions after it, and counts the flushed ones as still leased (85 here, not 42.5).
+    let ledger =
+        reconciled_ledger_balance(admin, "cached-books", "42.5", reconciled_within_ms).await;
+    let balance = edge_balance(&mut edge, "cached-books").await;
+    assert_eq!(
+        (balances_after[3].as_str(), balance_of(&balance)),
+        (ledger.as_str(), ledger.as_str()),
+        "(the last balance_after, GetBalance) against the ledger after reconciliation"
+    );
+}
+
+/// Reverses the debit whose idempotency key is `debit_key`, under `key`.
+pub async fn reverse(edge: &mut Edge, account: &str, key: &str, debit_key: &str) -> pb::Reversed {
+    let reply = edge
+        .reverse(pb::ReverseRequest {
+            idempotency_key: key.into(),
+            account_id: account.into(),
+            debit_id: debit_key.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match reply.outcome {
+        Some(pb::reverse_reply::Outcome::Reversed(reversed)) => reversed,
+        other => panic!("not reversed: {other:?}"),
+    }
+}
+
+/// A Reverse answers the account's balance with the debit given back: on `reversed` (100
+/// credits, set up here) a strict debit of 30, a cached debit of 20 and a strict debit of 5
+/// leave 45; reversing the 30 answers 75 and reversing the cached 20 answers 95, which the
+/// ledger says once reconciled (a figure no earlier state of the account had) and GetBalance
+/// too.
+pub async fn assert_reverse_balance_after_equals_the_ledger_after_reconciliation(
+    admin: &mut Admin,
+    edge: impl Fn() -> Edge,
+    reconciled_within_ms: u64,
+) {
+    create_account(admin, "reversed").await;
+    grant(admin, "reversed", "g1", "100").await;
+    let (strict, cached) = (pb::EnforcementMode::Strict, pb::EnforcementMode::Cached);
+    let mut edge = edge();
+    for (key, credits, mode) in [
+        ("d1", "30", strict),
+        ("d2", "20", cached),
+        ("d3", "5", strict),
+    ] {
+        debited(debit(&mut edge, "reversed", key, credits, mode).await);
+    }
+    let first = reverse(&mut edge, "reversed", "v1", "d1").await;
+    let second = reverse(&mut edge, "reversed", "v2", "d2").await;
+    let as_pair = |r: &pb::Reversed| (r.reversed.clone(), r.balance_after.clone());
+    assert_eq!(
+        [as_pair(&first), as_pair(&second)],
+        [
+            ("30".to_owned(), "75".to_owned()),
+            ("20".to_owned(), "95".to_owned())
+        ],
+        "(reversed, balance_after) of reversing the strict 30, then the cached 20"
+    );
+    let ledger = reconciled_ledger_balance(admin, "reversed", "95", reconciled_within_ms).await;
+    let balance = edge_balance(&mut edge, "reversed").await;
+    assert_eq!(
+        (second.balance_after.as_str(), balance_of(&balance)),
+        (ledger.as_str(), ledger.as_str()),
+        "(the last Reverse's balance_after, GetBalance) against the ledger after reconciliation"
+    );
+}
+
+/// A debit into the overdraft answers a negative balance, the account's debt: on `overdrawn`
+/// (overdraft limit 10 and a grant of 3, set up here) a debit of 10 draws the 3, takes 7 into
+/// the overdraft and answers -7, with 3 of the limit left to spend; the ledger says -7 once
+/// reconciled, and GetBalance too.
+pub async fn assert_a_debit_into_the_overdraft_answers_the_ledger_s_negative_balance(
+    admin: &mut Admin,
+    edge: impl Fn() -> Edge,
+    reconciled_within_ms: u64,
+) {
+    admin
+        .create_account(pb::CreateAccountRequest {
+            idempotency_key: "account.overdrawn".into(),
+            account_id: "overdrawn".into(),
+            overdraft_limit: "10".into(),
+            ..pb::CreateAccountRequest::default()
+        })
+        .await
+        .unwrap();
+    grant(admin, "overdrawn", "g1", "3").await;
+    let mut edge = edge();
+    let strict = pb::EnforcementMode::Strict;
+    let debited = debited(debit(&mut edge, "overdrawn", "d1", "10", strict).await);
+    let balance = edge_balance(&mut edge, "overdrawn").await;
+    assert_eq!(
+        (
+            draws(&debited),
+            debited.overdraft.as_str(),
+            debited.balance_after.as_str(),
+            balance_of(&balance),
+            balance.available.as_str(),
+        ),
+        (vec![("g1", "3")], "7", "-7", "-7", "3"),
+        "(draws, overdraft, balance_after, GetBalance balance, GetBalance available)"
+    );
+    let ledger = reconciled_ledger_balance(admin, "overdrawn", "-7", reconciled_within_ms).await;
+    let balance = edge_balance(&mut edge, "overdrawn").await;
+    assert_eq!(
+        (debited.balance_after.as_str(), balance_of(&balance)),
+        (ledger.as_str(), ledger.as_str()),
+        "(balance_after, GetBalance) against the ledger after reconciliation"
+    );
 }
