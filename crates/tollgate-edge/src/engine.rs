@@ -1030,9 +1030,10 @@ impl<S: RegionStore> Engine<S> {
     /// What the region holds for the account that can be spent at `at` (active segments, and
     /// credits out on leases less what this edge has spent from its lease and not yet
     /// flushed), and the region's overdraft room.
+    /// `unflushed` is what this edge had not flushed when it read `view`, with no flush of its
+    /// lease in between ([`Leases::with_unflushed`]).
     fn region_credits(
-        &self,
-        account: &AccountId,
+        unflushed: Credits,
         view: &tollgate_region::AccountView,
         at: Timestamp,
     ) -> (Credits, Credits) {
@@ -1041,9 +1042,7 @@ impl<S: RegionStore> Engine<S> {
             .iter()
             .filter(|s| s.is_active_at(at))
             .map(|s| s.remaining);
-        let leased = view
-            .leased
-            .saturating_sub_floor_zero(self.leases.unflushed(account));
+        let leased = view.leased.saturating_sub_floor_zero(unflushed);
         let credits = Credits::checked_sum(segments.chain([leased])).unwrap_or(Credits::MAX);
         let room = view
             .overdraft_limit
@@ -1204,8 +1203,12 @@ impl<S: RegionStore> Engine<S> {
     ) -> Result<Figures, EngineError> {
         let now = self.clock.now();
         let account = &summary.account;
-        let view = self.call(self.store.view(account, now)).await?;
-        let (credits, room) = self.region_credits(account, &view, now);
+        let (unflushed, view) = self
+            .leases
+            .with_unflushed(account, self.call(self.store.view(account, now)))
+            .await;
+        let view = view?;
+        let (credits, room) = Self::region_credits(unflushed, &view, now);
         let balance = account_balance(summary, credits, room, now);
         let segments = view
             .segments

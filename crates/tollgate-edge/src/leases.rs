@@ -405,6 +405,25 @@ impl<S: RegionStore> Leases<S> {
         })
     }
 
+    /// Runs `read` (a read of the region) while no flush, refill or return of this edge's lease
+    /// on the account is in flight, and answers it with what the edge had not flushed when it
+    /// started: both then count the same decisions as spent on the lease. (A flush takes its
+    /// batch out of `pending` before the region answers: read apart, the region could still count
+    /// the batch on the lease while `unflushed` no longer does.) Decisions are not held back:
+    /// they never take the region lock; one made meanwhile is simply not counted yet.
+    pub async fn with_unflushed<T>(
+        &self,
+        account: &AccountId,
+        read: impl std::future::Future<Output = T>,
+    ) -> (Credits, T) {
+        let lease = self.accounts.get(account).map(|lease| Arc::clone(&lease));
+        let Some(lease) = lease else {
+            return (Credits::ZERO, read.await);
+        };
+        let _region = lease.region.lock().await;
+        (self.unflushed(account), read.await)
+    }
+
     /// How many of this edge's decisions on the account wait to be flushed or charged.
     pub fn pending_of(&self, account: &AccountId) -> usize {
         self.accounts.get(account).map_or(0, |lease| {

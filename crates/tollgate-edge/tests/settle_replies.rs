@@ -1,5 +1,6 @@
 //! What an edge does with the region's answer to a settlement of its cached decisions: a reply
-//! lost after the region committed, and a key reused with a different request. Each runs on the
+//! lost after the region committed, a key reused with a different request, and a balance read
+//! while a settlement is on its way. Each runs on the
 //! in-memory store and on a redis-server started for the test, behind a wrapper that can lose
 //! the next settlement's reply (`common::faulty`).
 
@@ -182,4 +183,60 @@ async fn a_reused_key_is_charged_and_counted_on_redis() {
         .await
         .unwrap();
     a_reused_key_is_charged_and_counted(Arc::new(FaultyStore::new(store))).await;
+}
+
+/// A flush takes its batch out of the edge's pending decisions before the region answers; a
+/// balance read meanwhile must not see the batch neither pending on the edge nor spent in the
+/// region (the account's balance too high by it). The read waits for the settlement instead.
+async fn a_balance_read_during_a_flush_counts_its_batch_once<S: RegionStore + 'static>(
+    store: Arc<FaultyStore<S>>,
+) {
+    let (edge, a) = edge_with_lease(&store, "acct-flush-read").await;
+    cached_debit(&edge, debit(&a, "spend-1", "4")).await;
+    cached_debit(&edge, debit(&a, "spend-2", "2")).await;
+    let balance = |edge: Arc<Engine<FaultyStore<S>>>, a: AccountId| async move {
+        match edge.balance(a, None).await.unwrap() {
+            Decision::Done(view) => view.balance,
+            other => panic!("expected a balance: {other:?}"),
+        }
+    };
+    let edge = Arc::new(edge);
+    assert_eq!(balance(Arc::clone(&edge), a.clone()).await, credits("97"));
+
+    let held = store.hold_next_settlement();
+    let leases = Arc::clone(edge.leases());
+    let flushing = {
+        let a = a.clone();
+        tokio::spawn(async move { leases.flush_account(&a).await })
+    };
+    held.arrived.notified().await;
+    // The batch has left the edge's pending decisions and is not in the region's stream yet.
+    let reading = tokio::spawn(balance(Arc::clone(&edge), a.clone()));
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    held.release.notify_one();
+    flushing.await.unwrap();
+    assert_eq!(
+        reading.await.unwrap(),
+        credits("97"),
+        "100 less 3 spent, once"
+    );
+    assert_eq!(edge.leases().pending(), 0);
+    assert_eq!(balance(Arc::clone(&edge), a).await, credits("97"));
+}
+
+#[tokio::test]
+async fn a_balance_read_during_a_flush_counts_its_batch_once_in_memory() {
+    a_balance_read_during_a_flush_counts_its_batch_once(Arc::new(FaultyStore::new(
+        MemoryRegionStore::default(),
+    )))
+    .await;
+}
+
+#[tokio::test]
+async fn a_balance_read_during_a_flush_counts_its_batch_once_on_redis() {
+    let server = RedisServer::start().unwrap();
+    let store = RedisRegionStore::connect(&server.url(), "tg:flush-read", RETAIN_MS_DEFAULT)
+        .await
+        .unwrap();
+    a_balance_read_during_a_flush_counts_its_batch_once(Arc::new(FaultyStore::new(store))).await;
 }

@@ -1,7 +1,9 @@
 //! A regional store wrapper that loses replies and fails calls on demand.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 use tollgate_core::{AccountId, Credits, FeatureKey, GrantId, IdempotencyKey, LeaseId, Timestamp};
 use tollgate_region::{
@@ -38,6 +40,16 @@ pub struct FaultyStore<S> {
     down: AtomicBool,
     /// Settlements fail without reaching the store (the rest passes), as while Redis is slow.
     settlements_fail: AtomicBool,
+    /// The next settlement waits here before it reaches the store (see [`SettlementHeld`]).
+    held: Mutex<Option<SettlementHeld>>,
+}
+
+/// A settlement stopped on its way to the store: `arrived` is notified when it gets there,
+/// and it goes on once `release` is notified.
+#[derive(Clone, Default)]
+pub struct SettlementHeld {
+    pub arrived: Arc<Notify>,
+    pub release: Arc<Notify>,
 }
 
 impl<S: RegionStore> FaultyStore<S> {
@@ -49,7 +61,15 @@ impl<S: RegionStore> FaultyStore<S> {
             debit_calls: AtomicU64::new(0),
             down: AtomicBool::new(false),
             settlements_fail: AtomicBool::new(false),
+            held: Mutex::new(None),
         }
+    }
+
+    /// Stops the next settlement before it reaches the store, until released.
+    pub fn hold_next_settlement(&self) -> SettlementHeld {
+        let held = SettlementHeld::default();
+        *self.held.lock().unwrap() = Some(held.clone());
+        held
     }
 
     /// While `down`, every strict decision, lease call (take, settle, return) and view fails
@@ -91,6 +111,11 @@ impl<S: RegionStore> RegionStore for FaultyStore<S> {
     }
 
     async fn settle_lease(&self, settlement: &LeaseSettlement) -> Result<SettleOutcome> {
+        let held = self.held.lock().unwrap().take();
+        if let Some(held) = held {
+            held.arrived.notify_one();
+            held.release.notified().await;
+        }
         self.check_up()?;
         if self.settlements_fail.load(Ordering::SeqCst) {
             return Err(RegionError::Redis("settlement failed (simulated)".into()));
