@@ -95,6 +95,7 @@ impl Edge {
                 published_at: Timestamp::from_millis(NOW_MS).expect("now"),
                 outside: Vec::new(),
                 debt_basis: Credits::ZERO,
+                region_moves: 0,
             })
             .await
             .expect("account summary");

@@ -122,6 +122,7 @@ pub(crate) async fn seed(store: &RedisRegionStore, accounts: usize) -> anyhow::R
                     published_at: Timestamp::EPOCH,
                     outside: Vec::new(),
                     debt_basis: Credits::ZERO,
+                    region_moves: 0,
                 })
                 .await?;
             anyhow::Ok(())

@@ -1,9 +1,10 @@
 //! Allocation: slices of an account's grants handed to regions.
 //!
 //! Per region and account the target is what the recent burn rate spends over
-//! `allocation_horizon_ms`, within `[allocation_micros_min, allocation_micros_max]`. A region
-//! is refilled when the pool its usage stream reports falls under `low_water_percent` of the
-//! target, answered when it asks for a cold account, and emptied when idle.
+//! `allocation_horizon_ms`, or a few spends of the size the region has seen if that is more,
+//! within `[allocation_micros_min, allocation_micros_max]`. A region is refilled when the pool
+//! its usage stream reports falls under `low_water_percent` of the target or cannot pay one
+//! spend of that size, answered when it asks for a cold account, and emptied when idle.
 //!
 //! The invariant: for every grant, what the ledger says remains is at least what the regions
 //! hold of it or have spent without the ledger knowing yet (`installed − taken back − spent`,
@@ -86,8 +87,9 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         let Some(seen) = self.state.region_account(region, account).await? else {
             return Ok(());
         };
-        let target = self.target_micros(seen.burn_micros_per_s);
-        if seen.pool.saturating_mul(100) < target.saturating_mul(self.settings.low_water_percent) {
+        let target = self.target_micros(seen.burn_micros_per_s, seen.spend_micros);
+        // Refilled while the region can still pay the next spend of the size it sees.
+        if seen.pool < self.settings.low_water_micros(target, seen.spend_micros) {
             self.allocate(region, account, None, Reason::Refill, 0)
                 .await?;
         }
@@ -109,17 +111,16 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         Ok(())
     }
 
-    /// What a region should hold for an account. With one region there is nothing to share:
-    /// the region holds everything spendable, so its answer is the account's.
-    fn target_micros(&self, burn_micros_per_s: i64) -> i64 {
+    /// What a region should hold for an account, from its burn rate and the size of its
+    /// recent spends there (see `AuthoritySettings::allocation_target_micros`). With one region
+    /// there is nothing to share: the region holds everything spendable, so its answer is the
+    /// account's.
+    fn target_micros(&self, burn_micros_per_s: i64, spend_micros: i64) -> i64 {
         if self.regions.len() == 1 {
             return tollgate_region::REGION_MICROS_MAX;
         }
-        let horizon_s = (self.settings.allocation_horizon_ms / 1_000).max(1);
-        burn_micros_per_s.saturating_mul(horizon_s).clamp(
-            self.settings.allocation_micros_min,
-            self.settings.allocation_micros_max,
-        )
+        self.settings
+            .allocation_target_micros(burn_micros_per_s, spend_micros)
     }
 
     /// [`Self::allocate_now`], timed for `/metrics` from the call to the answer (waiting for
@@ -178,11 +179,11 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             .view(account, now)
             .await
             .map_err(|e| AuthorityError::region(region, e))?;
-        let burn = self
+        let (burn, spend) = self
             .state
             .region_account(region, account)
             .await?
-            .map_or(0, |seen| seen.burn_micros_per_s);
+            .map_or((0, 0), |seen| (seen.burn_micros_per_s, seen.spend_micros));
         // Only segments that can be spent now count: a grant that ended, or one not yet
         // effective, still shows its remainder.
         let pool: i64 = view
@@ -191,7 +192,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             .filter(|s| s.is_active_at(now))
             .map(|s| s.remaining.micros())
             .sum();
-        let need = (self.target_micros(burn) - pool).max(needed);
+        let need = (self.target_micros(burn, spend) - pool).max(needed);
         let generation = self.state.note_allocation(region, account, now).await?;
         let mut rows = self.state.allocations(account).await?;
         let mut unallocated = 0;
@@ -229,7 +230,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
         // Overdraft room the authority still holds can pay a spend too: "nothing more" means
         // neither credits nor room.
         unallocated += room_left;
-        self.publish_summary(region, account).await?;
+        self.publish_summary_held(region, account).await?;
         let view = store
             .view(account, now)
             .await
@@ -292,7 +293,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 }
             }
             // The donor's balance did not change, only where its credits are: say so there.
-            self.publish_summary(donor, account).await?;
+            self.publish_summary_held(donor, account).await?;
             if moved >= want {
                 break;
             }
@@ -515,8 +516,22 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     }
 
     /// Publishes the account's summary (plan, mode, balance, overdraft limit, the credits the
-    /// region does not hold and the debt basis) to one region.
+    /// region does not hold and the debt basis) to one region, under the account's lock.
     pub async fn publish_summary(&self, region: &RegionId, account: &AccountId) -> Result<()> {
+        let lock = self.account_lock(account);
+        let _held = lock.lock().await;
+        self.publish_summary_held(region, account).await
+    }
+
+    /// [`Self::publish_summary`] by a caller holding the account's lock. Every move of credits
+    /// or overdraft room in or out of a region happens under that lock, so the region's move
+    /// count the store stamps on the summary as it publishes is the count its figures were
+    /// computed at (edges compare it with the count their decisions read, docs/answer.md).
+    pub(crate) async fn publish_summary_held(
+        &self,
+        region: &RegionId,
+        account: &AccountId,
+    ) -> Result<()> {
         let snapshot = self.ledger.account(account).await?;
         let settings = self.state.account_settings(account).await?;
         let rows = self.state.allocations(account).await?;
@@ -537,6 +552,7 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             published_at: self.clock.now(),
             outside,
             debt_basis,
+            region_moves: 0,
         };
         self.region(region)?
             .publish_account(&summary)
@@ -899,7 +915,8 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
                 .await?;
             // What the region held is the authority's again: the region's summary says so, so
             // its edges go on telling the same balance.
-            self.publish_summary(&seen.region, &seen.account).await?;
+            self.publish_summary_held(&seen.region, &seen.account)
+                .await?;
             emptied += 1;
         }
         Ok(emptied)

@@ -448,6 +448,9 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             self.state
                 .add_taken_back(region, &record.account, "", taken)
                 .await?;
+            // The region's room and the debt basis moved together: its edges tell the same
+            // balance once the summary says so.
+            self.publish_summary_held(region, &record.account).await?;
         }
         Ok(())
     }

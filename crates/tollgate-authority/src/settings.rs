@@ -21,6 +21,16 @@ pub const ALLOCATION_MICROS_MIN_DEFAULT: i64 = 10_000_000;
 pub const ALLOCATION_MICROS_MAX_DEFAULT: i64 = 1_000_000_000_000;
 /// Refill when the region's pool falls under this share of the target, in percent.
 pub const LOW_WATER_PERCENT_DEFAULT: i64 = 25;
+/// Spends of the size a region sees (see [`SPEND_DECAY_PERCENT`]) its target covers at least.
+/// Four: at the default low-water mark (25 %) the mark is then one such spend, so a region is
+/// refilled while it can still pay the next one, and a refill puts it three spends above the
+/// mark, which pays the spends made while that refill waits for their usage to be reconciled,
+/// and makes it refill once per few spends rather than after each.
+pub const TARGET_SPEND_MULTIPLE: i64 = 4;
+/// How much the size of recent spends a region remembers per account (the largest one,
+/// decaying) loses with each smaller spend, in percent: after a large spend it halves in
+/// about seven smaller ones, so one unusual spend does not keep the target high for long.
+pub const SPEND_DECAY_PERCENT: i64 = 10;
 /// A region that has not used an account's allocation for this long gives it back.
 pub const IDLE_MS_DEFAULT: i64 = 15 * 60_000;
 /// A region short of credits for a spend may take what another region holds of the account
@@ -120,6 +130,33 @@ impl Default for AuthoritySettings {
     }
 }
 
+impl AuthoritySettings {
+    /// What one of several regions should hold for an account: what its burn rate spends over
+    /// `allocation_horizon_ms`, and at least [`TARGET_SPEND_MULTIPLE`] spends of the size it
+    /// sees (`spend_micros`), so that an account spending rarely but in large amounts is not
+    /// sent to the cold path on every spend; within `[allocation_micros_min,
+    /// allocation_micros_max]`.
+    pub fn allocation_target_micros(&self, burn_micros_per_s: i64, spend_micros: i64) -> i64 {
+        let horizon_s = (self.allocation_horizon_ms / 1_000).max(1);
+        burn_micros_per_s
+            .saturating_mul(horizon_s)
+            .max(spend_micros.saturating_mul(TARGET_SPEND_MULTIPLE))
+            .clamp(self.allocation_micros_min, self.allocation_micros_max)
+    }
+
+    /// The pool under which a region is refilled towards `target_micros`: `low_water_percent`
+    /// of the target (rounded up), and at least one spend of the size the region sees, so that
+    /// the next such spend is paid from the region, not through the cold path. Never above the
+    /// target: a region holding its target has nothing more to be refilled with.
+    pub fn low_water_micros(&self, target_micros: i64, spend_micros: i64) -> i64 {
+        let share = target_micros
+            .saturating_mul(self.low_water_percent)
+            .saturating_add(99)
+            / 100;
+        share.max(spend_micros).min(target_micros)
+    }
+}
+
 /// A webhook receiver: an `http://` URL and the secret its signatures are made with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WebhookEndpoint {
@@ -148,5 +185,57 @@ mod tests {
         let delays: Vec<i64> = (1..=4).map(|a| backoff_ms(&settings, a)).collect();
         assert_eq!(delays, [1_000, 2_000, 4_000, 8_000]);
         assert_eq!(backoff_ms(&settings, 40), RETRY_CAP_MS_DEFAULT);
+    }
+
+    const CREDIT: i64 = 1_000_000;
+
+    fn ten_to_thousand() -> AuthoritySettings {
+        AuthoritySettings {
+            allocation_micros_min: 10 * CREDIT,
+            allocation_micros_max: 1_000 * CREDIT,
+            ..AuthoritySettings::default()
+        }
+    }
+
+    #[test]
+    fn the_target_covers_several_spends_of_the_size_seen() {
+        let settings = ten_to_thousand();
+        // No burn rate, no spend seen: the minimum.
+        assert_eq!(settings.allocation_target_micros(0, 0), 10 * CREDIT);
+        // 40-credit spends, too rare to show in the burn rate: four of them.
+        assert_eq!(
+            settings.allocation_target_micros(0, 40 * CREDIT),
+            TARGET_SPEND_MULTIPLE * 40 * CREDIT
+        );
+        // A burn rate of 5 credits/s over the 60 s horizon outweighs the spends.
+        assert_eq!(
+            settings.allocation_target_micros(5 * CREDIT, 40 * CREDIT),
+            300 * CREDIT
+        );
+        // Within the maximum, however large the spends.
+        assert_eq!(
+            settings.allocation_target_micros(0, 900 * CREDIT),
+            1_000 * CREDIT
+        );
+    }
+
+    #[test]
+    fn the_low_water_mark_is_at_least_one_spend_and_at_most_the_target() {
+        let settings = ten_to_thousand();
+        // The percentage of the target (25 %), rounded up, while spends are small.
+        assert_eq!(settings.low_water_micros(10 * CREDIT, CREDIT), 2_500_000);
+        assert_eq!(settings.low_water_micros(10, 0), 3);
+        // One spend when spends are larger than that share.
+        let target = settings.allocation_target_micros(0, 40 * CREDIT);
+        assert_eq!(settings.low_water_micros(target, 40 * CREDIT), 40 * CREDIT);
+        assert_eq!(
+            settings.low_water_micros(10 * CREDIT, 4 * CREDIT),
+            4 * CREDIT
+        );
+        // Never above the target, which a spend beyond the maximum exceeds.
+        assert_eq!(
+            settings.low_water_micros(1_000 * CREDIT, 2_000 * CREDIT),
+            1_000 * CREDIT
+        );
     }
 }

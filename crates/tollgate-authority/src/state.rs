@@ -57,6 +57,11 @@ const SCHEMA: &[&str] = &[
      account_id TEXT NOT NULL, pool BIGINT NOT NULL, burn_micros_per_s BIGINT NOT NULL, \
      last_usage_ms BIGINT NOT NULL, last_allocation_ms BIGINT NOT NULL, \
      generation BIGINT NOT NULL, PRIMARY KEY (region, account_id))",
+    // The size of recent spends per region and account (`RegionAccount::spend_micros`), beside
+    // `authority_region_accounts` rather than in it: the schema only creates missing tables,
+    // so a column added there would be missing from databases created before it.
+    "CREATE TABLE IF NOT EXISTS authority_region_spend (region TEXT NOT NULL, \
+     account_id TEXT NOT NULL, spend_micros BIGINT NOT NULL, PRIMARY KEY (region, account_id))",
     "CREATE TABLE IF NOT EXISTS authority_plans (plan_id TEXT PRIMARY KEY, body TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS authority_contracts (account_id TEXT PRIMARY KEY, \
      body TEXT NOT NULL)",
@@ -87,6 +92,12 @@ const SCHEMA: &[&str] = &[
 const OUTBOX_POSTGRES: &str = "CREATE TABLE IF NOT EXISTS authority_outbox (\
      seq BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, account_id TEXT NOT NULL, \
      kind TEXT NOT NULL, body TEXT NOT NULL)";
+/// A region account row with the size of its recent spends (none before its first spend).
+const SELECT_REGION_ACCOUNT: &str = "SELECT a.region, a.account_id, a.pool, \
+     a.burn_micros_per_s, a.last_usage_ms, a.last_allocation_ms, a.generation, \
+     s.spend_micros FROM authority_region_accounts a LEFT JOIN authority_region_spend s \
+     ON s.region = a.region AND s.account_id = a.account_id";
+
 const OUTBOX_SQLITE: &str = "CREATE TABLE IF NOT EXISTS authority_outbox (\
      seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE, \
      account_id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL)";
@@ -136,6 +147,20 @@ pub struct RegionAccount {
     pub last_usage_ms: i64,
     pub last_allocation_ms: i64,
     pub generation: i64,
+    /// The size of the account's recent single spends in the region, in micro-credits: the
+    /// largest, decaying with each smaller spend (see [`decayed_spend_micros`]); 0 before any.
+    pub spend_micros: i64,
+}
+
+/// The remembered size of recent spends after one more spend of `spent_micros`: that spend
+/// when it is at least the remembered size less [`SPEND_DECAY_PERCENT`] %, else the remembered
+/// size less that share. A large spend counts at once (the next one may be as large), and
+/// fades over a few smaller ones.
+///
+/// [`SPEND_DECAY_PERCENT`]: crate::settings::SPEND_DECAY_PERCENT
+pub fn decayed_spend_micros(remembered_micros: i64, spent_micros: i64) -> i64 {
+    let keep = 100 - crate::settings::SPEND_DECAY_PERCENT;
+    spent_micros.max(remembered_micros.saturating_mul(keep) / 100)
 }
 
 /// What one usage record did to the allocation counters.
@@ -370,8 +395,10 @@ impl StateStore {
         Ok(())
     }
 
-    /// Keeps the pool level the region reported and an average burn rate (micro-credits per
-    /// second, weighted toward the newest usage).
+    /// Keeps the pool level the region reported, an average burn rate (micro-credits per
+    /// second, weighted toward the newest usage) and the size of recent spends. One record is
+    /// one spend, its cost the sum of what it spent; a record that spent nothing (a reversal
+    /// gives back) leaves the size as it was.
     async fn note_usage(
         tx: &mut sqlx::Transaction<'static, sqlx::Any>,
         region: &RegionId,
@@ -406,6 +433,40 @@ impl StateStore {
         .bind(effect.pool)
         .bind(rate)
         .bind(now.millis().max(effect.at.millis()))
+        .execute(&mut **tx)
+        .await?;
+        if spent > 0 {
+            Self::note_spend(tx, region, &effect.account, spent).await?;
+        }
+        Ok(())
+    }
+
+    /// Folds one spend into the size of recent spends (see [`decayed_spend_micros`]).
+    async fn note_spend(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        region: &RegionId,
+        account: &AccountId,
+        spent: i64,
+    ) -> Result<()> {
+        let row = sqlx::query(
+            "SELECT spend_micros FROM authority_region_spend WHERE region = $1 AND account_id = $2",
+        )
+        .bind(region.as_str())
+        .bind(account.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+        let remembered = match row {
+            Some(row) => int(&row, "spend_micros")?,
+            None => 0,
+        };
+        sqlx::query(
+            "INSERT INTO authority_region_spend (region, account_id, spend_micros) \
+             VALUES ($1, $2, $3) ON CONFLICT (region, account_id) \
+             DO UPDATE SET spend_micros = excluded.spend_micros",
+        )
+        .bind(region.as_str())
+        .bind(account.as_str())
+        .bind(decayed_spend_micros(remembered, spent))
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -701,11 +762,9 @@ impl StateStore {
         region: &RegionId,
         account: &AccountId,
     ) -> Result<Option<RegionAccount>> {
-        let row = sqlx::query(
-            "SELECT region, account_id, pool, burn_micros_per_s, last_usage_ms, \
-             last_allocation_ms, generation FROM authority_region_accounts \
-             WHERE region = $1 AND account_id = $2",
-        )
+        let row = sqlx::query(&format!(
+            "{SELECT_REGION_ACCOUNT} WHERE a.region = $1 AND a.account_id = $2"
+        ))
         .bind(region.as_str())
         .bind(account.as_str())
         .fetch_optional(&self.pool)
@@ -715,11 +774,9 @@ impl StateStore {
 
     /// Accounts allocated in some region, least recently used first.
     pub async fn region_accounts(&self, limit: u32) -> Result<Vec<RegionAccount>> {
-        let rows = sqlx::query(
-            "SELECT region, account_id, pool, burn_micros_per_s, last_usage_ms, \
-             last_allocation_ms, generation FROM authority_region_accounts \
-             ORDER BY last_usage_ms LIMIT $1",
-        )
+        let rows = sqlx::query(&format!(
+            "{SELECT_REGION_ACCOUNT} ORDER BY a.last_usage_ms LIMIT $1"
+        ))
         .bind(count(limit))
         .fetch_all(&self.pool)
         .await?;
@@ -771,11 +828,17 @@ impl StateStore {
         region: &RegionId,
         account: &AccountId,
     ) -> Result<()> {
-        sqlx::query("DELETE FROM authority_region_accounts WHERE region = $1 AND account_id = $2")
+        let mut tx = self.pool.begin().await?;
+        for table in ["authority_region_accounts", "authority_region_spend"] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE region = $1 AND account_id = $2"
+            ))
             .bind(region.as_str())
             .bind(account.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -814,6 +877,11 @@ impl StateStore {
                 .await?
                 .rows_affected();
         }
+        // The size of spends goes with the account rows it belongs to (not counted apart).
+        sqlx::query("DELETE FROM authority_region_spend WHERE region = $1")
+            .bind(region.as_str())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         let [install_intents, accounts, usage_seqs, usage_markers] = dropped;
         Ok(ForgottenHoldings {
@@ -1506,6 +1574,7 @@ fn region_account_of(row: &AnyRow) -> Result<RegionAccount> {
         last_usage_ms: int(row, "last_usage_ms")?,
         last_allocation_ms: int(row, "last_allocation_ms")?,
         generation: int(row, "generation")?,
+        spend_micros: row.try_get::<Option<i64>, _>("spend_micros")?.unwrap_or(0),
     })
 }
 
@@ -1543,4 +1612,24 @@ fn intent_of(row: &AnyRow) -> Result<InstallIntent> {
         created_at: Timestamp::from_millis(int(row, "created_ms")?)
             .map_err(AuthorityError::corrupt)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decayed_spend_micros;
+
+    #[test]
+    fn the_size_of_spends_takes_a_larger_spend_at_once_and_decays_over_smaller_ones() {
+        assert_eq!(decayed_spend_micros(0, 40), 40);
+        assert_eq!(decayed_spend_micros(40, 40), 40);
+        assert_eq!(decayed_spend_micros(40, 100), 100);
+        // A smaller spend: 10 % less, but never under that spend.
+        assert_eq!(decayed_spend_micros(100, 1), 90);
+        assert_eq!(decayed_spend_micros(100, 95), 95);
+        let mut size = 1_000_000;
+        for _ in 0..7 {
+            size = decayed_spend_micros(size, 1);
+        }
+        assert!((400_000..=500_000).contains(&size), "{size}");
+    }
 }

@@ -1,10 +1,11 @@
 //! The authority on the embedded stores (SQLite ledger and state, in-memory regions, a manual
 //! clock).
 //!
-//! The allocator: refills under the low-water mark, idle take-back, the overdraft split across
-//! regions (and its shrinking when the limit is lowered), and install intents that a crash
-//! left open. After every step, what the regions hold never exceeds what the ledger's grants
-//! hold plus the overdraft limit.
+//! The allocator: refills under the low-water mark (and before the region cannot pay the next
+//! spend of the size it sees), idle take-back, credits moved on demand from an idle region (and
+//! kept by a busy one), the overdraft split across regions (and its shrinking when the limit is
+//! lowered), and install intents that a crash left open. After every step, what the regions
+//! hold never exceeds what the ledger's grants hold plus the overdraft limit.
 //!
 //! Plans: an upgrade mid-period with proration, and the reinstatement of credits that expired
 //! just before an upgrade, checked entry by entry.
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use tollgate_authority::allocator::AllocationOutcome;
 use tollgate_authority::plans::{Plan, PlanChange, PlanChangeReport, PlanGrant, Proration};
+use tollgate_authority::settings::MOVE_IDLE_MS_DEFAULT;
 use tollgate_authority::state::InstallIntent;
 use tollgate_authority::{Authority, AuthoritySettings, Clock, ManualClock, StateStore};
 use tollgate_core::command::{
@@ -100,6 +102,17 @@ impl World {
         target: i64,
         at: &str,
     ) -> World {
+        Self::start_within(names, overdraft, granted, (target, target), at).await
+    }
+
+    /// As [`World::start_at`], each region's target within `[min, max]` credits.
+    async fn start_within(
+        names: &[&str],
+        overdraft: i64,
+        granted: i64,
+        (min, max): (i64, i64),
+        at: &str,
+    ) -> World {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Arc::new(
             SqliteLedger::open(&dir.path().join("ledger.db"))
@@ -122,8 +135,8 @@ impl World {
             })
             .collect();
         let settings = AuthoritySettings {
-            allocation_micros_min: target * MICROS,
-            allocation_micros_max: target * MICROS,
+            allocation_micros_min: min * MICROS,
+            allocation_micros_max: max * MICROS,
             low_water_percent: 50,
             idle_ms: 60_000,
             watermark_lateness_ms: 60_000,
@@ -225,6 +238,30 @@ impl World {
             .await
             .unwrap();
         matches!(outcome, DebitOutcome::Allowed(_))
+    }
+
+    /// Spends `credits` in region `name` as an edge does: when the region holds less, it asks
+    /// the authority for the difference first (the cold path). Returns whether it had to.
+    async fn spend_via_cold_path(&self, name: &str, id: &str, credits: i64) -> bool {
+        let short = credits * MICROS - self.held(name).await.0;
+        if short > 0 {
+            let outcome = self
+                .node
+                .request_allocation(
+                    &region(name),
+                    &acct(),
+                    Some(&FeatureKey::new("chat").unwrap()),
+                    Credits::from_micros(short),
+                )
+                .await
+                .unwrap();
+            assert!(
+                matches!(outcome, AllocationOutcome::Allocated(_)),
+                "{outcome:?}"
+            );
+        }
+        assert!(self.debit(name, id, credits).await, "{id} refused");
+        short > 0
     }
 
     /// The caller reverses its debit `debit` (within the window) in region `name`.
@@ -331,6 +368,48 @@ async fn a_pool_under_its_low_water_mark_is_refilled_to_its_target() {
     assert_eq!(snapshot.balance.micros(), 94 * MICROS);
     assert_eq!(world.installed_outstanding("bought").await, 10 * MICROS);
     world.assert_never_over_allocated().await;
+}
+
+/// Spends of 40 credits, ten minutes apart: too rare for the burn rate to lift the target above
+/// its 10-credit minimum, so each one found the region short and went through the cold path.
+/// The target now covers several spends of the size the region sees, and the low-water mark at
+/// least one, so only the first spend asks the authority.
+#[tokio::test]
+async fn a_region_is_refilled_to_pay_the_next_spend_of_the_size_it_sees() {
+    // Two regions, so the target is not everything spendable.
+    let world =
+        World::start_within(&["eu", "us"], 0, 1_000, (10, 1_000), "2027-05-01T00:00:00Z").await;
+    world.allocate("eu").await;
+    assert_eq!(world.held("eu").await.0, 10 * MICROS);
+
+    let mut cold = 0;
+    for n in 0..6 {
+        world.clock.advance_ms(600_000);
+        if world.spend_via_cold_path("eu", &format!("d{n}"), 40).await {
+            cold += 1;
+        }
+        world.reconcile_expecting("eu", 1, 0, 0).await;
+        let seen = world
+            .node
+            .state()
+            .region_account(&region("eu"), &acct())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen.spend_micros, 40 * MICROS);
+        // The burn rate alone would keep the target at its minimum.
+        assert!(seen.burn_micros_per_s * 60 < 10 * MICROS, "{seen:?}");
+        // Refilled (when it had to be) without the region asking: the next spend is paid.
+        let (pool, _) = world.held("eu").await;
+        assert!(pool >= 40 * MICROS, "after d{n} eu holds {pool}");
+        assert!(pool <= 160 * MICROS, "after d{n} eu holds {pool}");
+        world.assert_never_over_allocated().await;
+    }
+    assert_eq!(
+        cold, 1,
+        "only the first spend, before any was seen, is a cold one"
+    );
+    world.assert_settled(1_000 - 6 * 40).await;
 }
 
 /// Found by the simulation (`tollgate-sim`, seed 18): a reversal gives its draws back in the
@@ -449,6 +528,97 @@ async fn two_regions_never_hold_more_than_the_grants_and_an_idle_one_gives_back(
     world.allocate("eu").await;
     assert_eq!(world.held("eu").await.0, 5 * MICROS);
     world.assert_never_over_allocated().await;
+}
+
+/// Two regions hold all of the account's 100 credits between them, so the authority has none
+/// to hand out. A spend in eu larger than eu holds is still allowed: us has not used the account
+/// (nor been given any of it) for longer than `move_idle_ms`, so the cold path takes back what
+/// us holds and installs the shortfall in eu.
+#[tokio::test]
+async fn a_spend_beyond_what_the_region_and_the_authority_hold_takes_the_credits_of_an_idle_region()
+{
+    let world = World::start_within(&["eu", "us"], 0, 100, (50, 50), "2027-05-01T00:00:00Z").await;
+    world.allocate("eu").await;
+    world.allocate("us").await;
+    assert_eq!(world.held("eu").await.0, 50 * MICROS);
+    assert_eq!(world.held("us").await.0, 50 * MICROS);
+    assert_eq!(world.installed_outstanding("bought").await, 100 * MICROS);
+
+    world.clock.advance_ms(MOVE_IDLE_MS_DEFAULT + 1_000);
+    assert!(
+        world.spend_via_cold_path("eu", "large", 80).await,
+        "eu held 50 of the 80: the spend went through the cold path"
+    );
+    let (us_pool, _) = world.held("us").await;
+    assert!(
+        us_pool < 50 * MICROS,
+        "us gave its credits up, it holds {us_pool}"
+    );
+    world.assert_never_over_allocated().await;
+
+    world.reconcile_expecting("eu", 1, 0, 0).await;
+    world.assert_settled(20).await;
+    world.assert_exact().await;
+    // The counters say exactly what the regions hold once their usage is reconciled.
+    let pools = world.held("eu").await.0 + world.held("us").await.0;
+    assert_eq!(world.installed_outstanding("bought").await, pools);
+    assert!(pools <= 20 * MICROS, "regions hold {pools} of 20");
+}
+
+/// The counter-case of the test above: us used the account less than `move_idle_ms` ago, so it
+/// keeps its credits, and a spend in eu beyond what eu and the authority hold is refused (the
+/// multi-region rule, docs/answer.md). Once us has been idle that long, the same spend is allowed.
+#[tokio::test]
+async fn a_region_that_used_the_account_recently_keeps_its_credits_and_a_spend_beyond_is_refused() {
+    let world = World::start_within(&["eu", "us"], 0, 100, (50, 50), "2027-05-01T00:00:00Z").await;
+    world.allocate("eu").await;
+    world.allocate("us").await;
+    // Both allocations are older than `move_idle_ms`: only us's usage keeps it busy.
+    world.clock.advance_ms(MOVE_IDLE_MS_DEFAULT + 1_000);
+    assert!(world.debit("us", "us-small", 1).await);
+    world.reconcile_expecting("us", 1, 0, 0).await;
+    assert_eq!(world.held("us").await.0, 49 * MICROS);
+
+    world.clock.advance_ms(1_000);
+    let short = 80 * MICROS - world.held("eu").await.0;
+    assert_eq!(short, 30 * MICROS);
+    let outcome = world
+        .node
+        .request_allocation(
+            &region("eu"),
+            &acct(),
+            Some(&FeatureKey::new("chat").unwrap()),
+            Credits::from_micros(short),
+        )
+        .await
+        .unwrap();
+    let AllocationOutcome::Allocated(allocation) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(
+        allocation.unallocated,
+        Credits::ZERO,
+        "the authority holds nothing more"
+    );
+    assert_eq!(
+        world.held("us").await.0,
+        49 * MICROS,
+        "us keeps its credits"
+    );
+    assert_eq!(world.held("eu").await.0, 50 * MICROS);
+    assert!(
+        !world.debit("eu", "large", 80).await,
+        "80 is more than eu (50) and the authority (0) hold"
+    );
+    world.assert_never_over_allocated().await;
+
+    // us has now been idle for longer than `move_idle_ms`: the same spend is allowed.
+    world.clock.advance_ms(MOVE_IDLE_MS_DEFAULT);
+    assert!(world.spend_via_cold_path("eu", "large-again", 80).await);
+    assert!(world.held("us").await.0 < 49 * MICROS);
+    world.reconcile_expecting("eu", 1, 0, 0).await;
+    world.assert_settled(19).await;
+    world.assert_exact().await;
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,6 +210,8 @@ pub struct BalanceView {
 
 /// One view's figures of an account (see [`BalanceView`]).
 struct Figures {
+    /// The summary the figures were told from (the one matching the region's move count).
+    summary: Arc<AccountSummary>,
     balance: Credits,
     available: Credits,
     region_available: Credits,
@@ -304,6 +307,9 @@ pub struct Engine<S: RegionStore> {
     /// Per account, the region as this edge last read it (see [`RegionSeen`]): what a cached
     /// decision's balance counts besides its lease, without a call to the region.
     region_seen: DashMap<AccountId, RegionSeen>,
+    /// Per account, a move count whose summary was read again and found not published yet, and
+    /// when (see [`Engine::summary_matching`]).
+    summary_behind: DashMap<AccountId, (u64, i64)>,
 }
 
 /// The region's figures for an account as this edge last read them (a strict decision's
@@ -317,6 +323,10 @@ struct RegionSeen {
     /// The region's overdraft room left.
     room: Credits,
 }
+
+/// How often an edge reads an account's summary again while the summary published is behind
+/// the region's move count (ms).
+pub const SUMMARY_REREAD_MS: i64 = 100;
 
 /// Accounts whose region figures an edge remembers at most; past it, those without a lease
 /// here are dropped.
@@ -341,7 +351,7 @@ enum ColdPath {
 
 impl ColdPath {
     /// The summary to tell the balance from.
-    fn summary<'a>(&'a self, before: &'a AccountSummary) -> &'a AccountSummary {
+    fn summary<'a>(&'a self, before: &'a Arc<AccountSummary>) -> &'a Arc<AccountSummary> {
         match self {
             ColdPath::Asked(fresh) => fresh,
             _ => before,
@@ -397,6 +407,7 @@ impl<S: RegionStore> Engine<S> {
             asked: DashMap::new(),
             short: DashMap::new(),
             region_seen: DashMap::new(),
+            summary_behind: DashMap::new(),
         }
     }
 
@@ -850,12 +861,7 @@ impl<S: RegionStore> Engine<S> {
         // This edge's lease as it was before the call, and whether a refill moved credits from
         // the region's pool into it meanwhile (then the script's pool and the lease may both
         // count them).
-        let refills = || {
-            self.leases
-                .stats()
-                .refills
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
+        let refills = || self.leases.stats().refills.load(Ordering::Relaxed);
         let (refills_before, lease_before) =
             (refills(), self.leases.available(&request.account, None, at));
         let (outcome, cold) = self
@@ -866,7 +872,14 @@ impl<S: RegionStore> Engine<S> {
                 shortfall_of,
             )
             .await?;
-        let told = cold.summary(summary);
+        let told = match &outcome {
+            DebitOutcome::Allowed(allowed) => {
+                self.summary_matching(cold.summary(summary), allowed.moves)
+                    .await
+            }
+            DebitOutcome::Refused(_) => Arc::clone(cold.summary(summary)),
+        };
+        let told = told.as_ref();
         Ok(match outcome {
             DebitOutcome::Allowed(allowed) => Decision::Done(Debited {
                 priced: if allowed.replayed {
@@ -900,6 +913,65 @@ impl<S: RegionStore> Engine<S> {
                 Decision::Refused(self.refused(told, refusal, priced.cost, &cold, at))
             }
         })
+    }
+
+    /// The account's summary that matches the region's figures a decision or a view read at the
+    /// account's move count `moves`: `summary` when its stamp is that count, else the summary
+    /// as published now (read once more). The authority publishes a region's summary after it
+    /// moves credits or overdraft room in or out; a summary read before the move counts the
+    /// moved credits outside the region while the region's figures count them in it (the
+    /// balance too high by them), one read after a later move the other way. When the summary
+    /// published now is still not at `moves` (the authority has moved and not published yet),
+    /// it is used all the same and the miss counted (`tollgate_edge_summary_behind_total`);
+    /// the same count is read again for the account at most every [`SUMMARY_REREAD_MS`] (the
+    /// change notice of the coming publish reloads it meanwhile).
+    async fn summary_matching(
+        &self,
+        summary: &Arc<AccountSummary>,
+        moves: Option<u64>,
+    ) -> Arc<AccountSummary> {
+        let Some(moves) = moves else {
+            return Arc::clone(summary);
+        };
+        if summary.region_moves == moves {
+            return Arc::clone(summary);
+        }
+        let account = &summary.account;
+        let now = self.clock.now();
+        if self
+            .summary_behind
+            .get(account)
+            .is_some_and(|behind| behind.0 == moves && now.millis() - behind.1 < SUMMARY_REREAD_MS)
+        {
+            return Arc::clone(summary);
+        }
+        let stats = self.leases.stats();
+        stats.summary_rereads.fetch_add(1, Ordering::Relaxed);
+        let read = self
+            .catalogue
+            .load_account(self.store.as_ref(), account, now);
+        let fresh =
+            match tokio::time::timeout(Duration::from_millis(self.settings.store_timeout_ms), read)
+                .await
+            {
+                Ok(Ok(Some(fresh))) => fresh,
+                Ok(Err(error)) => {
+                    warn!(%account, %error, "account summary not read again");
+                    return Arc::clone(summary);
+                }
+                _ => return Arc::clone(summary),
+            };
+        if fresh.region_moves == moves {
+            self.summary_behind.remove(account);
+        } else {
+            stats.summary_behind.fetch_add(1, Ordering::Relaxed);
+            if self.summary_behind.len() >= REGION_SEEN_MAX {
+                self.summary_behind.clear();
+            }
+            self.summary_behind
+                .insert(account.clone(), (moves, now.millis()));
+        }
+        fresh
     }
 
     /// The region's active segments `pool` plus what this edge's lease can still pay (memory
@@ -1198,7 +1270,7 @@ impl<S: RegionStore> Engine<S> {
     /// region alone can spend, from one view of the region and the account's summary.
     async fn figures(
         &self,
-        summary: &AccountSummary,
+        summary: &Arc<AccountSummary>,
         feature: Option<&FeatureKey>,
     ) -> Result<Figures, EngineError> {
         let now = self.clock.now();
@@ -1208,6 +1280,8 @@ impl<S: RegionStore> Engine<S> {
             .with_unflushed(account, self.call(self.store.view(account, now)))
             .await;
         let view = view?;
+        let matching = self.summary_matching(summary, Some(view.moves)).await;
+        let summary = matching.as_ref();
         let (credits, room) = Self::region_credits(unflushed, &view, now);
         let balance = account_balance(summary, credits, room, now);
         let segments = view
@@ -1233,6 +1307,7 @@ impl<S: RegionStore> Engine<S> {
         let available =
             Credits::checked_sum([region_spendable, outside, account_room]).unwrap_or(Credits::MAX);
         Ok(Figures {
+            summary: Arc::clone(&matching),
             balance,
             available,
             region_available,
@@ -1273,7 +1348,7 @@ impl<S: RegionStore> Engine<S> {
         };
         let figures = self.figures(&summary, feature.as_ref()).await?;
         Ok(Decision::Done(BalanceView {
-            summary,
+            summary: figures.summary,
             balance: figures.balance,
             available: figures.available,
             region_available: figures.region_available,

@@ -303,6 +303,12 @@ pub struct LeaseStats {
     pub rekeyed: AtomicU64,
     /// Milliseconds between the oldest flushed decision and its flush, last time.
     pub flush_lag_ms: AtomicU64,
+    /// Reads of an account's summary again because a decision or a view found the region at
+    /// another move count than the summary it had (the engine's, counted here with the rest).
+    pub summary_rereads: AtomicU64,
+    /// Of those, the ones that found the summary published now still at another count: the
+    /// authority moved credits and had not published yet (the balance told may be off by them).
+    pub summary_behind: AtomicU64,
     /// Leases given back because another edge of the region recalled them.
     pub recalled: AtomicU64,
     /// Decisions served from a lease that expired before their flush and not charged yet: they

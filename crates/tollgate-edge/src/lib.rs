@@ -23,6 +23,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{
     account_balance, AllocationAnswer, AllocationRequester, AuthorizeRequest, Authorized,
     BalanceView, Captured, DebitRequest, Debited, Decision, Engine, Priced, Quote, Refused, Spend,
+    SUMMARY_REREAD_MS,
 };
 pub use error::EngineError;
 pub use leases::{Declined, LeaseDecision, LeaseStats, Leases};

@@ -27,6 +27,8 @@ pub const PENDING_DECISIONS: &str = "tollgate_edge_pending_decisions";
 pub const UNBILLED_DECISIONS: &str = "tollgate_edge_unbilled_decisions";
 pub const UNBILLED_MICROS: &str = "tollgate_edge_unbilled_micros";
 pub const PRICE_BOOK_GENERATION: &str = "tollgate_edge_price_book_generation";
+pub const SUMMARY_REREADS_TOTAL: &str = "tollgate_edge_summary_rereads_total";
+pub const SUMMARY_BEHIND_TOTAL: &str = "tollgate_edge_summary_behind_total";
 
 /// Decision latency buckets, in seconds: 25 µs to 1 s.
 const LATENCY_BUCKETS_S: &[f64] = &[
@@ -80,6 +82,8 @@ pub struct Metrics {
     unbilled: IntGauge,
     unbilled_micros: IntGauge,
     price_generation: IntGauge,
+    summary_rereads: IntGauge,
+    summary_behind: IntGauge,
 }
 
 impl Metrics {
@@ -143,6 +147,14 @@ impl Metrics {
                 PRICE_BOOK_GENERATION,
                 "generation of the price book in memory",
             )?,
+            summary_rereads: gauge(
+                SUMMARY_REREADS_TOTAL,
+                "account summaries read again because the region had moved credits since the one in memory",
+            )?,
+            summary_behind: gauge(
+                SUMMARY_BEHIND_TOTAL,
+                "summaries read again and still behind the region (the authority moved credits and had not published yet)",
+            )?,
             decisions,
             latency,
             registry,
@@ -167,6 +179,8 @@ impl Metrics {
             &metrics.unbilled,
             &metrics.unbilled_micros,
             &metrics.price_generation,
+            &metrics.summary_rereads,
+            &metrics.summary_behind,
         ] {
             metrics.registry.register(Box::new(gauge.clone()))?;
         }
@@ -202,6 +216,8 @@ impl Metrics {
         self.unbilled_micros.set(read(&leases.unbilled_micros));
         self.price_generation
             .set(i64::try_from(price_generation).unwrap_or(i64::MAX));
+        self.summary_rereads.set(read(&leases.summary_rereads));
+        self.summary_behind.set(read(&leases.summary_behind));
         let mut text = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut text);

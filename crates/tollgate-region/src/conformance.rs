@@ -1710,6 +1710,7 @@ pub async fn publications_reach_readers_with_a_notice<S: RegionStore>(store: &S)
         published_at: at(5),
         outside: Vec::new(),
         debt_basis: Credits::ZERO,
+        region_moves: 0,
     };
     assert_eq!(store.account_summary(&a).await.unwrap(), None);
     store.publish_account(&summary).await.unwrap();
@@ -1717,6 +1718,89 @@ pub async fn publications_reach_readers_with_a_notice<S: RegionStore>(store: &S)
     assert_eq!(notice.ok().flatten(), Some(Change::Account(a.clone())));
     assert_eq!(store.account_summary(&a).await.unwrap(), Some(summary));
     assert_eq!(store.publish_price_book(&book).await.unwrap(), 2);
+}
+
+/// Every move of credits or overdraft room by the authority (an install, a take-back that took
+/// something, a changed overdraft limit) counts once; decisions, replays and unchanged limits do
+/// not. A decision made now and a view say the count; a published summary is stamped with the
+/// count it was published at.
+pub async fn moves_are_counted_and_stamped_on_summaries<S: RegionStore>(store: &S) {
+    let a = account("acct-moves");
+    let moves = |view: AccountView| view.moves;
+    assert_eq!(moves(store.view(&a, at(1)).await.unwrap()), 0);
+    install(store, &a, segment("g", "10", 50, None)).await;
+    assert_eq!(moves(store.view(&a, at(1)).await.unwrap()), 1);
+    // The same install replayed moves nothing.
+    install(store, &a, segment("g", "10", 50, None)).await;
+    assert_eq!(moves(store.view(&a, at(1)).await.unwrap()), 1);
+
+    let published = |region_moves| AccountSummary {
+        account: a.clone(),
+        created_at: at(0),
+        plan: None,
+        mode: EnforcementMode::Strict,
+        contracts: Vec::new(),
+        balance: credits("10"),
+        overdraft_limit: Credits::ZERO,
+        rate_limited: Default::default(),
+        published_at: at(1),
+        outside: Vec::new(),
+        debt_basis: Credits::ZERO,
+        region_moves,
+    };
+    // Whatever the publisher says, the stamp is the region's count.
+    store.publish_account(&published(7)).await.unwrap();
+    assert_eq!(store.account_summary(&a).await.unwrap(), Some(published(1)));
+
+    let first = debit_allowed(store, &debit_command(&a, "d1", "gen", "2", at(2))).await;
+    assert_eq!(first.moves, Some(1));
+    let again = debit_allowed(store, &debit_command(&a, "d1", "gen", "2", at(3))).await;
+    assert!(again.replayed);
+    assert_eq!(
+        again.moves, None,
+        "a replay carries the first decision's figures"
+    );
+
+    store
+        .set_overdraft_limit(&a, credits("5"), at(4))
+        .await
+        .unwrap();
+    store
+        .set_overdraft_limit(&a, credits("5"), at(4))
+        .await
+        .unwrap();
+    assert_eq!(moves(store.view(&a, at(4)).await.unwrap()), 2);
+    let none = store
+        .take_back(
+            &a,
+            &key("tb-none"),
+            &grant("other"),
+            credits("1"),
+            None,
+            at(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(none.taken, Credits::ZERO);
+    assert_eq!(moves(store.view(&a, at(5)).await.unwrap()), 2);
+    store
+        .take_back(&a, &key("tb"), &grant("g"), credits("1"), None, at(5))
+        .await
+        .unwrap();
+    assert_eq!(moves(store.view(&a, at(5)).await.unwrap()), 3);
+    let decided = debit_allowed(store, &debit_command(&a, "d2", "gen", "1", at(6))).await;
+    assert_eq!(decided.moves, Some(3));
+    // The summary published before those moves still says 1; published again, 3.
+    assert_eq!(
+        store
+            .account_summary(&a)
+            .await
+            .unwrap()
+            .map(|s| s.region_moves),
+        Some(1)
+    );
+    store.publish_account(&published(0)).await.unwrap();
+    assert_eq!(store.account_summary(&a).await.unwrap(), Some(published(3)));
 }
 
 /// One operation of [`same_answers_as_the_reference`].

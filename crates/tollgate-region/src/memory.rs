@@ -106,6 +106,8 @@ struct AccountState {
     remembered: HashMap<IdempotencyKey, Remembered>,
     /// Usage records appended for the account (the last one's `seq`).
     usage_seq: u64,
+    /// Times the authority moved credits or overdraft room in or out ([`AccountView::moves`]).
+    moves: u64,
 }
 
 #[derive(Default)]
@@ -599,6 +601,7 @@ impl State {
             at: entry.at,
             replayed: false,
             price: Some(entry.price),
+            moves: None,
         };
         let usage_id = self.append(record, now);
         let stored = Stored::Debit(
@@ -684,6 +687,9 @@ impl RegionStore for MemoryRegionStore {
             entry.expires_at = segment.expires_at;
             entry.scope = segment.scope.clone();
             entry.remaining += segment.amount.micros();
+            if segment.amount.is_positive() {
+                a.moves += 1;
+            }
             let done = SegmentInstalled {
                 remaining: Credits::from_micros(entry.remaining),
                 pool: Credits::from_micros(pool + segment.amount.micros()),
@@ -732,6 +738,7 @@ impl RegionStore for MemoryRegionStore {
                 0
             };
             let remaining = if taken > 0 {
+                a.moves += 1;
                 a.add_to_segment(grant_id, -taken)
             } else {
                 held
@@ -765,7 +772,10 @@ impl RegionStore for MemoryRegionStore {
             let retain_ms = state.retain_ms;
             let a = state.account(account);
             a.sweep(now.millis(), retain_ms);
-            a.od_limit = limit.micros();
+            if a.od_limit != limit.micros() {
+                a.od_limit = limit.micros();
+                a.moves += 1;
+            }
             Ok(())
         })
     }
@@ -858,6 +868,7 @@ impl RegionStore for MemoryRegionStore {
                 at: command.now,
                 replayed: false,
                 price: Some(command.price),
+                moves: None,
             };
             let usage_id = state.append(record, now);
             let allowed = Allowed {
@@ -877,7 +888,10 @@ impl RegionStore for MemoryRegionStore {
                 now,
                 retain_ms,
             );
-            Ok(DebitOutcome::Allowed(allowed))
+            Ok(DebitOutcome::Allowed(Allowed {
+                moves: Some(a.moves),
+                ..allowed
+            }))
         })
     }
 
@@ -1350,6 +1364,7 @@ impl RegionStore for MemoryRegionStore {
                 leased: Credits::from_micros(leased),
                 leases: a.leases.len() as u64,
                 usage_seq: a.usage_seq,
+                moves: a.moves,
             })
         })
     }
@@ -1472,9 +1487,14 @@ impl RegionStore for MemoryRegionStore {
 
     async fn publish_account(&self, summary: &AccountSummary) -> Result<()> {
         self.with(|state| {
-            state
-                .summaries
-                .insert(summary.account.clone(), summary.clone());
+            let region_moves = state.accounts.get(&summary.account).map_or(0, |a| a.moves);
+            state.summaries.insert(
+                summary.account.clone(),
+                AccountSummary {
+                    region_moves,
+                    ..summary.clone()
+                },
+            );
             state.notify(Change::Account(summary.account.clone()));
             Ok(())
         })

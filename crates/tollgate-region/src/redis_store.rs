@@ -130,6 +130,12 @@ impl RedisRegionStore {
         format!("{}:{{{account}}}:summary", self.prefix)
     }
 
+    /// The account's move count as its summary was last published
+    /// ([`AccountSummary::region_moves`]).
+    fn summary_stamp_key(&self, account: &AccountId) -> String {
+        format!("{}:{{{account}}}:summary:moves", self.prefix)
+    }
+
     fn idempotency_key(&self, account: &AccountId, key: &str) -> String {
         format!("{}:{{{account}}}:idem:{key}", self.prefix)
     }
@@ -455,6 +461,11 @@ impl RegionStore for RedisRegionStore {
             )
             .await?;
         let (status, rest) = split_reply(&reply)?;
+        // A decision made now says the account's move count after its result.
+        let (rest, moves) = match (status, rest) {
+            ("ok", [result, moves]) => (std::slice::from_ref(result), Some(count(moves)?)),
+            _ => (rest, None),
+        };
         match result_of(status, rest) {
             Some((result, replayed)) => {
                 // Results stored before the overdraft room was part of them have five fields;
@@ -479,6 +490,7 @@ impl RegionStore for RedisRegionStore {
                     at: millis(at)?,
                     replayed,
                     price,
+                    moves,
                 }))
             }
             None => refusal(status, rest).map(DebitOutcome::Refused),
@@ -748,7 +760,7 @@ impl RegionStore for RedisRegionStore {
         let reply = self
             .run(&self.scripts.view, account, None, now, &[])
             .await?;
-        let [od_limit, od_used, held, pending, leased, leases, usage_seq, held_grants, segments @ ..] =
+        let [od_limit, od_used, held, pending, leased, leases, usage_seq, held_grants, moves, segments @ ..] =
             &reply[..]
         else {
             return Err(RegionError::Corrupt(format!("view {reply:?}")));
@@ -775,6 +787,7 @@ impl RegionStore for RedisRegionStore {
             leased: micros(leased)?,
             leases: count(leases)?,
             usage_seq: count(usage_seq)?,
+            moves: count(moves)?,
         })
     }
 
@@ -911,6 +924,8 @@ impl RegionStore for RedisRegionStore {
         invocation
             .key(self.summary_key(&summary.account))
             .key("")
+            .key(format!("{}:{{{}}}:acct", self.prefix, summary.account))
+            .key(self.summary_stamp_key(&summary.account))
             .arg(document)
             .arg(self.changes_channel())
             .arg(format!("account:{}", summary.account));
@@ -921,8 +936,17 @@ impl RegionStore for RedisRegionStore {
 
     async fn account_summary(&self, account: &AccountId) -> Result<Option<AccountSummary>> {
         let mut connection = self.connection.clone();
-        let document: Option<String> = connection.get(self.summary_key(account)).await?;
-        document.as_deref().map(from_document).transpose()
+        let (document, stamp): (Option<String>, Option<String>) = redis::cmd("MGET")
+            .arg(self.summary_key(account))
+            .arg(self.summary_stamp_key(account))
+            .query_async(&mut connection)
+            .await?;
+        let Some(document) = document else {
+            return Ok(None);
+        };
+        let mut summary: AccountSummary = from_document(&document)?;
+        summary.region_moves = stamp.as_deref().map(count).transpose()?.unwrap_or(0);
+        Ok(Some(summary))
     }
 
     async fn recall_leases(&self, account: &AccountId) -> Result<()> {

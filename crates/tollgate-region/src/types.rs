@@ -124,6 +124,9 @@ pub struct Allowed {
     /// first decision, at the first price. `None` for a result stored before prices were kept
     /// with it.
     pub price: Option<PriceTag>,
+    /// The account's move count in the region when the decision was made
+    /// ([`AccountView::moves`]); `None` for a replay (the first decision's figures, not now's).
+    pub moves: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -359,6 +362,11 @@ pub struct AccountView {
     /// How many usage records the account has had in this region: the last one's
     /// [`UsageRecord::seq`].
     pub usage_seq: u64,
+    /// How many times the authority has moved credits or overdraft room into or out of the
+    /// region for the account (installs, take-backs, overdraft limit changes). A summary whose
+    /// [`AccountSummary::region_moves`] is another count was published before or after the
+    /// region's figures read with it.
+    pub moves: u64,
 }
 
 impl AccountView {
@@ -532,6 +540,12 @@ pub struct AccountSummary {
     /// and their reconciliation, like `outside`.
     #[serde(default)]
     pub debt_basis: Credits,
+    /// The region's move count for the account ([`AccountView::moves`]) when this summary was
+    /// published, stamped by the region store (not part of the published document). `outside`
+    /// and `debt_basis` match the region's figures read at the same count; an edge that reads
+    /// another count with a decision reads the summary again.
+    #[serde(default, skip_serializing)]
+    pub region_moves: u64,
 }
 
 /// Credits of one account's grants sharing the same terms, held outside one region (by the

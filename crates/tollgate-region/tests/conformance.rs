@@ -63,6 +63,7 @@ conformance!(
     reversals_give_a_debit_back,
     take_back_waits_until_usage_is_reconciled,
     publications_reach_readers_with_a_notice,
+    moves_are_counted_and_stamped_on_summaries,
 );
 
 /// Redis answers exactly as the in-memory reference over seeded random operation sequences.

@@ -4,96 +4,16 @@
 //! reconciles the debits, one account runs out so its `balance.exhausted` webhook fails; then
 //! every family of the authority's metrics is scraped over HTTP and checked.
 
-use std::time::{Duration, Instant};
-
-use tollgate_core::{AccountId, FeatureKey, IdempotencyKey, Quantity};
-use tollgate_edge::{DebitRequest, Decision, Spend};
-use tollgate_proto::pb;
+use tollgate_edge::Decision;
 use tollgate_testkit::process::free_port;
 use tollgate_testkit::{PostgresServer, RedisServer};
 
 mod common;
 
-use common::grpc::{define_chat, price_chat, Admin};
-use common::serve::Serve;
+use common::grpc::{define_chat, price_chat};
+use common::serve::{account_with_grant, chat, sample, scrape_until, value, Serve};
 
 const ADMIN_KEY: &str = "metrics-admin-key";
-/// How long the test waits for the background loops (reconciliation every 200 ms, webhooks
-/// every second) to do what it checks; a bound on waiting, not a timing assertion.
-const WAIT_MS: u64 = 30_000;
-
-/// The `/metrics` page of the HTTP listener at `http`.
-async fn scrape(http: &str) -> String {
-    let url = format!("http://{http}/metrics");
-    let (status, _, body) = common::http_client::call("GET", &url, &[], "").await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
-/// The value of the sample of `name` that has every one of `labels` (`key="value"`), if any.
-fn sample(page: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    page.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let rest = series.strip_prefix(name)?;
-        let matches = match rest.strip_prefix('{') {
-            Some(set) => labels.iter().all(|label| set.contains(label)),
-            None => rest.is_empty() && labels.is_empty(),
-        };
-        matches.then(|| value.parse().ok()).flatten()
-    })
-}
-
-/// Like [`sample`], failing the test when the sample is missing.
-fn value(page: &str, name: &str, labels: &[&str]) -> f64 {
-    sample(page, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{page}"))
-}
-
-/// Scrapes until `ready` holds for the page (at most [`WAIT_MS`]); returns the last page.
-async fn scrape_until(http: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
-    loop {
-        let page = scrape(http).await;
-        if ready(&page) {
-            return page;
-        }
-        assert!(Instant::now() < deadline, "{what}; last /metrics:\n{page}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn account_with_grant(admin: &mut Admin, account: &str, amount: &str) {
-    admin
-        .create_account(pb::CreateAccountRequest {
-            idempotency_key: format!("a-{account}"),
-            account_id: account.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    admin
-        .issue_grant(pb::IssueGrantRequest {
-            idempotency_key: format!("g-{account}"),
-            account_id: account.into(),
-            grant_id: "bought".into(),
-            amount: amount.into(),
-            source: pb::GrantSource::Purchase.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-}
-
-fn chat(account: &str, key: &str, calls: &str) -> DebitRequest {
-    DebitRequest {
-        account: AccountId::new(account).unwrap(),
-        key: IdempotencyKey::new(key).unwrap(),
-        feature: FeatureKey::new("chat").unwrap(),
-        spend: Spend::Quantity(Quantity::parse(calls).unwrap()),
-        actor: None,
-        mode: None,
-        event_time: None,
-    }
-}
 
 /// Starts `serve` with region `eu` on `redis` and a webhook endpoint `billing` at a port
 /// nothing listens on.

@@ -1,6 +1,7 @@
 //! The `tollgate-edge` binary end to end: a redis-server and an OTLP collector of the test's
 //! own; decisions over gRPC; then SIGTERM, after which every cached decision is in the usage
-//! stream, the lease is back in the region, and the spans reached the collector.
+//! stream, the lease is back in the region, and the spans reached the collector. And the edge
+//! with its authority unreachable: a spend the region cannot pay is refused as such.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,8 @@ use tollgate_core::{
 };
 use tollgate_proto::pb;
 use tollgate_region::{
-    AccountSummary, EnforcementMode, RedisRegionStore, RegionStore, SegmentSpec, RETAIN_MS_DEFAULT,
+    AccountSummary, EnforcementMode, OutsideCredits, RedisRegionStore, RegionStore, SegmentSpec,
+    RETAIN_MS_DEFAULT,
 };
 use tollgate_testkit::RedisServer;
 
@@ -66,6 +68,17 @@ fn free_port() -> u16 {
 }
 
 async fn seed(store: &RedisRegionStore) -> AccountId {
+    seed_held(store, 100, 0, EnforcementMode::Cached).await
+}
+
+/// The price book and an account of which the region holds `held` credits, while its summary
+/// says `outside` more are held outside the region (by the authority or other regions).
+async fn seed_held(
+    store: &RedisRegionStore,
+    held: i64,
+    outside: i64,
+    mode: EnforcementMode,
+) -> AccountId {
     let book = PriceBook::new(vec![PriceBookVersion {
         version: 1,
         effective_from: Timestamp::EPOCH,
@@ -76,7 +89,7 @@ async fn seed(store: &RedisRegionStore) -> AccountId {
     let account = AccountId::new("acme").unwrap();
     let segment = SegmentSpec {
         grant_id: GrantId::new("g1").unwrap(),
-        amount: Credits::from_whole(100).unwrap(),
+        amount: Credits::from_whole(held).unwrap(),
         priority: 50,
         effective_at: Timestamp::EPOCH,
         expires_at: None,
@@ -95,48 +108,56 @@ async fn seed(store: &RedisRegionStore) -> AccountId {
         account: account.clone(),
         created_at: Timestamp::EPOCH,
         plan: None,
-        mode: EnforcementMode::Cached,
+        mode,
         contracts: Vec::new(),
-        balance: segment.amount,
+        balance: Credits::from_whole(held + outside).unwrap(),
         overdraft_limit: Credits::ZERO,
         rate_limited: Default::default(),
         published_at: Timestamp::EPOCH,
-        outside: Vec::new(),
+        outside: if outside > 0 {
+            vec![OutsideCredits {
+                amount: Credits::from_whole(outside).unwrap(),
+                effective_at: Timestamp::EPOCH,
+                expires_at: None,
+                scope: Scope::All,
+            }]
+        } else {
+            Vec::new()
+        },
         debt_basis: Credits::ZERO,
+        region_moves: 0,
     };
     store.publish_account(&summary).await.unwrap();
     account
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_flushes_returns_leases_and_spans_reach_the_collector() {
-    let redis = RedisServer::start().unwrap();
-    let store = RedisRegionStore::connect(&redis.url(), "tg:e2e", RETAIN_MS_DEFAULT)
-        .await
-        .unwrap();
-    let account = seed(&store).await;
-    store.create_usage_group("audit").await.unwrap();
+/// The Enforcement client the tests call the edge with (key `k`).
+type Client = pb::enforcement_client::EnforcementClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+>;
 
-    let collector = Collector::default();
-    let otlp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp_address = otlp.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
-    );
+fn bearer_k(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let header: tonic::metadata::MetadataValue<_> = "Bearer k".parse().expect("header value");
+    request.metadata_mut().insert("authorization", header);
+    Ok(request)
+}
 
+/// Starts the edge binary for region `region` on `redis` (keys under `tg:<region>`, enforce
+/// key `k`, free ports) with `env` on top; returns it and a client, once it listens.
+async fn start_edge(region: &str, redis: &RedisServer, env: &[(&str, String)]) -> (Edge, Client) {
     let listen = format!("127.0.0.1:{}", free_port());
     let edge = Edge(
         Command::new(env!("CARGO_BIN_EXE_tollgate-edge"))
-            .env("TOLLGATE_REGION", "e2e")
+            .env("TOLLGATE_REGION", region)
             .env("TOLLGATE_REDIS_URL", redis.url())
-            .env("TOLLGATE_KEY_PREFIX", "tg:e2e")
+            .env("TOLLGATE_KEY_PREFIX", format!("tg:{region}"))
             .env("TOLLGATE_LISTEN", &listen)
             .env("TOLLGATE_HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("TOLLGATE_ENFORCE_API_KEY", "k")
-            .env("TOLLGATE_OTLP_ENDPOINT", format!("http://{otlp_address}"))
-            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -157,16 +178,40 @@ async fn sigterm_drains_flushes_returns_leases_and_spans_reach_the_collector() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let header: tonic::metadata::MetadataValue<_> = "Bearer k".parse().unwrap();
-    let mut client = pb::enforcement_client::EnforcementClient::with_interceptor(
-        channel,
-        move |mut request: tonic::Request<()>| {
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
-            Ok(request)
-        },
+    let interceptor: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> = bearer_k;
+    (
+        edge,
+        pb::enforcement_client::EnforcementClient::with_interceptor(channel, interceptor),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_flushes_returns_leases_and_spans_reach_the_collector() {
+    let redis = RedisServer::start().unwrap();
+    let store = RedisRegionStore::connect(&redis.url(), "tg:e2e", RETAIN_MS_DEFAULT)
+        .await
+        .unwrap();
+    let account = seed(&store).await;
+    store.create_usage_group("audit").await.unwrap();
+
+    let collector = Collector::default();
+    let otlp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp_address = otlp.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
     );
+
+    let (edge, mut client) = start_edge(
+        "e2e",
+        &redis,
+        &[
+            ("TOLLGATE_OTLP_ENDPOINT", format!("http://{otlp_address}")),
+            ("RUST_LOG", "info".to_owned()),
+        ],
+    )
+    .await;
     for n in 0..5 {
         let request = pb::DebitRequest {
             idempotency_key: format!("e2e-{n}"),
@@ -205,12 +250,13 @@ async fn sigterm_drains_flushes_returns_leases_and_spans_reach_the_collector() {
         .status()
         .unwrap()
         .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
         if let Some(status) = edge.0.try_wait().unwrap() {
             break status;
         }
         assert!(
-            Instant::now() < deadline + Duration::from_secs(20),
+            Instant::now() < deadline,
             "the edge did not stop after SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -242,5 +288,96 @@ async fn sigterm_drains_flushes_returns_leases_and_spans_reach_the_collector() {
             .count()
             >= 5,
         "spans exported: {spans:?}"
+    );
+}
+
+/// The credits the region holds of `account`.
+async fn pool(store: &RedisRegionStore, account: &AccountId) -> Credits {
+    store
+        .view(account, Timestamp::from_millis(1).unwrap())
+        .await
+        .unwrap()
+        .pool()
+}
+
+/// A strict Debit of `credits` (`gen` costs 0.5 a unit) under `key`.
+fn debit_of_credits(key: &str, credits: i64) -> pb::DebitRequest {
+    pb::DebitRequest {
+        idempotency_key: key.into(),
+        account_id: "acme".into(),
+        usage: Some(pb::Usage {
+            feature: "gen".into(),
+            amount: Some(pb::usage::Amount::Quantity((credits * 2).to_string())),
+        }),
+        ..pb::DebitRequest::default()
+    }
+}
+
+/// The edge's cold path asks an authority at an address nobody listens on. A spend the region
+/// cannot pay is then refused as AUTHORITY_UNREACHABLE, not as insufficient credits (the
+/// authority may hold the rest), with the account's balance as last known and nothing charged;
+/// a spend the region can pay is decided from what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_beyond_the_region_with_the_authority_unreachable_is_refused_as_such() {
+    let redis = RedisServer::start().unwrap();
+    let store = RedisRegionStore::connect(&redis.url(), "tg:cut", RETAIN_MS_DEFAULT)
+        .await
+        .unwrap();
+    let account = seed_held(&store, 10, 990, EnforcementMode::Strict).await;
+
+    let (_edge, mut client) = start_edge(
+        "cut",
+        &redis,
+        &[
+            // A port that was free a moment ago: the cold path's connection is refused.
+            (
+                "TOLLGATE_AUTHORITY_URL",
+                format!("http://127.0.0.1:{}", free_port()),
+            ),
+            ("RUST_LOG", "warn".to_owned()),
+        ],
+    )
+    .await;
+
+    let reply = client
+        .debit(debit_of_credits("beyond", 50))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::debit_reply::Outcome::Refused(refusal)) = reply.outcome else {
+        panic!("{reply:?}");
+    };
+    assert_eq!(
+        pb::RefusalCode::try_from(refusal.code),
+        Ok(pb::RefusalCode::AuthorityUnreachable),
+        "{refusal:?}"
+    );
+    assert_eq!(
+        (
+            refusal.cost.as_str(),
+            refusal.available.as_str(),
+            refusal.balance.as_str()
+        ),
+        ("50", "10", "1000"),
+        "{refusal:?}"
+    );
+    assert_eq!(
+        pool(&store, &account).await,
+        Credits::from_whole(10).unwrap(),
+        "nothing charged"
+    );
+
+    let reply = client
+        .debit(debit_of_credits("within", 5))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::debit_reply::Outcome::Debited(debited)) = reply.outcome else {
+        panic!("{reply:?}");
+    };
+    assert_eq!(debited.balance_after, "995", "{debited:?}");
+    assert_eq!(
+        pool(&store, &account).await,
+        Credits::from_whole(5).unwrap()
     );
 }

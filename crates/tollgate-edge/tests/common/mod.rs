@@ -95,6 +95,7 @@ pub async fn seed<S: RegionStore>(
             published_at: now(),
             outside: Vec::new(),
             debt_basis: Credits::ZERO,
+            region_moves: 0,
         })
         .await
         .unwrap();

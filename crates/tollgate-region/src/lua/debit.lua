@@ -4,10 +4,11 @@
 -- need be, and the feature's bucket neither refuses nor counts it), quantity and rate ('' for an
 -- explicit cost).
 -- Returns {'ok'|'replay', "draws|overdraft|pool|usage_id|at|od_room||cost|price_version|
--- price_rule|quantity|rate"} (pool: active segments after the debit; od_room: overdraft room
--- left; the seventh field is a lease's id, empty here, and the last five are the price the
--- decision was made at), {'insufficient', available, shortfall}, {'rate_limited', feature,
--- retry_after_ms} or {'conflict'}.
+-- price_rule|quantity|rate", moves} (pool: active segments after the debit; od_room: overdraft
+-- room left; the seventh field is a lease's id, empty here, and the last five are the price the
+-- decision was made at; moves, not stored with the key: the account's move count, see lib.lua),
+-- {'insufficient', available, shortfall}, {'rate_limited', feature, retry_after_ms} or
+-- {'conflict'}.
 local fingerprint, account, key, feature = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local cost = tonumber(ARGV[7])
 local actor, price_version, price_rule = ARGV[8], ARGV[9], ARGV[10]
@@ -44,4 +45,4 @@ local id = redis.call('XADD', K_STREAM, '*',
 local result = table.concat({ encoded, fmt(overdraft), fmt(pool), id, fmt(NOW),
   fmt(od_room), '', fmt(cost), price_version, price_rule, quantity, rate }, '|')
 idem_store(fingerprint, result)
-return { 'ok', result }
+return { 'ok', result, acct.moves }

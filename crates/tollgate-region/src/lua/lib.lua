@@ -127,22 +127,32 @@ local function burn_less(a, b)
   return bytes_less(a.id, b.id)
 end
 
--- The account's scalars in one read: overdraft limit and use, when something is next due, and
--- (with a feature) that feature's rate limit and bucket.
+-- The account's scalars in one read: overdraft limit and use, when something is next due, how
+-- many times the authority moved credits or room in or out (`moves`), and (with a feature) that
+-- feature's rate limit and bucket.
 local function load_account(feature)
   local v
   if feature then
-    v = redis.call('HMGET', K_ACCT, 'od_limit', 'od_used', 'due', 'l:' .. feature, 'b:' .. feature)
+    v = redis.call('HMGET', K_ACCT, 'od_limit', 'od_used', 'due', 'mv', 'l:' .. feature,
+      'b:' .. feature)
   else
-    v = redis.call('HMGET', K_ACCT, 'od_limit', 'od_used', 'due')
+    v = redis.call('HMGET', K_ACCT, 'od_limit', 'od_used', 'due', 'mv')
   end
   return {
     od_limit = tonumber(v[1] or '0') or 0,
     od_used = tonumber(v[2] or '0') or 0,
     due = tonumber(v[3] or ''),
-    limit = v[4] or false,
-    bucket = v[5] or false,
+    moves = v[4] or '0',
+    limit = v[5] or false,
+    bucket = v[6] or false,
   }
+end
+
+-- The authority moved credits or overdraft room into or out of the region: the account's
+-- summary published before no longer matches what the region holds (an edge compares the
+-- count a decision returns with the one stamped on the summary it read).
+local function count_move()
+  redis.call('HINCRBY', K_ACCT, 'mv', 1)
 end
 
 local function account_overdraft()

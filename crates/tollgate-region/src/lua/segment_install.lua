@@ -10,6 +10,7 @@ sweep(NOW, load_account(false))
 local pool = pool_level()
 if pool + amount > pool_max then return { 'pool_full', fmt(pool) } end
 redis.call('HSET', K_SEG, 'm:' .. grant_id, table.concat({ ARGV[6], ARGV[7], ARGV[8], ARGV[9] }, '|'))
+if amount > 0 then count_move() end
 redis.call('HDEL', K_ACCT, 'z:' .. grant_id)
 local remaining = redis.call('HINCRBY', K_SEG, 'r:' .. grant_id, fmt(amount))
 local result = fmt(remaining) .. '|' .. fmt(pool + amount)

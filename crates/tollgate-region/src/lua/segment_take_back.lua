@@ -19,7 +19,10 @@ if reconciled ~= '' then
 end
 local taken = 0
 if unreconciled == 0 then taken = math.min(remaining, amount) end
-if taken > 0 then remaining = add_to_segment(grant_id, -taken) end
+if taken > 0 then
+  remaining = add_to_segment(grant_id, -taken)
+  count_move()
+end
 local result = table.concat({ fmt(taken), fmt(remaining), fmt(pool_level()), fmt(unreconciled) }, '|')
 idem_store(fingerprint, result)
 return { 'ok', result }

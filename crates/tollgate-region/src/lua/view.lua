@@ -1,5 +1,5 @@
 -- The account as this region sees it (after settling what has come due). ARGV: now, retain_ms.
--- Returns {od_limit, od_used, held, holds_pending, leased, leases, usage_seq, held_grants,
+-- Returns {od_limit, od_used, held, holds_pending, leased, leases, usage_seq, held_grants, moves,
 -- segment...} with held_grants the grants pending holds draw from, comma-separated, and
 -- segments as "id/remaining/priority/expires_at/effective_at/scope".
 local acct = load_account(false)
@@ -31,7 +31,7 @@ for i = 1, #flat, 2 do
 end
 local useq = redis.call('HGET', K_ACCT, 'useq') or '0'
 local out = { fmt(od_limit), fmt(od_used), fmt(held), fmt(pending), fmt(leased), fmt(leases), useq,
-  table.concat(held_list, ',') }
+  table.concat(held_list, ','), acct.moves }
 for _, seg in ipairs(load_segments()) do
   local expires_text = (seg.expires and fmt(seg.expires)) or ''
   out[#out + 1] = table.concat({ seg.id, fmt(seg.remaining), fmt(seg.priority), expires_text, fmt(seg.effective), seg.scope_text }, '/')

@@ -6,13 +6,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tollgate_core::RegionId;
+use tollgate_core::{AccountId, FeatureKey, IdempotencyKey, Quantity, RegionId};
 use tollgate_edge::coordination::AuthorityClient;
-use tollgate_edge::{EdgeSettings, Engine, SystemClock};
+use tollgate_edge::{DebitRequest, EdgeSettings, Engine, Spend, SystemClock};
+use tollgate_proto::pb;
 use tollgate_region::{RedisRegionStore, RETAIN_MS_DEFAULT};
 use tollgate_testkit::process::free_port;
 use tollgate_testkit::{PostgresServer, RedisServer};
 use tonic::transport::Channel;
+
+use super::grpc::Admin;
 
 /// How long a test waits for the process to listen.
 const LISTEN_WITHIN_MS: u64 = 30_000;
@@ -112,5 +115,82 @@ impl Serve {
         .unwrap();
         Engine::new(store, EdgeSettings::new(eu), Arc::new(SystemClock))
             .with_allocator(Arc::new(client))
+    }
+}
+
+/// How long a test waits for `serve`'s background loops (reconciliation every 200 ms, webhooks
+/// every second) to do what it checks; a bound on waiting, not a timing assertion.
+pub const SCRAPE_WAIT_MS: u64 = 30_000;
+
+/// The `/metrics` page of the HTTP listener at `http`.
+pub async fn scrape(http: &str) -> String {
+    let url = format!("http://{http}/metrics");
+    let (status, _, body) = super::http_client::call("GET", &url, &[], "").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The value of the sample of `name` that has every one of `labels` (`key="value"`), if any.
+pub fn sample(page: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let rest = series.strip_prefix(name)?;
+        let matches = match rest.strip_prefix('{') {
+            Some(set) => labels.iter().all(|label| set.contains(label)),
+            None => rest.is_empty() && labels.is_empty(),
+        };
+        matches.then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Like [`sample`], failing the test when the sample is missing.
+pub fn value(page: &str, name: &str, labels: &[&str]) -> f64 {
+    sample(page, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{page}"))
+}
+
+/// Scrapes until `ready` holds for the page (at most [`SCRAPE_WAIT_MS`]); returns the last page.
+pub async fn scrape_until(http: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_millis(SCRAPE_WAIT_MS);
+    loop {
+        let page = scrape(http).await;
+        if ready(&page) {
+            return page;
+        }
+        assert!(Instant::now() < deadline, "{what}; last /metrics:\n{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn account_with_grant(admin: &mut Admin, account: &str, amount: &str) {
+    admin
+        .create_account(pb::CreateAccountRequest {
+            idempotency_key: format!("a-{account}"),
+            account_id: account.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .issue_grant(pb::IssueGrantRequest {
+            idempotency_key: format!("g-{account}"),
+            account_id: account.into(),
+            grant_id: "bought".into(),
+            amount: amount.into(),
+            source: pb::GrantSource::Purchase.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+pub fn chat(account: &str, key: &str, calls: &str) -> DebitRequest {
+    DebitRequest {
+        account: AccountId::new(account).unwrap(),
+        key: IdempotencyKey::new(key).unwrap(),
+        feature: FeatureKey::new("chat").unwrap(),
+        spend: Spend::Quantity(Quantity::parse(calls).unwrap()),
+        actor: None,
+        mode: None,
+        event_time: None,
     }
 }
