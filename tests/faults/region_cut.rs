@@ -574,9 +574,26 @@ async fn with_one_region_cut_off_the_other_reconciles_and_nothing_served_goes_un
 
     // The region pays the cut edge's decisions whose lease expired once it holds credits
     // again: the authority's refill, here asked for by hand since refills are off.
-    node.request_allocation(&eu(), &acct(), None, credits(2 * LEASE_CREDITS * 1_000_000))
-        .await
-        .unwrap();
+    // The authority's connection to eu was severed by the cut: its first call after the heal
+    // may time out before the client reconnects, as a background pass would, so this is tried
+    // again (bounded).
+    let mut allocated = None;
+    for _ in 0..10 {
+        match node
+            .request_allocation(&eu(), &acct(), None, credits(2 * LEASE_CREDITS * 1_000_000))
+            .await
+        {
+            Ok(allocation) => {
+                allocated = Some(allocation);
+                break;
+            }
+            Err(error) => {
+                println!("allocation after the heal failed, tried again: {error}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    allocated.expect("eu allocated after the heal");
 
     let during_cut = |at_ms: u128| at_ms >= cut_at_ms && at_ms < healed_at_ms;
     let ages: Vec<i64> = lag

@@ -1251,8 +1251,15 @@ impl<S: RegionStore> Engine<S> {
         key: IdempotencyKey,
         debit_key: IdempotencyKey,
     ) -> Result<Decision<Credits>, EngineError> {
-        // A cached decision may still be waiting in this edge's buffer: flush it first.
+        // A cached decision may still be waiting in this edge's buffer: flush it first. If it
+        // is still waiting after (the region did not answer the flush), the region cannot know
+        // the debit yet: "unknown debit" would be wrong, so the caller is asked to retry.
         self.leases.flush_account(&account).await;
+        if self.leases.is_unflushed(&account, &debit_key) {
+            return Err(EngineError::Unavailable(format!(
+                "debit {debit_key} is not recorded in the region yet (its flush did not complete); retry the reversal"
+            )));
+        }
         let command = ReverseCommand {
             account,
             key,

@@ -366,7 +366,8 @@ impl<S: RegionStore> Leases<S> {
         self.pending_total.load(Ordering::Relaxed)
     }
 
-    /// What this edge's lease can still pay for the account (on `feature` when given).
+    /// What this edge's lease can still pay for the account (on `feature` when given); nothing
+    /// once the lease is past its deadline.
     pub fn available(
         &self,
         account: &AccountId,
@@ -374,7 +375,14 @@ impl<S: RegionStore> Leases<S> {
         at: Timestamp,
     ) -> Credits {
         self.accounts.get(account).map_or(Credits::ZERO, |lease| {
-            Credits::from_micros(lease.local().available(feature, at))
+            let local = lease.local();
+            // A lease past its deadline pays nothing more (this edge decides strict), and the
+            // region may already have taken its credits back (an edge cut off from its region
+            // past the deadline): counting them here would count them twice.
+            if self.clock.now().millis() >= local.deadline_ms {
+                return Credits::ZERO;
+            }
+            Credits::from_micros(local.available(feature, at))
         })
     }
 
@@ -428,6 +436,16 @@ impl<S: RegionStore> Leases<S> {
         };
         let _region = lease.region.lock().await;
         (self.unflushed(account), read.await)
+    }
+
+    /// Whether a decision of this edge on the account under `key` waits to be flushed or
+    /// charged (the region does not know it yet).
+    pub fn is_unflushed(&self, account: &AccountId, key: &IdempotencyKey) -> bool {
+        self.accounts.get(account).is_some_and(|lease| {
+            let local = lease.local();
+            local.pending.iter().any(|u| u.key == *key)
+                || local.unbilled.iter().any(|u| u.entry.key == *key)
+        })
     }
 
     /// How many of this edge's decisions on the account wait to be flushed or charged.

@@ -240,3 +240,49 @@ async fn a_balance_read_during_a_flush_counts_its_batch_once_on_redis() {
         .unwrap();
     a_balance_read_during_a_flush_counts_its_batch_once(Arc::new(FaultyStore::new(store))).await;
 }
+
+/// A reversal flushes the edge's cached decisions first. When that flush does not reach the
+/// region, the debit is not recorded there yet: the reversal must say "retry", never "unknown
+/// debit" (a client told that would keep a charge it meant to undo). Once the flush goes
+/// through, the same reversal refunds it.
+async fn a_reversal_before_its_debit_is_flushed_asks_to_retry<S: RegionStore>(
+    store: Arc<FaultyStore<S>>,
+) {
+    let (edge, a) = edge_with_lease(&store, "acct-reverse-unflushed").await;
+    cached_debit(&edge, debit(&a, "spend", "4")).await;
+    store.fail_settlements(true);
+    let reversal = IdempotencyKey::new("undo").unwrap();
+    let spend = IdempotencyKey::new("spend").unwrap();
+    match edge
+        .reverse(a.clone(), reversal.clone(), spend.clone())
+        .await
+    {
+        Err(tollgate_edge::EngineError::Unavailable(message)) => {
+            assert!(message.contains("retry"), "{message}")
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    store.fail_settlements(false);
+    match edge.reverse(a.clone(), reversal, spend).await.unwrap() {
+        Decision::Done(amount) => assert_eq!(amount, credits("2")),
+        other => panic!("expected the debit reversed: {other:?}"),
+    }
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reversal_before_its_debit_is_flushed_asks_to_retry_in_memory() {
+    a_reversal_before_its_debit_is_flushed_asks_to_retry(Arc::new(FaultyStore::new(
+        MemoryRegionStore::default(),
+    )))
+    .await;
+}
+
+#[tokio::test]
+async fn a_reversal_before_its_debit_is_flushed_asks_to_retry_on_redis() {
+    let server = RedisServer::start().unwrap();
+    let store = RedisRegionStore::connect(&server.url(), "tg:reverse-unflushed", RETAIN_MS_DEFAULT)
+        .await
+        .unwrap();
+    a_reversal_before_its_debit_is_flushed_asks_to_retry(Arc::new(FaultyStore::new(store))).await;
+}

@@ -21,6 +21,10 @@
 //!   the edge's timeout would, and is applied only at the end of the next call that reaches
 //!   the region (after that call's own effect), so a following call (the client's retry among
 //!   them) may overtake it.
+//! - **Settlement slower than the store timeout**: the same for the next `settle_lease`: the
+//!   edge sees an error and keeps the decisions to send again; the late settlement arrives
+//!   after the next call that reaches the region, before or after the edge's own resend. Both
+//!   orders must record the decisions once and credit nothing back to the lease.
 //!
 //! A debit applied whose answer was lost is written down ([`AnswerLost`]) for the simulator:
 //! it is in the region (and its usage stream) although no caller was told.
@@ -82,8 +86,15 @@ struct Switches {
     ack_lost: bool,
     settle_reply_lost: bool,
     debit: Option<DebitFault>,
-    /// A slow debit on its way, applied at the end of the next call that reaches the region.
-    deferred: Option<DebitCommand>,
+    settle_slow: bool,
+    /// A slow call on its way, applied at the end of the next call that reaches the region.
+    deferred: Option<Deferred>,
+}
+
+/// A call slower than the caller's timeout, still on its way to the region.
+enum Deferred {
+    Debit(DebitCommand),
+    Settle(LeaseSettlement),
 }
 
 /// One region: its store, its switches, and what the faults revealed.
@@ -169,6 +180,10 @@ impl FaultyRegion {
         self.switches().debit = Some(fault);
     }
 
+    pub fn arm_settle_slow(&self) {
+        self.switches().settle_slow = true;
+    }
+
     /// Whether a one-shot fault is still waiting for its message, or a slow debit is on its
     /// way.
     pub fn armed(&self) -> bool {
@@ -177,6 +192,7 @@ impl FaultyRegion {
             || s.ack_lost
             || s.settle_reply_lost
             || s.debit.is_some()
+            || s.settle_slow
             || s.deferred.is_some()
     }
 
@@ -187,6 +203,7 @@ impl FaultyRegion {
         s.ack_lost = false;
         s.settle_reply_lost = false;
         s.debit = None;
+        s.settle_slow = false;
     }
 
     pub fn take_violations(&self) -> Vec<String> {
@@ -221,12 +238,20 @@ impl FaultyRegion {
         self.inner().usage_backlog().await
     }
 
-    /// Applies a slow debit still on its way (at the end of a run, before the drain).
+    /// Applies a slow call still on its way (at the end of a run, before the drain). A late
+    /// settlement's answer goes nowhere: the edge sends its decisions again on its own.
     pub async fn deliver_deferred(&self) {
         let deferred = self.switches().deferred.take();
-        if let Some(command) = deferred {
-            let outcome = self.inner().debit(&command).await;
-            self.note_answer_lost(&command, &outcome);
+        match deferred {
+            Some(Deferred::Debit(command)) => {
+                let outcome = self.inner().debit(&command).await;
+                self.note_answer_lost(&command, &outcome);
+            }
+            Some(Deferred::Settle(settlement)) => {
+                // Whatever it answers, no caller waits for it.
+                let _ = self.inner().settle_lease(&settlement).await;
+            }
+            None => {}
         }
     }
 
@@ -334,13 +359,13 @@ impl RegionStore for FaultyRegion {
         let fault = {
             let mut s = self.switches();
             match s.debit {
-                // One slow debit on its way at a time.
+                // One slow call on its way at a time.
                 Some(DebitFault::Slow) if s.deferred.is_some() => None,
                 _ => s.debit.take(),
             }
         };
         if fault == Some(DebitFault::Slow) {
-            self.switches().deferred = Some(command.clone());
+            self.switches().deferred = Some(Deferred::Debit(command.clone()));
             self.shared
                 .debit_faults_fired
                 .fetch_add(1, Ordering::SeqCst);
@@ -381,6 +406,26 @@ impl RegionStore for FaultyRegion {
     }
 
     async fn settle_lease(&self, settlement: &LeaseSettlement) -> Result<SettleOutcome> {
+        self.up()?;
+        let slow = {
+            let mut s = self.switches();
+            // One slow call on its way at a time.
+            let slow = s.settle_slow && s.deferred.is_none();
+            if slow {
+                s.settle_slow = false;
+                s.deferred = Some(Deferred::Settle(settlement.clone()));
+            }
+            slow
+        };
+        if slow {
+            // Counted with the debit faults: a reversal that flushes first fails on it too.
+            self.shared
+                .debit_faults_fired
+                .fetch_add(1, Ordering::SeqCst);
+            return Err(RegionError::Redis(
+                "no answer within the store timeout (simulated slow settlement)".into(),
+            ));
+        }
         let outcome = self.pass(self.inner().settle_lease(settlement)).await;
         if outcome.is_ok() && std::mem::take(&mut self.switches().settle_reply_lost) {
             return Err(RegionError::Redis("settle reply lost (simulated)".into()));

@@ -213,6 +213,8 @@ struct EdgeSlot {
     cut_until: u64,
     /// The last virtual time the edge was seen partitioned.
     last_cut_ms: i64,
+    /// The partition lets the clock run as usual (its lease may pass its deadline).
+    long_cut: bool,
     /// Cached decisions this edge acknowledged and has not flushed: (region key, decided at).
     unflushed: Vec<(String, i64)>,
     lost_entries_seen: u64,
@@ -586,6 +588,7 @@ impl Sim {
             store,
             cut_until: 0,
             last_cut_ms: i64::MIN,
+            long_cut: false,
             unflushed: Vec::new(),
             lost_entries_seen: 0,
             _recall_listener: recall_listener,
@@ -783,7 +786,7 @@ impl Sim {
                 Ok("unavailable (edge partitioned from its region)".into())
             }
             EngineError::Unavailable(_) if self.debit_faults_fired() > self.debit_faults_mark => {
-                Ok("unavailable (debit answer lost or late)".into())
+                Ok("unavailable (debit answer lost or late, or a settlement late)".into())
             }
             EngineError::Unavailable(_) if authority_failed || self.link.is_cut() => {
                 Ok("unavailable (authority unreachable)".into())
@@ -1380,6 +1383,18 @@ impl Sim {
                 ack.durable,
                 describe(&r)
             )),
+            // The debit still waits on this edge (its flush, or its direct charge, did not go
+            // through): the reversal asks the client to retry.
+            Err(EngineError::Unavailable(_))
+                if self.edges[edge]
+                    .engine
+                    .leases()
+                    .is_unflushed(&self.accounts[account].id, &key(&debit_key)) =>
+            {
+                Ok(format!(
+                    "{k} {debit_key} still waits on the edge; the client retries later"
+                ))
+            }
             Err(e) => self.engine_error(edge, e, false),
         }
     }
@@ -1760,14 +1775,26 @@ impl Sim {
             8 => {
                 let edge = self.pick_edge();
                 let steps = self.rng.range(2, 20) as u64;
+                // One partition in three is long: the clock moves on as usual meanwhile, so the
+                // edge's lease passes its deadline and expires in the region while its
+                // decisions wait to be flushed.
+                let long = self.rng.below(3) == 0;
                 let slot = &mut self.edges[edge];
                 slot.cut_until = slot.cut_until.max(self.step + steps);
+                slot.long_cut = slot.long_cut || long;
                 slot.store.set_partitioned(true);
                 (
-                    "edge_partitioned",
+                    if long {
+                        "edge_partitioned_long"
+                    } else {
+                        "edge_partitioned"
+                    },
                     format!(
-                        "edge {} (r{} {:?}) cut off from its region for {steps} steps",
-                        slot.uid, slot.region, slot.mode
+                        "edge {} (r{} {:?}) cut off from its region for {steps} steps{}",
+                        slot.uid,
+                        slot.region,
+                        slot.mode,
+                        if long { ", the clock running" } else { "" }
                     ),
                 )
             }
@@ -1778,11 +1805,20 @@ impl Sim {
                     format!("r{region} next debit applied, its answer lost"),
                 )
             }
-            10 => {
+            10 if self.rng.below(2) == 0 => {
                 self.stores[region].arm_debit(DebitFault::Slow);
                 (
                     "debit_slow",
                     format!("r{region} next debit answers after the edge's store timeout"),
+                )
+            }
+            10 => {
+                self.stores[region].arm_settle_slow();
+                (
+                    "settle_slow",
+                    format!(
+                        "r{region} next lease settlement answers after the edge's store timeout"
+                    ),
                 )
             }
             _ => (
@@ -1817,15 +1853,21 @@ impl Sim {
                 slot.last_cut_ms = now;
                 if step >= slot.cut_until {
                     slot.store.set_partitioned(false);
+                    slot.long_cut = false;
                 }
             }
         }
         self.debit_faults_mark = self.debit_faults_fired();
         let roll = self.rng.below(1_000);
         let started = Instant::now();
-        // A partition, like a restart, is short: the clock moves in small steps meanwhile, so
-        // a partitioned edge's lease never passes its deadline (see docs/simulation.md).
-        let down = self.any_down() || self.edges.iter().any(|e| e.store.is_partitioned());
+        // A restart, and a short partition, are short: the clock moves in small steps
+        // meanwhile, so a partitioned edge's lease never passes its deadline; during a long
+        // partition it runs as usual (see docs/simulation.md).
+        let down = self.any_down()
+            || self
+                .edges
+                .iter()
+                .any(|e| e.store.is_partitioned() && !e.long_cut);
         let (name, result): (&'static str, Step) = match roll {
             _ if !self.cfg.faults && roll >= 960 => ("advance_small", self.advance(5).await),
             0..=279 => ("debit", self.debit().await),
@@ -2411,6 +2453,7 @@ impl Sim {
         self.link.set_cut(false);
         for slot in &mut self.edges {
             slot.store.set_partitioned(false);
+            slot.long_cut = false;
             slot.cut_until = 0;
         }
         // A slow debit still on its way arrives; then clients retry every debit that failed

@@ -55,6 +55,31 @@ async fn balance(admin: &mut pb::admin_client::AdminClient<Channel>, account: &s
         .ledger_balance
 }
 
+/// The account's open parked usage, once there is some (bounded wait).
+async fn wait_for_parked(
+    admin: &mut pb::admin_client::AdminClient<Channel>,
+    account: &str,
+) -> Vec<pb::ParkedUsage> {
+    let mut parked = Vec::new();
+    for _ in 0..WAIT_ATTEMPTS {
+        parked = admin
+            .list_parked_usage(request(pb::ListParkedUsageRequest {
+                account_id: account.into(),
+                state: pb::ParkedState::Open.into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        if !parked.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(WAIT_STEP_MS)).await;
+    }
+    parked
+}
+
 async fn wait_for_balance(
     admin: &mut pb::admin_client::AdminClient<Channel>,
     account: &str,
@@ -499,23 +524,7 @@ async fn the_console_and_the_widget_work_in_a_real_browser() {
     let left = balance(&mut admin, "acme").await;
     support::ledger_only::take_away(&dir.path().join("data"), "acme", &left, "take-all").await;
     spend(&mut edge, "d-parked", "chat", "2", "alice").await;
-    let mut parked = Vec::new();
-    for _ in 0..WAIT_ATTEMPTS {
-        parked = admin
-            .list_parked_usage(request(pb::ListParkedUsageRequest {
-                account_id: "acme".into(),
-                state: pb::ParkedState::Open.into(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .records;
-        if !parked.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(WAIT_STEP_MS)).await;
-    }
+    let parked = wait_for_parked(&mut admin, "acme").await;
     assert_eq!(parked.len(), 1, "{parked:?}");
     let id = parked[0].id.clone();
     admin
@@ -551,6 +560,42 @@ async fn the_console_and_the_widget_work_in_a_real_browser() {
     assert!(
         after.parse::<f64>().unwrap() < 10.0,
         "the parked spend was charged: {after}"
+    );
+
+    // Another parked spend, written off with a reason: nothing is charged, and the resolved
+    // list says who wrote it off and why.
+    support::ledger_only::take_away(&dir.path().join("data"), "acme", &after, "take-all-again")
+        .await;
+    let emptied = balance(&mut admin, "acme").await;
+    spend(&mut edge, "d-written-off", "chat", "2", "alice").await;
+    let parked = wait_for_parked(&mut admin, "acme").await;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].key, "d-written-off", "{parked:?}");
+    let id = parked[0].id.clone();
+    browser.goto(&format!("{base}/console/parked")).await;
+    browser.wait_text("#parked", "d-written-off").await;
+    browser
+        .type_into(&format!("#reason-{id}"), "goodwill after an outage")
+        .await;
+    browser.click(&format!("#write-off-{id}")).await;
+    browser.wait_text("body", "goodwill after an outage").await;
+    browser.click("#confirm").await;
+    browser.wait_text("#outcome", "written_off").await;
+    browser
+        .goto(&format!("{base}/console/parked?state=resolved"))
+        .await;
+    let resolved = browser.wait_text("#parked", "d-written-off").await;
+    assert!(
+        resolved.contains("written_off by dev") && resolved.contains("goodwill after an outage"),
+        "{resolved}"
+    );
+    browser
+        .screenshot(&shots.join("13-parked-written-off.png"))
+        .await;
+    assert_eq!(
+        balance(&mut admin, "acme").await,
+        emptied,
+        "a write-off charges nothing"
     );
 
     browser.close().await;

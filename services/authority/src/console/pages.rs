@@ -2148,14 +2148,21 @@ async fn resolve_parked(
             "/console/parked",
         ));
     }
+    // The resolution names the key signed in, as a call over gRPC names the caller's key.
+    let mut request = Request::new(pb::ResolveParkedUsageRequest {
+        idempotency_key: op.to_owned(),
+        id: id.clone(),
+        action: action.into(),
+        reason: memo(why, &session),
+    });
+    request
+        .extensions_mut()
+        .insert(tollgate_serve::auth::Caller {
+            key_name: key_name(&session).to_owned(),
+        });
     let reply = console
         .admin
-        .resolve_parked_usage(Request::new(pb::ResolveParkedUsageRequest {
-            idempotency_key: op.to_owned(),
-            id: id.clone(),
-            action: action.into(),
-            reason: memo(why, &session),
-        }))
+        .resolve_parked_usage(request)
         .await?
         .into_inner();
     let record = reply.record.unwrap_or_default();
