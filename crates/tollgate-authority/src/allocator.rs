@@ -857,69 +857,95 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     /// allocated to another region could be spent and reconciled there first, and the debit
     /// would then find its grant empty. The region checks the condition in the take-back
     /// itself, so usage arriving after the view below is caught too.
-    pub async fn take_back_idle(&self) -> Result<usize> {
+    ///
+    /// A region that fails a call is added to `failed` and skipped for the rest of the pass
+    /// (its accounts wait for the next one); the other regions' accounts are taken back from.
+    pub async fn take_back_idle(
+        &self,
+        failed: &mut std::collections::BTreeSet<RegionId>,
+    ) -> Result<usize> {
         let now = self.clock.now();
         let idle_before = now.millis() - self.settings.idle_ms;
         let mut emptied = 0;
-        'accounts: for seen in self
+        for seen in self
             .state
             .region_accounts(SWEEP_ACCOUNTS_PER_PASS_MAX)
             .await?
         {
-            if seen.last_usage_ms >= idle_before || seen.last_allocation_ms >= idle_before {
+            if seen.last_usage_ms >= idle_before
+                || seen.last_allocation_ms >= idle_before
+                || failed.contains(&seen.region)
+            {
                 continue;
             }
-            let lock = self.account_lock(&seen.account);
-            let _held = lock.lock().await;
-            let Ok(store) = self.region(&seen.region) else {
-                continue;
-            };
-            let view = store
-                .view(&seen.account, now)
-                .await
-                .map_err(|e| AuthorityError::region(&seen.region, e))?;
-            let reconciled = self.state.usage_seq(&seen.region, &seen.account).await?;
-            if view.usage_seq > reconciled {
-                debug!(region = %seen.region, account = %seen.account, "idle, but usage is not reconciled yet");
-                continue;
-            }
-            for segment in &view.segments {
-                let taken = self
-                    .take_back_grant(
-                        &seen.region,
-                        &seen.account,
-                        &segment.grant_id,
-                        Some(reconciled),
-                        now,
-                    )
-                    .await?;
-                if taken.unreconciled > 0 {
-                    // Usage arrived since the view: try again on a later pass.
-                    continue 'accounts;
+            match self.take_back_idle_account(&seen, now).await {
+                Ok(true) => emptied += 1,
+                Ok(false) => {}
+                Err(AuthorityError::Region { error, .. }) => {
+                    warn!(region = %seen.region, %error, "idle take-back: the region did not answer");
+                    failed.insert(seen.region.clone());
                 }
+                Err(other) => return Err(other),
             }
-            let room = view
-                .overdraft_limit
-                .saturating_sub_floor_zero(view.overdraft_used);
-            if room.is_positive() {
-                store
-                    .set_overdraft_limit(&seen.account, view.overdraft_used, now)
-                    .await
-                    .map_err(|e| AuthorityError::region(&seen.region, e))?;
-                self.state
-                    .add_taken_back(&seen.region, &seen.account, "", room.micros())
-                    .await?;
-            }
-            self.state
-                .forget_region_account(&seen.region, &seen.account)
-                .await?;
-            // What the region held is the authority's again: the region's summary says so, so
-            // its edges go on telling the same balance.
-            self.publish_summary_held(&seen.region, &seen.account)
-                .await?;
-            emptied += 1;
         }
         Ok(emptied)
+    }
+
+    /// [`Self::take_back_idle`] for one idle account in one region: whether it was emptied.
+    async fn take_back_idle_account(
+        &self,
+        seen: &crate::state::RegionAccount,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let lock = self.account_lock(&seen.account);
+        let _held = lock.lock().await;
+        let Ok(store) = self.region(&seen.region) else {
+            return Ok(false);
+        };
+        let view = store
+            .view(&seen.account, now)
+            .await
+            .map_err(|e| AuthorityError::region(&seen.region, e))?;
+        let reconciled = self.state.usage_seq(&seen.region, &seen.account).await?;
+        if view.usage_seq > reconciled {
+            debug!(region = %seen.region, account = %seen.account, "idle, but usage is not reconciled yet");
+            return Ok(false);
+        }
+        for segment in &view.segments {
+            let taken = self
+                .take_back_grant(
+                    &seen.region,
+                    &seen.account,
+                    &segment.grant_id,
+                    Some(reconciled),
+                    now,
+                )
+                .await?;
+            if taken.unreconciled > 0 {
+                // Usage arrived since the view: try again on a later pass.
+                return Ok(false);
+            }
+        }
+        let room = view
+            .overdraft_limit
+            .saturating_sub_floor_zero(view.overdraft_used);
+        if room.is_positive() {
+            store
+                .set_overdraft_limit(&seen.account, view.overdraft_used, now)
+                .await
+                .map_err(|e| AuthorityError::region(&seen.region, e))?;
+            self.state
+                .add_taken_back(&seen.region, &seen.account, "", room.micros())
+                .await?;
+        }
+        self.state
+            .forget_region_account(&seen.region, &seen.account)
+            .await?;
+        // What the region held is the authority's again: the region's summary says so, so
+        // its edges go on telling the same balance.
+        self.publish_summary_held(&seen.region, &seen.account)
+            .await?;
+        Ok(true)
     }
 }
 

@@ -41,6 +41,9 @@ pub struct TickReport {
     pub allocations_taken_back: usize,
     /// Idempotency records older than the retention, forgotten.
     pub idempotency_pruned: u64,
+    /// Regions that failed a call during the pass: their accounts were left for the next pass
+    /// while every other region's were swept and taken back from.
+    pub regions_failed: std::collections::BTreeSet<RegionId>,
 }
 
 fn invalid(field: &'static str) -> impl Fn(tollgate_core::ScheduleError) -> AuthorityError {
@@ -95,8 +98,11 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
             self.expire_grants(through, &mut report).await?;
         }
         self.notice_expiring(now).await?;
-        report.accounts_swept = self.sweep_holds(now).await?;
-        report.allocations_taken_back = self.take_back_idle().await?;
+        report.accounts_swept = self.sweep_holds(now, &mut report.regions_failed).await?;
+        report.allocations_taken_back = self.take_back_idle(&mut report.regions_failed).await?;
+        if !report.regions_failed.is_empty() {
+            warn!(regions = ?report.regions_failed, "lifecycle pass: regions that did not answer were left for the next pass");
+        }
         let forget_before = Timestamp::from_millis(
             now.millis()
                 .saturating_sub(self.settings.idempotency_retention_ms),
@@ -392,22 +398,33 @@ impl<L: LedgerStore + ?Sized, R: RegionStore> Authority<L, R> {
     }
 
     /// Every regional store settles expired holds and leases when an account is touched;
-    /// reading the account touches it, so credits of abandoned holds come back.
-    async fn sweep_holds(&self, now: Timestamp) -> Result<usize> {
+    /// reading the account touches it, so credits of abandoned holds come back. A region that
+    /// fails a call is added to `failed` and skipped for the rest of the pass: one region down
+    /// holds no other back (and costs one failed call per pass, not one per account).
+    async fn sweep_holds(
+        &self,
+        now: Timestamp,
+        failed: &mut std::collections::BTreeSet<RegionId>,
+    ) -> Result<usize> {
         let mut swept = 0;
         for seen in self
             .state
             .region_accounts(SWEEP_ACCOUNTS_PER_PASS_MAX)
             .await?
         {
+            if failed.contains(&seen.region) {
+                continue;
+            }
             let Ok(store) = self.region(&seen.region) else {
                 continue;
             };
-            store
-                .view(&seen.account, now)
-                .await
-                .map_err(|e| AuthorityError::region(&seen.region, e))?;
-            swept += 1;
+            match store.view(&seen.account, now).await {
+                Ok(_) => swept += 1,
+                Err(error) => {
+                    warn!(region = %seen.region, %error, "hold sweep: the region did not answer");
+                    failed.insert(seen.region.clone());
+                }
+            }
         }
         Ok(swept)
     }

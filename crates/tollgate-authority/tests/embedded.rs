@@ -442,7 +442,14 @@ async fn credits_a_reversal_gave_back_stay_in_the_region_until_it_is_reconciled(
 
     // Idle long enough, but the debit and its reversal are still in the stream.
     world.clock.advance_ms(61_000);
-    assert_eq!(world.node.take_back_idle().await.unwrap(), 0);
+    assert_eq!(
+        world
+            .node
+            .take_back_idle(&mut Default::default())
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(world.held("us").await.0, 10 * MICROS);
     world.allocate("eu").await;
     assert_eq!(world.held("eu").await.0, 0, "nothing is free for eu");
@@ -450,7 +457,14 @@ async fn credits_a_reversal_gave_back_stay_in_the_region_until_it_is_reconciled(
 
     world.reconcile_expecting("us", 1, 1, 0).await;
     world.clock.advance_ms(61_000);
-    assert!(world.node.take_back_idle().await.unwrap() >= 1);
+    assert!(
+        world
+            .node
+            .take_back_idle(&mut Default::default())
+            .await
+            .unwrap()
+            >= 1
+    );
     assert_eq!(world.held("us").await.0, 0);
     world.allocate("eu").await;
     assert_eq!(world.held("eu").await.0, 10 * MICROS);
@@ -521,7 +535,11 @@ async fn two_regions_never_hold_more_than_the_grants_and_an_idle_one_gives_back(
 
     // us goes idle: the lifecycle takes its 5 back, and eu may have them.
     world.clock.advance_ms(61_000);
-    let taken = world.node.take_back_idle().await.unwrap();
+    let taken = world
+        .node
+        .take_back_idle(&mut Default::default())
+        .await
+        .unwrap();
     assert!(taken >= 1, "{taken}");
     assert_eq!(world.held("us").await.0, 0);
     assert_eq!(world.installed_outstanding("bought").await, 0);
