@@ -10,8 +10,7 @@ use tollgate_testkit::{PostgresServer, RedisServer};
 
 mod common;
 
-use common::grpc::{define_chat, price_chat};
-use common::serve::{account_with_grant, chat, sample, scrape_until, value, Serve};
+use common::serve::{acme_and_tiny, chat, sample, scrape_until, value, Serve};
 
 const ADMIN_KEY: &str = "metrics-admin-key";
 
@@ -39,10 +38,7 @@ async fn serve_exports_stream_reconciliation_allocation_and_outbox_metrics() {
     let node = start_serve(&postgres, &redis);
     let http = node.http.clone();
     let mut admin = common::grpc::admin(node.channel().await, ADMIN_KEY);
-    define_chat(&mut admin, "").await;
-    price_chat(&mut admin, "0.5").await;
-    account_with_grant(&mut admin, "acme", "100").await;
-    account_with_grant(&mut admin, "tiny", "1").await;
+    acme_and_tiny(&mut admin).await;
 
     // An edge of region eu: both accounts are cold there, so it asks this authority.
     let engine = node.eu_edge(&redis, ADMIN_KEY).await;

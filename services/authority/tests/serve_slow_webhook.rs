@@ -16,8 +16,7 @@ use tollgate_testkit::{PostgresServer, RedisServer};
 
 mod common;
 
-use common::grpc::{define_chat, price_chat};
-use common::serve::{account_with_grant, chat, sample, scrape_until, Serve, SCRAPE_WAIT_MS};
+use common::serve::{acme_and_tiny, chat, sample, scrape_until, Serve, SCRAPE_WAIT_MS};
 
 const ADMIN_KEY: &str = "slow-hook-admin-key";
 
@@ -77,10 +76,7 @@ async fn a_webhook_receiver_that_never_answers_holds_back_no_reconciliation() {
     );
     let http = node.http.clone();
     let mut admin = common::grpc::admin(node.channel().await, ADMIN_KEY);
-    define_chat(&mut admin, "").await;
-    price_chat(&mut admin, "0.5").await;
-    account_with_grant(&mut admin, "acme", "100").await;
-    account_with_grant(&mut admin, "tiny", "1").await;
+    acme_and_tiny(&mut admin).await;
     let engine = node.eu_edge(&redis, ADMIN_KEY).await;
 
     // tiny spends all it has: its balance.exhausted webhook goes to the silent endpoint.

@@ -148,6 +148,15 @@ pub fn value(page: &str, name: &str, labels: &[&str]) -> f64 {
     sample(page, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{page}"))
 }
 
+/// What the `serve` tests start from: feature `chat` at 0.5 credits a call, account `acme`
+/// with 100 credits and account `tiny` with 1 (whose balance one debit exhausts).
+pub async fn acme_and_tiny(admin: &mut Admin) {
+    super::grpc::define_chat(admin, "").await;
+    super::grpc::price_chat(admin, "0.5").await;
+    account_with_grant(admin, "acme", "100").await;
+    account_with_grant(admin, "tiny", "1").await;
+}
+
 /// Scrapes until `ready` holds for the page (at most [`SCRAPE_WAIT_MS`]); returns the last page.
 pub async fn scrape_until(http: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_millis(SCRAPE_WAIT_MS);
@@ -161,7 +170,7 @@ pub async fn scrape_until(http: &str, what: &str, ready: impl Fn(&str) -> bool) 
     }
 }
 
-pub async fn account_with_grant(admin: &mut Admin, account: &str, amount: &str) {
+async fn account_with_grant(admin: &mut Admin, account: &str, amount: &str) {
     admin
         .create_account(pb::CreateAccountRequest {
             idempotency_key: format!("a-{account}"),
